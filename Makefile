@@ -1,0 +1,36 @@
+# ViT PTQ pipeline. `make help` lists the targets.
+PY      ?= .venv/bin/python
+PIP     ?= .venv/bin/pip
+PYTHON  ?= python3
+RUN_ARGS ?=
+MLFLOW_PORT ?= 5000
+
+.DEFAULT_GOAL := help
+.PHONY: help setup run search test test-all bench ui clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
+
+setup:  ## create .venv and install the package with its pinned dependencies
+	test -x $(PY) || $(PYTHON) -m venv .venv
+	$(PIP) install --upgrade pip
+	$(PIP) install -e '.[test]'
+
+run:  ## main job: reference ViT on CIFAR-10, recommended recipe, calibrate -> quantize -> evaluate
+	$(PY) -m pipeline quant=recommended stages=[calibrate,quantize,evaluate] $(RUN_ARGS)
+
+test:  ## fast test suite (what CI runs)
+	$(PY) -m pytest -q -m "not slow"
+
+test-all:  ## every test, slow ones included
+	$(PY) -m pytest -q
+
+bench:  ## timing ratios -> bench/results/*.json
+	$(PY) bench/bench_quant.py
+
+ui:  ## MLflow UI on the embedded store (http://127.0.0.1:$(MLFLOW_PORT))
+	$(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --default-artifact-root $(CURDIR)/mlruns/artifacts --port $(MLFLOW_PORT)
+
+clean:  ## remove caches and run outputs (keeps the MLflow store)
+	rm -rf .cache .pytest_cache .hypothesis mlruns/outputs mlruns/multirun
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

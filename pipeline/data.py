@@ -1,0 +1,130 @@
+"""Data: ImageFolder or synthetic datasets and fixed, seeded subsets.
+
+Subsets are prefixes of one seeded permutation per split, so a subset of 500
+images is the first 500 of the same order as a subset of 1,000. From the
+calibration split, calibration takes the front of the permutation and the search
+subset takes the back, so the two never overlap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from pipeline.config import DataConfig
+from pipeline.errors import PipelineError
+from pipeline.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class DataSubset:
+    """A fixed subset of one split: the loader plus an identity for caches."""
+
+    split: str
+    indices: torch.Tensor  # (n,) int64, in loading order
+    loader: DataLoader
+    key: str  # identifies (source, split, indices, transform)
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+
+def build_transform(loaded: LoadedModel):
+    """Card models: ToTensor + Normalize(mean, std), no resize. Hub models: timm's eval transform."""
+    from torchvision import transforms as T
+
+    cfg = loaded.data_config
+    if loaded.plain_transform:
+        return T.Compose([T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])])
+    import timm.data
+
+    return timm.data.create_transform(**cfg, is_training=False)
+
+
+def split_dir(cfg: DataConfig, split: str) -> Path:
+    """`root/split`; `split` may be '.' (the root itself) or an absolute path."""
+    if not cfg.root:
+        raise PipelineError("data.root is not set (data=imagefolder needs data.root=/path/to/images)")
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise PipelineError(f"data root not found: {root}")
+    path = root / split
+    if not path.is_dir():
+        raise PipelineError(f"split folder '{split}' not found under data root {root}")
+    classes = [d for d in path.iterdir() if d.is_dir()]
+    if not classes or not any(f.suffix.lower() in IMAGE_SUFFIXES for d in classes for f in d.iterdir()):
+        raise PipelineError(f"data split {path} is empty (expected one folder of images per class)")
+    return path
+
+
+def build_dataset(cfg: DataConfig, loaded: LoadedModel, split: str) -> Dataset:
+    if cfg.kind == "synthetic":
+        g = torch.Generator().manual_seed(hash_int(f"{cfg.seed}/{split}"))
+        c, h, w = loaded.data_config["input_size"]
+        images = torch.randn(cfg.synthetic_size, c, h, w, generator=g)
+        labels = torch.randint(0, loaded.num_classes, (cfg.synthetic_size,), generator=g)
+        return TensorDataset(images, labels)
+    if cfg.kind != "imagefolder":
+        raise PipelineError(f"unknown data.kind '{cfg.kind}' (imagefolder or synthetic)")
+    from torchvision.datasets import ImageFolder
+
+    return ImageFolder(str(split_dir(cfg, split)), transform=build_transform(loaded))
+
+
+def seeded_order(n: int, seed: int, split: str) -> torch.Tensor:
+    """A fixed permutation of range(n) for (seed, split)."""
+    g = torch.Generator().manual_seed(hash_int(f"{seed}/{split}"))
+    return torch.randperm(n, generator=g)
+
+
+def clamp_size(size: int, available: int, what: str) -> int:
+    """0 = all; a size larger than what is available is clamped with a warning."""
+    if size < 0:
+        raise PipelineError(f"{what} must be >= 0, got {size}")
+    if size == 0:
+        return available
+    if size > available:
+        log.warning("%s=%d is larger than the %d images available; using %d", what, size, available, available)
+        return available
+    return size
+
+
+def make_subset(cfg: DataConfig, loaded: LoadedModel, purpose: str) -> DataSubset:
+    """purpose: 'calib' (front of calib_split), 'search' (back of calib_split) or 'eval'."""
+    split = cfg.eval_split if purpose == "eval" else cfg.calib_split
+    dataset = build_dataset(cfg, loaded, split)
+    order = seeded_order(len(dataset), cfg.seed, split)
+    if purpose == "eval":
+        indices = order[: clamp_size(cfg.eval_size, len(order), "data.eval_size")]
+    elif purpose == "calib":
+        indices = order[: clamp_size(cfg.calib_size, len(order), "data.calib_size")]
+    elif purpose == "search":
+        indices = order.flip(0)[: clamp_size(cfg.search_size, len(order), "data.search_size")]
+    else:
+        raise ValueError(f"unknown subset purpose '{purpose}'")
+    if indices.numel() == 0:
+        raise PipelineError(f"the {purpose} subset of split '{split}' is empty")
+    loader = DataLoader(
+        Subset(dataset, indices.tolist()),
+        batch_size=cfg.batch_size,
+        shuffle=False,
+        num_workers=cfg.num_workers,
+        persistent_workers=False,
+    )
+    source = f"synthetic/{cfg.synthetic_size}" if cfg.kind == "synthetic" else str(Path(cfg.root).resolve())
+    key = hashlib.sha1(f"{source}|{split}|{loaded.data_config}|{cfg.seed}".encode() + indices.numpy().tobytes()).hexdigest()[:16]
+    return DataSubset(split, indices, loader, key)
+
+
+def hash_int(text: str) -> int:
+    """A stable 63-bit integer from a string (Python's hash() is salted per process)."""
+    return int(hashlib.sha1(text.encode()).hexdigest()[:15], 16)

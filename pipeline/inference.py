@@ -1,0 +1,53 @@
+"""Forward passes over a data subset, and the FP32 logits cache."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pipeline.artifacts import read_tensors, write_tensors
+from pipeline.data import DataSubset
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, subset: DataSubset, device: torch.device, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, K) float32 on CPU and labels (N,) int64, in the subset's order."""
+    model.eval().to(device)
+    logits, labels = [], []
+    for images, target in tqdm(subset.loader, desc=desc, unit="batch", leave=False):
+        logits.append(model(images.to(device, non_blocking=True)).float().cpu())
+        labels.append(target)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def fp32_logits(model: nn.Module, fingerprint: str, subset: DataSubset, device: torch.device, cache_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """FP32 logits and labels of `subset`, cached per (model weights, subset).
+
+    Returns (logits (N, K), labels (N,), cache_hit).
+    """
+    path = Path(cache_dir) / "fp32_logits" / f"{fingerprint}-{subset.key}.safetensors"
+    if path.is_file():
+        cached = read_tensors(path)
+        if cached["logits"].shape[0] == len(subset):
+            return cached["logits"], cached["labels"], True
+    logits, labels = predict(model, subset, device, desc="fp32")
+    write_tensors(path, {"logits": logits, "labels": labels})
+    return logits, labels, False
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """top1, top5 (shares in 0..1) and mean cross-entropy loss (nats) of logits (N, K)."""
+    k = min(5, logits.shape[1])
+    top5 = logits.topk(k, dim=1).indices
+    return {
+        "top1": (top5[:, 0] == labels).double().mean().item(),
+        "top5": (top5 == labels[:, None]).any(dim=1).double().mean().item(),
+        "loss": torch.nn.functional.cross_entropy(logits.double(), labels).item(),
+        "images": int(labels.numel()),
+    }

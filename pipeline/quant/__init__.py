@@ -1,0 +1,1 @@
+"""Quantization primitives, calibration observers and integer-only kernels."""

@@ -1,0 +1,187 @@
+"""Calibration state: observe once, keep qparams for every candidate width, bind any assignment.
+
+`calibrate()` runs the calibration images through the FP32 model with observers
+at every site (observers only watch: outputs are the FP32 outputs), then asks
+each observer for qparams at every candidate bit width (range searches run per
+width). The resulting `CalibState` is enough to build the quantized model for
+any assignment of candidate widths without another data pass (`bind()`), which
+is what quantize, sensitivity and search do.
+
+Files: `state.safetensors` (`<site>/<bits>/scale`, `<site>/<bits>/zero_point`,
+`<site>/stats/<name>`) and `index.json` (per site: role, spec, widths).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.artifacts import read_json, read_tensors, write_json, write_tensors
+from pipeline.errors import PipelineError
+from pipeline.quant.observers import build_observer
+from pipeline.quant.quantizers import fake_quantize, qrange
+from pipeline.quant.recipe import SiteSpec
+from pipeline.quant.sites import QuantConv2d, QuantLinear, Site, SiteGraph
+
+STATE_FILE = "state.safetensors"
+INDEX_FILE = "index.json"
+
+
+@dataclass
+class CalibState:
+    """Qparams per (site, bits) plus observer statistics, and an index describing them."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    index: dict[str, Any] = field(default_factory=dict)  # {"meta": {...}, "sites": {name: {...}}}
+
+    def qparams(self, site: str, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        entry = self.index["sites"].get(site)
+        if entry is None:
+            raise PipelineError(f"site {site} is not in the calibration state (recalibrate with this recipe)")
+        if bits not in entry["bits"]:
+            raise PipelineError(f"site {site} was calibrated for bits {entry['bits']}, not {bits}: add {bits} to quant.candidate_bits and recalibrate")
+        return self.tensors[f"{site}/{bits}/scale"], self.tensors[f"{site}/{bits}/zero_point"]
+
+    def save(self, folder: Path) -> None:
+        write_tensors(folder / STATE_FILE, self.tensors)
+        write_json(folder / INDEX_FILE, self.index)
+
+    @classmethod
+    def load(cls, folder: Path) -> "CalibState":
+        return cls(read_tensors(folder / STATE_FILE), read_json(folder / INDEX_FILE))
+
+
+def calibration_widths(spec: SiteSpec, candidate_bits: list[int]) -> list[int]:
+    return sorted({spec.bits, *candidate_bits})
+
+
+@torch.no_grad()
+def calibrate(graph: SiteGraph, specs: Mapping[str, SiteSpec], loader, device: torch.device, candidate_bits: list[int], weight_bits: list[int] | None = None) -> CalibState:
+    """Observe activations over `loader` (and weights once) -> CalibState for every candidate width."""
+    graph.set_mode("fp")
+    for name, spec in specs.items():
+        site = graph[name]
+        site.observer = build_observer(spec.observer, granularity=spec.granularity, axis=site.axis, **spec.observer_kwargs()) if spec.needs_observer else None
+        site.mode = "observe" if spec.needs_observer and site.role != "weight" else "fp"
+    graph.to(device)
+    batches = 0
+    for images, _ in tqdm(loader, desc="calibrate", unit="batch", leave=False):
+        graph.model(images.to(device))
+        batches += 1
+    if batches == 0:
+        raise PipelineError("calibration saw zero batches (check data.calib_size and the calibration split)")
+    for name, spec in specs.items():  # weights: observed once, from the tensor itself
+        site = graph[name]
+        if site.role == "weight" and site.observer is not None:
+            site._observe(_weight_of(graph, name))
+
+    state = CalibState(index={"sites": {}})
+    for name, spec in specs.items():
+        site = graph[name]
+        entry = {"role": site.role, "spec": spec.calibration_key(), "bits": []}
+        if site.observer is not None:
+            widths = calibration_widths(spec, weight_bits if site.role == "weight" and weight_bits else candidate_bits)
+            for bits in widths:
+                scale, zp = site.observer.calculate_qparams(bits, spec.signed, spec.symmetric, spec.rounding)
+                state.tensors[f"{name}/{bits}/scale"] = scale.detach().float().cpu().reshape(-1)
+                state.tensors[f"{name}/{bits}/zero_point"] = zp.detach().to(torch.int32).cpu().reshape(-1)
+            for key, value in site.observer.stats().items():
+                state.tensors[f"{name}/stats/{key}"] = value.detach().float().cpu().reshape(-1)
+            entry["bits"] = widths
+            entry["batches"] = int(getattr(site.observer, "batches_seen", batches))
+        state.index["sites"][name] = entry
+        site.observer = None
+    graph.set_mode("off")
+    state.index["meta"] = {"batches": batches}
+    return state
+
+
+def _weight_of(graph: SiteGraph, site_name: str) -> torch.Tensor:
+    return graph.module(site_name.rsplit(".", 1)[0]).weight
+
+
+@torch.no_grad()
+def bind(graph: SiteGraph, specs: Mapping[str, SiteSpec], state: CalibState, bits: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """Put `graph` in quant mode for `specs` with qparams from `state`.
+
+    `bits` overrides the width of individual sites (a mixed-precision assignment).
+    Weights are quantized here (no data pass): a weight whose producer activation
+    has per-channel scales s is quantized as Q(W·diag(s))·diag(1/s), the NPU's folded
+    weight. Returns the bound qparams (`<site>/scale`, `<site>/zero_point`).
+    """
+    bits = dict(bits or {})
+    bound: dict[str, torch.Tensor] = {}
+    for name, spec in specs.items():
+        site = graph[name]
+        if not spec.enabled:
+            site.mode = "fp"
+            continue
+        width = bits.get(name, spec.bits)
+        if site.role == "weight":
+            continue
+        if spec.quantizer == "uniform":
+            scale, zp = state.qparams(name, width)
+            site.bind(spec, width, scale, zp)
+            bound[f"{name}/scale"], bound[f"{name}/zero_point"] = site.scale, site.zero_point
+        else:
+            site.bind(spec, width, None, None)
+        site.mode = "quant"
+    for name, spec in specs.items():
+        if graph[name].role == "weight" and spec.enabled:
+            scale, zp = quantize_weight(graph, name, spec, bits.get(name, spec.bits), specs)
+            bound[f"{name}/scale"], bound[f"{name}/zero_point"] = scale, zp
+    return bound
+
+
+def quantize_weight(graph: SiteGraph, name: str, spec: SiteSpec, width: int, specs: Mapping[str, SiteSpec]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize one weight (folding the producer's per-channel scales) into its module's `qweight`."""
+    path = name.rsplit(".", 1)[0]
+    module: QuantLinear | QuantConv2d = graph.module(path)
+    site = module.weight_site
+    weight = module.weight.detach()
+    fold = _fold_scale(graph, path, specs)
+    folded = weight * fold.view(1, -1) if fold is not None else weight
+    observer = build_observer(spec.observer, granularity=spec.granularity, axis=0, **spec.observer_kwargs())
+    observer(folded)
+    scale, zp = observer.calculate_qparams(width, spec.signed, spec.symmetric, spec.rounding)
+    qmin, qmax = qrange(width, spec.signed)
+    axis = 0 if scale.numel() > 1 else None
+    qweight = fake_quantize(folded, scale.to(folded), zp.to(folded), qmin, qmax, axis, spec.rounding)
+    if fold is not None:
+        qweight = qweight / fold.view(1, -1)
+    site.bind(spec, width, scale, zp)
+    site.mode = "quant"
+    module.qweight = qweight
+    return scale, zp
+
+
+def _fold_scale(graph: SiteGraph, consumer: str, specs: Mapping[str, SiteSpec]) -> torch.Tensor | None:
+    producer = graph.consumers.get(consumer)
+    if producer is None:
+        return None
+    site: Site = graph[producer]
+    if site.mode == "quant" and site.per_channel:
+        return site.scale
+    return None
+
+
+def describe_bound(graph: SiteGraph, specs: Mapping[str, SiteSpec]) -> dict[str, Any]:
+    """Per-site summary of what is bound (for quantize/sites.json)."""
+    out = {}
+    for name, site in graph.sites.items():
+        spec = specs[name]
+        out[name] = {
+            "role": site.role,
+            "block": site.block,
+            "mode": site.mode,
+            "bits": site.bits if site.mode == "quant" else None,
+            "qmin": site.qmin,
+            "qmax": site.qmax,
+            "folded_into": graph.folds.get(name) if site.per_channel else None,
+            "spec": asdict(spec),
+        }
+    return out

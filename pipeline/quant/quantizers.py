@@ -1,0 +1,275 @@
+"""Stateless quantization primitives: rounding, integer ranges, qparams, (fake) quantization, log2 quantization.
+
+Conventions used throughout:
+
+* A *code* q is an integer in [qmin, qmax]; it stands for the real value (q - zero_point) * scale.
+* ``scale`` (float32) is the real-valued size of one integer step, in the units of the data.
+* ``zero_point`` (int32) is the code that represents real 0.0 exactly.
+* Per tensor: scale and zero_point are 0-d (shape (1,) is accepted too).
+  Per channel: shape (C,), with C = x.shape[axis]; they broadcast along dimension ``axis`` of x.
+* Every rounding goes through :func:`round_to_int`, so the rounding mode is chosen in one place.
+"""
+
+from __future__ import annotations
+
+from numbers import Integral
+
+import torch
+from torch import Tensor
+
+ROUNDING_MODES = ("half_up", "half_even")
+MIN_BITS = 2
+MAX_BITS = 16
+MIN_SCALE = torch.finfo(torch.float32).eps
+"""Smallest scale choose_qparams returns, so a constant tensor (min == max) still gets a usable scale."""
+
+_LOW_PRECISION_FLOATS = (torch.float16, torch.bfloat16)
+
+
+def check_rounding_mode(mode: str) -> None:
+    """Raise ValueError unless ``mode`` is one of ROUNDING_MODES."""
+    if mode not in ROUNDING_MODES:
+        raise ValueError(f"unknown rounding mode {mode!r}; choose one of {', '.join(ROUNDING_MODES)}")
+
+
+def round_to_int(x: Tensor, mode: str = "half_up", *, in_place: bool = False) -> Tensor:
+    """Round every element to an integral value; THE one rounding function of the package.
+
+    half_up:   floor(x + 0.5), ties go up as NPU hardware does (-2.5 -> -2, -0.5 -> 0, 2.5 -> 3).
+               Evaluated in x's float format, so x + 0.5 is itself rounded: the single float32 value
+               0.5 - 2^-25 (0.49999997) gives 1 instead of 0 (and likewise one value per float format).
+               Fixed-point hardware inputs never hit this; an exact variant would cost extra passes.
+    half_even: banker's rounding, ties go to the even neighbour (-2.5 -> -2, 2.5 -> 2, 1.5 -> 2).
+
+    Args:
+        x: any shape; integer tensors are converted to float32 first.
+        mode: one of ROUNDING_MODES.
+        in_place: overwrite x (a float tensor the caller owns) instead of allocating a result;
+            the hot paths (fake_quantize) use it to avoid a full-size temporary.
+    Returns:
+        float tensor of x's shape (float32 for integer input) holding integral values; +-inf and NaN pass through.
+    """
+    check_rounding_mode(mode)
+    if not x.is_floating_point():
+        x, in_place = x.to(torch.float32), True  # the conversion is already a fresh tensor
+    if mode == "half_even":
+        return x.round_() if in_place else torch.round(x)
+    shifted = x.add_(0.5) if in_place else x + 0.5
+    return shifted.floor_()
+
+
+def qrange(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer code range (qmin, qmax).
+
+    signed:   (-2^(bits-1), 2^(bits-1) - 1), e.g. 8 bits -> (-128, 127)
+    unsigned: (0, 2^bits - 1),               e.g. 8 bits -> (0, 255)
+    Raises ValueError unless bits is an integer in 2..16.
+    """
+    if isinstance(bits, bool) or not isinstance(bits, Integral) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
+    bits = int(bits)
+    if signed:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def int_dtype(bits: int, signed: bool) -> torch.dtype:
+    """Smallest torch integer dtype holding every code of qrange(bits, signed).
+
+    signed <= 8 bits -> int8, unsigned <= 8 -> uint8, signed 9..16 -> int16, unsigned 9..16 -> int32.
+    """
+    qrange(bits, signed)  # validates bits
+    if bits <= 8:
+        return torch.int8 if signed else torch.uint8
+    return torch.int16 if signed else torch.int32
+
+
+def _check_range_tensors(min_val: Tensor, max_val: Tensor) -> None:
+    """min_val/max_val: same shape, 0-d or 1-d, finite, min_val <= max_val elementwise."""
+    if min_val.shape != max_val.shape:
+        raise ValueError(f"min_val and max_val must have the same shape, got {tuple(min_val.shape)} and {tuple(max_val.shape)}")
+    if min_val.ndim > 1:
+        raise ValueError(f"min_val/max_val must be 0-d (per tensor) or 1-d (per channel), got shape {tuple(min_val.shape)}")
+    if not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
+        raise ValueError(f"min_val/max_val must be finite, got min {min_val.tolist()} and max {max_val.tolist()}")
+    if (min_val > max_val).any():
+        raise ValueError(f"min_val must be <= max_val, got min {min_val.tolist()} and max {max_val.tolist()}")
+
+
+def choose_qparams(
+    min_val: Tensor,
+    max_val: Tensor,
+    bits: int,
+    signed: bool,
+    symmetric: bool,
+    rounding: str = "half_up",
+) -> tuple[Tensor, Tensor]:
+    """Quantization parameters (scale float32, zero_point int32) for an observed range [min_val, max_val].
+
+    Shapes: min_val and max_val are 0-d (per tensor) or (C,) (per channel); outputs have the same shape.
+
+    1. The range is widened to include 0: lo = min(min_val, 0), hi = max(max_val, 0),
+       so that real 0.0 is exactly representable.
+    2. symmetric, signed:   scale = max(|lo|, |hi|) / qmax      (qmax = 2^(bits-1) - 1), zero_point = 0
+       symmetric, unsigned: scale = hi / qmax                   (qmax = 2^bits - 1),     zero_point = 0
+                            (for non-negative data such as softmax outputs; negative values saturate at 0)
+       asymmetric:          scale = (hi - lo) / (qmax - qmin),
+                            zero_point = clamp(qmin - round_to_int(lo / scale), qmin, qmax)
+                            (the integer "zero-point nudge": the representable range shifts by < scale/2)
+    3. scale is clamped to >= MIN_SCALE (float32 eps), so min == max (e.g. an all-zero tensor) is valid.
+    """
+    qmin, qmax = qrange(bits, signed)
+    check_rounding_mode(rounding)
+    _check_range_tensors(min_val, max_val)
+    lo = torch.clamp(min_val.to(torch.float32), max=0.0)
+    hi = torch.clamp(max_val.to(torch.float32), min=0.0)
+    if symmetric:
+        magnitude = torch.maximum(-lo, hi) if signed else hi
+        scale = (magnitude / qmax).clamp_(min=MIN_SCALE)
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        scale = ((hi - lo) / (qmax - qmin)).clamp_(min=MIN_SCALE)
+        zero_point = (qmin - round_to_int(lo / scale, rounding)).clamp_(qmin, qmax).to(torch.int32)
+    return scale, zero_point
+
+
+def broadcast_to_axis(param: Tensor, ndim: int, axis: int | None) -> Tensor:
+    """View of a per-tensor or per-channel parameter shaped to broadcast against an ``ndim``-d tensor.
+
+    axis=None: param has one element (0-d or (1,)) -> 0-d view.
+    axis=k:    param has shape (C,) -> view of shape (C, 1, ..., 1) with ndim - 1 - k trailing ones,
+               so it lines up with dimension k (negative k counts from the end).
+    """
+    if axis is None:
+        if param.numel() != 1:
+            raise ValueError(f"a per-tensor parameter (axis=None) must have one element, got shape {tuple(param.shape)}")
+        return param.reshape(())
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis must be in {-ndim}..{ndim - 1} for a {ndim}-d tensor, got {axis}")
+    if param.ndim != 1:
+        raise ValueError(f"a per-channel parameter must be 1-d, got shape {tuple(param.shape)}")
+    return param.reshape((-1,) + (1,) * (ndim - 1 - axis % ndim))
+
+
+def _broadcast_qparams(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None) -> tuple[Tensor, Tensor]:
+    """scale and zero_point as views broadcastable against x, on x's device; checks the channel count."""
+    if axis is not None and -x.ndim <= axis < x.ndim and scale.numel() != x.shape[axis]:
+        raise ValueError(f"per-channel scale has {scale.numel()} entries but x.shape[{axis}] is {x.shape[axis]}")
+    if zero_point.shape != scale.shape:
+        raise ValueError(f"zero_point shape {tuple(zero_point.shape)} differs from scale shape {tuple(scale.shape)}")
+    scale = broadcast_to_axis(scale, x.ndim, axis).to(x.device)
+    zero_point = broadcast_to_axis(zero_point, x.ndim, axis).to(x.device)
+    return scale, zero_point
+
+
+def _check_qmin_qmax(qmin: int, qmax: int) -> None:
+    if not qmin < qmax:
+        raise ValueError(f"qmin must be < qmax, got qmin={qmin}, qmax={qmax}")
+
+
+def fake_quantize_broadcast(
+    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, rounding: str = "half_up"
+) -> Tensor:
+    """fake_quantize with scale/zero_point already broadcastable against x (any shapes torch can broadcast).
+
+    (clamp(round_to_int(x / scale) + zp, qmin, qmax) - zp) * scale, computed in float32 for float16/bfloat16
+    input and returned in x's dtype. Useful for evaluating many candidate ranges at once, e.g. x of shape
+    (1, C, S) against scale of shape (G, C, 1) gives (G, C, S).
+    """
+    compute_x = x.to(torch.float32) if x.dtype in _LOW_PRECISION_FLOATS else x
+    zp = zero_point.to(compute_x.dtype)
+    codes = round_to_int(compute_x / scale, rounding, in_place=True)  # the quotient is the only full-size allocation
+    codes.add_(zp).clamp_(qmin, qmax).sub_(zp).mul_(scale)
+    return codes.to(x.dtype)
+
+
+def fake_quantize(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    qmin: int,
+    qmax: int,
+    axis: int | None = None,
+    rounding: str = "half_up",
+) -> Tensor:
+    """Quantize then dequantize; float in, float out (same shape and dtype as x).
+
+    y = (clamp(round_to_int(x / scale) + zp, qmin, qmax) - zp) * scale
+
+    axis=None: per tensor (scale/zero_point 0-d or (1,)); axis=k: per channel, scale/zero_point of shape
+    (x.shape[k],) broadcast along dim k. With an integer zero_point in [qmin, qmax], x = 0.0 gives exactly 0.0.
+    Rounding has zero gradient, so this is for calibration/evaluation (no straight-through estimator).
+    """
+    _check_qmin_qmax(qmin, qmax)
+    scale, zero_point = _broadcast_qparams(x, scale, zero_point, axis)
+    return fake_quantize_broadcast(x, scale, zero_point, qmin, qmax, rounding)
+
+
+def quantize(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    bits: int,
+    signed: bool,
+    axis: int | None = None,
+    rounding: str = "half_up",
+) -> Tensor:
+    """Integer codes clamp(round_to_int(x / scale) + zp, qmin, qmax) with dtype int_dtype(bits, signed).
+
+    Shapes and axis as in fake_quantize; values beyond the range saturate at qmin / qmax.
+    """
+    qmin, qmax = qrange(bits, signed)
+    scale, zero_point = _broadcast_qparams(x, scale, zero_point, axis)
+    compute_x = x.to(torch.float32) if x.dtype in _LOW_PRECISION_FLOATS else x
+    codes = round_to_int(compute_x / scale, rounding, in_place=True)
+    codes.add_(zero_point.to(codes.dtype)).clamp_(qmin, qmax)
+    return codes.to(int_dtype(bits, signed))
+
+
+def dequantize(codes: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None = None) -> Tensor:
+    """Real values (codes - zero_point) * scale as float32; shapes and axis as in fake_quantize."""
+    scale, zero_point = _broadcast_qparams(codes, scale, zero_point, axis)
+    return (codes.to(torch.float32) - zero_point.to(torch.float32)) * scale.to(torch.float32)
+
+
+def _log2_codes(p: Tensor, bits: int, rounding: str) -> tuple[Tensor, Tensor]:
+    """(float codes clamp(round_to_int(-log2 p), 0, 2^bits - 1), zero_mask round_to_int(-log2 p) > 2^bits - 1)."""
+    _, qmax = qrange(bits, False)
+    if not p.is_floating_point() or p.dtype in _LOW_PRECISION_FLOATS:
+        p = p.to(torch.float32)
+    exponent = round_to_int(torch.log2(p).neg_(), rounding, in_place=True)  # +inf where p == 0
+    zero_mask = exponent > qmax
+    return exponent.clamp_(0, qmax), zero_mask
+
+
+def log2_quantize(p: Tensor, bits: int, rounding: str = "half_up") -> tuple[Tensor, Tensor]:
+    """Log2 quantizer for post-softmax probabilities (role intSoft); fixed scale 1, no observer.
+
+    code = clamp(round_to_int(-log2 p), 0, 2^bits - 1), standing for the probability 2^(-code).
+    zero_mask marks probabilities below the smallest level, round_to_int(-log2 p) > 2^bits - 1
+    (p == 0 included): they dequantize to 0. Probabilities above 1 get code 0.
+
+    Args:
+        p: probabilities in [0, 1], any shape.
+    Returns:
+        (codes of dtype int_dtype(bits, False), zero_mask bool), both of p's shape.
+    Raises ValueError for negative or NaN probabilities.
+    """
+    if not (p >= 0).all():
+        raise ValueError(f"probabilities must be >= 0 and not NaN, got min {p.min().item()}")
+    codes, zero_mask = _log2_codes(p, bits, rounding)
+    return codes.to(int_dtype(bits, False)), zero_mask
+
+
+def log2_dequantize(codes: Tensor, zero_mask: Tensor) -> Tensor:
+    """Probabilities 2^(-code) as float32, and 0.0 where zero_mask is set. Codes, zero_mask: same shape."""
+    return torch.exp2(codes.to(torch.float32).neg_()).masked_fill_(zero_mask, 0.0)
+
+
+def fake_log2_quantize(p: Tensor, bits: int, rounding: str = "half_up") -> Tensor:
+    """log2_dequantize(*log2_quantize(p, bits)) in one float pass; float in, float out (p's dtype).
+
+    No input check (hot path): negative or NaN p gives NaN.
+    """
+    codes, zero_mask = _log2_codes(p, bits, rounding)
+    return codes.neg_().exp2_().masked_fill_(zero_mask, 0.0).to(p.dtype if p.is_floating_point() else torch.float32)

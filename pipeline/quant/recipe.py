@@ -1,0 +1,162 @@
+"""Recipes: resolve `quant.*` config into one `SiteSpec` per site.
+
+Resolution order, most specific last: built-in defaults per kind (weight or
+activation) -> `quant.weight` / `quant.act` -> `quant.roles[<role>]` ->
+`quant.sites[<glob>]` for each glob that matches, in file order. A role key
+that is not a role, or a glob that matches no site, is an error.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Mapping
+
+from pipeline.errors import PipelineError
+from pipeline.quant.sites import ROLES, SiteGraph
+
+QUANTIZERS = ("uniform", "log2", "int_softmax")
+GRANULARITIES = ("per_tensor", "per_channel")
+LOSSES = ("l1", "l2", "huber")
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """Everything that decides how one site is quantized."""
+
+    enabled: bool = True
+    quantizer: str = "uniform"  # uniform | log2 | int_softmax
+    bits: int = 8
+    observer: str = "minmax"
+    granularity: str = "per_tensor"
+    symmetric: bool = False
+    signed: bool = False
+    rounding: str = "half_up"
+    loss: str = "l1"  # omse
+    huber_delta: float = 1.0  # omse huber, in quantization steps
+    sigma: float = 0.01  # ema / percentile
+    warmup: int = 5  # ema / percentile min/max warm-up batches
+    alpha: float = 0.9999  # percentile
+
+    @property
+    def per_channel(self) -> bool:
+        return self.granularity == "per_channel"
+
+    @property
+    def needs_observer(self) -> bool:
+        return self.enabled and self.quantizer == "uniform"
+
+    def observer_kwargs(self) -> dict[str, Any]:
+        """Constructor kwargs of this spec's observer (beyond granularity and axis)."""
+        return {
+            "minmax": {},
+            "ema": {"sigma": self.sigma, "warmup": self.warmup},
+            "percentile": {"alpha": self.alpha, "sigma": self.sigma, "warmup": self.warmup},
+            "omse": {"loss": self.loss, "huber_delta": self.huber_delta},
+        }.get(self.observer, {})
+
+    def calibration_key(self) -> dict[str, Any]:
+        """The fields calibration depends on (bits and enabled are chosen later)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("bits", "enabled")}
+
+
+WEIGHT_DEFAULT = SiteSpec(observer="minmax", granularity="per_channel", symmetric=True, signed=True)
+ACT_DEFAULT = SiteSpec(observer="minmax", granularity="per_tensor", symmetric=False, signed=False)
+_SPEC_FIELDS = {f.name for f in fields(SiteSpec)}
+log = logging.getLogger(__name__)
+
+
+def resolve_recipe(quant: Mapping[str, Any], graph: SiteGraph) -> dict[str, SiteSpec]:
+    """One validated SiteSpec per site of `graph` for the `quant` config node."""
+    quant = _plain(quant)
+    if not quant.get("enabled", False):
+        return {name: replace(ACT_DEFAULT, enabled=False) for name in graph.names()}
+    rounding = quant.get("rounding", "half_up")
+    weight = _overlay(replace(WEIGHT_DEFAULT, rounding=rounding), quant.get("weight"), "quant.weight")
+    act = _overlay(replace(ACT_DEFAULT, rounding=rounding), quant.get("act"), "quant.act")
+    roles = quant.get("roles") or {}
+    for role in roles:
+        if role not in ROLES:
+            raise PipelineError(f"quant.roles: unknown role '{role}' (roles: {', '.join(ROLES)})")
+    globs = quant.get("sites") or {}
+    names = graph.names()
+    for pattern in globs:
+        if not fnmatch.filter(names, pattern):
+            raise PipelineError(f"quant.sites: glob '{pattern}' matches no site (e.g. {names[5]}, {names[10]})")
+    specs: dict[str, SiteSpec] = {}
+    unfoldable: list[str] = []
+    for name in names:
+        site = graph[name]
+        spec = weight if site.role == "weight" else act
+        spec = _overlay(spec, roles.get(site.role), f"quant.roles.{site.role}")
+        if spec.per_channel and site.role != "weight" and name not in graph.folds:
+            unfoldable.append(name)  # a role-wide per_channel applies where it can fold
+            spec = replace(spec, granularity="per_tensor")
+        for pattern, partial in globs.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                spec = _overlay(spec, partial, f"quant.sites['{pattern}']")
+        specs[name] = _check_site(spec, name, site.role, graph)
+    if unfoldable:
+        log.info("per_channel kept per_tensor where no weight can absorb the scales: %s", ", ".join(unfoldable))
+    for name, spec in specs.items():
+        scores = specs.get(name.rsplit(".", 1)[0] + ".scores")
+        if spec.enabled and spec.quantizer == "int_softmax" and not (scores and scores.enabled and scores.symmetric and not scores.per_channel):
+            raise PipelineError(f"site {name}: int_softmax needs its scores site quantized per tensor and symmetric")
+    return specs
+
+
+def _overlay(base: SiteSpec, partial: Mapping[str, Any] | None, where: str) -> SiteSpec:
+    """Replace base's fields with partial's non-None values, validating each one."""
+    if not partial:
+        return base
+    changes = {k: v for k, v in partial.items() if v is not None}
+    unknown = set(changes) - _SPEC_FIELDS
+    if unknown:
+        raise PipelineError(f"{where}: unknown key(s) {sorted(unknown)}")
+    if "symmetric" in changes and "signed" not in changes:
+        changes["signed"] = bool(changes["symmetric"])  # symmetric data is signed unless said otherwise
+    spec = replace(base, **changes)
+    _check_values(spec, where)
+    return spec
+
+
+def _check_values(spec: SiteSpec, where: str) -> None:
+    from pipeline.quant.observers import OBSERVERS
+    from pipeline.quant.quantizers import ROUNDING_MODES
+
+    if not isinstance(spec.bits, int) or not 2 <= spec.bits <= 16:
+        raise PipelineError(f"{where}.bits={spec.bits} is outside 2..16")
+    checks = (
+        ("quantizer", spec.quantizer, QUANTIZERS),
+        ("observer", spec.observer, tuple(OBSERVERS)),
+        ("granularity", spec.granularity, GRANULARITIES),
+        ("rounding", spec.rounding, ROUNDING_MODES),
+        ("loss", spec.loss, LOSSES),
+    )
+    for key, value, allowed in checks:
+        if value not in allowed:
+            raise PipelineError(f"{where}.{key}: unknown {key} '{value}' (choose one of {', '.join(allowed)})")
+
+
+def _check_site(spec: SiteSpec, name: str, role: str, graph: SiteGraph) -> SiteSpec:
+    if spec.quantizer != "uniform" and role != "intSoft":
+        raise PipelineError(f"site {name}: quantizer '{spec.quantizer}' is only for the softmax output (role intSoft)")
+    if spec.enabled and spec.per_channel and role != "weight" and name not in graph.folds:
+        raise PipelineError(
+            f"site {name} ({role}): per-channel activation scales must fold into a consuming weight on integer hardware; "
+            f"foldable sites: {', '.join(sorted({graph[n].role for n in graph.folds}))}"
+        )
+    return spec
+
+
+def _plain(node: Any) -> Any:
+    """OmegaConf node -> plain dict (leaves plain dicts alone)."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(node, DictConfig):
+            return OmegaConf.to_container(node, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(node)

@@ -1,0 +1,384 @@
+"""Quantization sites of a timm ViT: every point where an integer NPU quantizes.
+
+`attach_sites(model)` deep-copies a timm VisionTransformer (or DeiT) and adds a
+`Site` at every such point, named after timm's module paths:
+
+| site name                     | role       | tensor                                   |
+|-------------------------------|------------|------------------------------------------|
+| `<linear or conv>.weight`     | weight     | patch_embed.proj, qkv, proj, fc1, fc2, head |
+| `patch_embed.proj.in`         | linear_in  | the input image                          |
+| `blocks.0.in`                 | norm_in    | embeddings + pos_embed (block 0's norm1 input) |
+| `blocks.i.norm1`, `blocks.i.norm2`, `norm`, `fc_norm` | norm_out | LayerNorm outputs (qkv / fc1 / head inputs) |
+| `blocks.i.attn.q`, `.k`, `.v` | qkv        | (B, H, N, D)                             |
+| `blocks.i.attn.scores`        | scores     | q·kᵀ·scale, the softmax input (B, H, N, N) |
+| `blocks.i.attn.softmax`       | intSoft    | softmax output (B, H, N, N)              |
+| `blocks.i.attn.sv`            | sv_attn    | attention·V, (B, N, C): the proj input   |
+| `blocks.i.mlp.act`            | mlp_act    | GELU output (B, N, 4C): the fc2 input    |
+
+Rule: a module's output site is named by its path, an input site `<path>.in`,
+a weight site `<path>.weight`.
+| `blocks.i.res1`, `.res2`      | residual   | both residual adds (= norm2 input, next norm1 input) |
+| `head.in` (`head_dist.in`)    | head_in    | the classifier input after pooling       |
+
+In a pre-norm ViT every LayerNorm input is a residual-stream tensor; each tensor
+is quantized once, where it is produced, as the NPU stores it. Linear outputs
+that the NPU fuses are not separate sites: qkv's output is q/k/v, fc1 fuses
+with GELU (`mlp_act`), proj and fc2 fuse into the residual add.
+
+Attention, Block, Linear and Conv2d modules of the copy are re-classed to the
+subclasses below, which only add sites; LayerNorm and GELU outputs get their
+site through a forward hook (torch.ao's eager-mode pattern). With every site
+`off`, each subclass calls timm's own forward, so the logits are bit-identical
+to the plain timm model's.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.errors import PipelineError
+
+ROLES = ("weight", "linear_in", "norm_in", "norm_out", "qkv", "scores", "intSoft", "sv_attn", "mlp_act", "residual", "head_in")
+MODES = ("off", "fp", "observe", "quant")
+_BLOCK_RE = re.compile(r"blocks\.(\d+)\.")
+
+Tap = Callable[["Site", torch.Tensor, torch.Tensor], None]
+
+
+class Site(nn.Module):
+    """One quantization point.
+
+    Modes: `off` (timm's own path, no site code runs), `fp` (explicit path, identity),
+    `observe` (the observer records the FP32 tensor; the output is the input),
+    `quant` (fake-quantize with the bound qparams). An optional `tap(site, x, y)`
+    sees the site's input and output (profiling, dumps).
+    """
+
+    def __init__(self, name: str, role: str, axis: int = -1):
+        super().__init__()
+        if role not in ROLES:
+            raise ValueError(f"unknown site role '{role}'")
+        self.name, self.role, self.axis = name, role, axis
+        self.mode = "off"
+        self.spec = None  # pipeline.quant.recipe.SiteSpec, bound when quantizing
+        self.observer: nn.Module | None = None
+        self.tap: Tap | None = None
+        self.bits = 0
+        self.qmin = self.qmax = 0
+        self.register_buffer("scale", None, persistent=False)
+        self.register_buffer("zero_point", None, persistent=False)
+
+    @property
+    def block(self) -> int | None:
+        """Block index parsed from the name (`blocks.3.attn.sv` -> 3), None outside blocks."""
+        m = _BLOCK_RE.match(self.name)
+        return int(m.group(1)) if m else None
+
+    @property
+    def per_channel(self) -> bool:
+        return self.scale is not None and self.scale.numel() > 1
+
+    def bind(self, spec, bits: int, scale: torch.Tensor | None, zero_point: torch.Tensor | None) -> None:
+        """Bind qparams for `quant` mode (uniform: scale/zero_point; log2 and int_softmax: none)."""
+        from pipeline.quant.quantizers import qrange
+
+        self.spec, self.bits = spec, bits
+        if spec.quantizer == "uniform":
+            self.qmin, self.qmax = qrange(bits, spec.signed)
+            device = self.scale.device if self.scale is not None else None
+            self.scale = scale.to(device or scale.device, torch.float32)
+            self.zero_point = zero_point.to(self.scale.device, torch.float32)
+        else:
+            self.qmin, self.qmax = 0, 2**bits - 1
+            self.scale = self.zero_point = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "quant":
+            y = self.fake_quant(x)
+        else:
+            if self.mode == "observe":
+                self._observe(x)
+            y = x
+        if self.tap is not None:
+            self.tap(self, x, y)
+        return y
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        from pipeline.quant.quantizers import fake_log2_quantize, fake_quantize
+
+        if self.spec.quantizer == "uniform":
+            axis = self.axis if self.per_channel else None
+            return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, axis, self.spec.rounding)
+        return fake_log2_quantize(x, self.bits, self.spec.rounding)
+
+    def _observe(self, x: torch.Tensor) -> None:
+        from pipeline.quant.observers import NonFiniteError
+
+        if self.observer is None:
+            return
+        try:
+            self.observer(x.detach())
+        except NonFiniteError:
+            raise PipelineError(f"calibration data produce NaN or Inf at site {self.name}") from None
+
+    def extra_repr(self) -> str:
+        return f"name={self.name}, role={self.role}, mode={self.mode}, bits={self.bits}"
+
+
+class _SiteOwner:
+    """Mixin for re-classed timm modules: run the explicit path only when a site is live."""
+
+    _own_sites: tuple[Site, ...] = ()
+
+    @property
+    def sites_live(self) -> bool:
+        return any(s.mode != "off" for s in self._own_sites)
+
+
+class QuantLinear(nn.Linear, _SiteOwner):
+    """nn.Linear with a weight site and, for the head, an input site.
+
+    In `quant` mode the layer uses `qweight`, the effective weight of the NPU:
+    Q(W·diag(s))·diag(1/s) when the producing activation site has per-channel
+    scales s (folded into the weight columns), else Q(W).
+    """
+
+    weight_site: Site
+    in_site: Site | None
+
+    def _init_sites(self, name: str, in_role: str | None) -> None:
+        self.weight_site = Site(f"{name}.weight", "weight", axis=0)
+        self.in_site = Site(f"{name}.in", in_role) if in_role else None
+        self._own_sites = tuple(s for s in (self.weight_site, self.in_site) if s is not None)
+        self.register_buffer("qweight", None, persistent=False)
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.qweight if self.weight_site.mode == "quant" else self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_site is not None:
+            x = self.in_site(x)
+        return F.linear(x, self.effective_weight(), self.bias)
+
+
+class QuantConv2d(nn.Conv2d, _SiteOwner):
+    """nn.Conv2d (patch embedding) with a weight site and an input site."""
+
+    _init_sites = QuantLinear._init_sites
+    effective_weight = QuantLinear.effective_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_site is not None:
+            x = self.in_site(x)
+        return self._conv_forward(x, self.effective_weight(), self.bias)
+
+
+def _attention_classes() -> tuple[type, type]:
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block
+
+    return Attention, Block
+
+
+def _make_quant_attention():
+    from timm.layers import Attention
+    from timm.layers import maybe_add_mask, resolve_self_attn_mask
+
+    class QuantAttention(Attention, _SiteOwner):
+        """timm Attention with explicit q, k, v, scores, softmax (intSoft) and sv sites."""
+
+        def _init_sites(self, name: str) -> None:
+            self.q_site = Site(f"{name}.q", "qkv")
+            self.k_site = Site(f"{name}.k", "qkv")
+            self.v_site = Site(f"{name}.v", "qkv")
+            self.scores_site = Site(f"{name}.scores", "scores")
+            self.softmax_site = Site(f"{name}.softmax", "intSoft")
+            self.sv_site = Site(f"{name}.sv", "sv_attn")
+            self._own_sites = (self.q_site, self.k_site, self.v_site, self.scores_site, self.softmax_site, self.sv_site)
+
+        def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+            if not self.sites_live:
+                return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+            B, N, _ = x.shape
+            gate = self.gate(x).sigmoid() if self.gate is not None else None
+            q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k = self.q_norm(q), self.k_norm(k)
+            q, k, v = self.q_site(q), self.k_site(k), self.v_site(v)
+            scores = self.scores_site((q * self.scale) @ k.transpose(-2, -1))
+            scores = maybe_add_mask(scores, resolve_self_attn_mask(N, scores, attn_mask, is_causal))
+            attn = self.attn_drop(self._softmax(scores))
+            x = self.sv_site((attn @ v).transpose(1, 2).reshape(B, N, self.attn_dim))
+            x = self.norm(x)
+            if gate is not None:
+                x = x * gate
+            return self.proj_drop(self.proj(x))
+
+        def _softmax(self, scores: torch.Tensor) -> torch.Tensor:
+            site = self.softmax_site
+            if site.mode == "quant" and site.spec.quantizer == "int_softmax":
+                from pipeline.quant.intsoftmax import int_softmax_fake
+
+                if self.scores_site.mode != "quant" or self.scores_site.per_channel:
+                    raise PipelineError(f"{site.name}: int_softmax needs per-tensor quantized scores at {self.scores_site.name}")
+                y = int_softmax_fake(scores, float(self.scores_site.scale), site.bits, dim=-1)
+                if site.tap is not None:
+                    site.tap(site, scores.softmax(dim=-1), y)
+                return y
+            return site(scores.softmax(dim=-1))
+
+    return QuantAttention
+
+
+def _make_quant_block():
+    from timm.models.vision_transformer import Block
+
+    class QuantBlock(Block, _SiteOwner):
+        """timm Block with sites on both residual adds."""
+
+        def _init_sites(self, name: str) -> None:
+            self.res1_site = Site(f"{name}.res1", "residual")
+            self.res2_site = Site(f"{name}.res2", "residual")
+            self._own_sites = (self.res1_site, self.res2_site)
+
+        def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+            if not self.sites_live:
+                return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+            x = self.res1_site(x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))))
+            return self.res2_site(x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))))
+
+    return QuantBlock
+
+
+QuantAttention = _make_quant_attention()
+QuantBlock = _make_quant_block()
+
+
+def _output_site_hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    return module.out_site(output)
+
+
+def _input_site_pre_hook(module: nn.Module, args):
+    return (module.in_site(args[0]), *args[1:])
+
+
+class SiteGraph:
+    """The quantized copy of a model and its sites, in forward order.
+
+    `folds` maps a per-channel-capable activation site to the module whose weight
+    columns absorb its channel scales (e.g. `blocks.0.attn.sv` -> `blocks.0.attn.proj`).
+    """
+
+    def __init__(self, model: nn.Module, sites: dict[str, Site], folds: dict[str, str]):
+        self.model = model
+        self.sites = sites
+        self.folds = folds
+        self.consumers = {consumer: producer for producer, consumer in folds.items()}
+
+    def __iter__(self) -> Iterator[Site]:
+        return iter(self.sites.values())
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def __getitem__(self, name: str) -> Site:
+        if name not in self.sites:
+            raise PipelineError(f"unknown site '{name}'")
+        return self.sites[name]
+
+    def names(self, role: str | None = None) -> list[str]:
+        return [n for n, s in self.sites.items() if role is None or s.role == role]
+
+    def module(self, path: str) -> nn.Module:
+        return self.model.get_submodule(path)
+
+    def set_mode(self, mode: str, names: list[str] | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown site mode '{mode}'")
+        for name in names if names is not None else self.sites:
+            self.sites[name].mode = mode
+
+    def set_tap(self, tap: Tap | None, names: list[str] | None = None) -> None:
+        for name in names if names is not None else self.sites:
+            self.sites[name].tap = tap
+
+    def to(self, device: torch.device) -> "SiteGraph":
+        self.model.to(device)
+        return self
+
+
+def attach_sites(model: nn.Module) -> SiteGraph:
+    """Deep-copy a timm ViT and add a site at every NPU quantization point."""
+    Attention, Block = _attention_classes()
+    if not hasattr(model, "blocks") or not any(type(b) is Block for b in model.blocks):
+        raise PipelineError(f"{type(model).__name__} is not a timm VisionTransformer with Block modules; quant sites need a ViT/DeiT")
+    qmodel = copy.deepcopy(model).eval()
+    for name, module in list(qmodel.named_modules()):
+        if type(module) is nn.Conv2d:
+            module.__class__ = QuantConv2d
+            module._init_sites(name, "linear_in" if name == "patch_embed.proj" else None)
+        elif type(module) is nn.Linear:
+            module.__class__ = QuantLinear
+            module._init_sites(name, "head_in" if name in ("head", "head_dist") else None)
+        elif type(module) is Attention:
+            module.__class__ = QuantAttention
+            module._init_sites(name)
+        elif type(module) is Block:
+            module.__class__ = QuantBlock
+            module._init_sites(name)
+        elif isinstance(module, nn.LayerNorm) and not name.endswith(("q_norm", "k_norm")):
+            _add_output_site(module, name, "norm_out")
+        elif re.fullmatch(r"blocks\.\d+\.mlp\.act", name) and not isinstance(module, nn.Identity):
+            _add_output_site(module, name, "mlp_act")
+    qmodel.blocks[0].in_site = Site("blocks.0.in", "norm_in")
+    qmodel.blocks[0].register_forward_pre_hook(_input_site_pre_hook)
+    sites = {s.name: s for s in _forward_order(qmodel)}
+    return SiteGraph(qmodel, sites, _fold_pairs(qmodel, sites))
+
+
+def _add_output_site(module: nn.Module, name: str, role: str) -> None:
+    module.out_site = Site(name, role)
+    module.register_forward_hook(_output_site_hook)
+
+
+def _forward_order(qmodel: nn.Module) -> list[Site]:
+    """Sites in the order the forward pass meets them; any extra site goes last."""
+
+    def get(path: str, attr: str) -> list[Site]:
+        try:
+            site = getattr(qmodel.get_submodule(path), attr, None)
+        except AttributeError:
+            return []
+        return [site] if isinstance(site, Site) else []
+
+    order = get("patch_embed.proj", "in_site") + get("patch_embed.proj", "weight_site") + get("norm_pre", "out_site")
+    order += get("blocks.0", "in_site")
+    for i, blk in enumerate(qmodel.blocks):
+        p = f"blocks.{i}"
+        order += get(f"{p}.norm1", "out_site") + get(f"{p}.attn.qkv", "weight_site")
+        order += list(getattr(blk.attn, "_own_sites", ())) + get(f"{p}.attn.proj", "weight_site")
+        order += get(p, "res1_site") + get(f"{p}.norm2", "out_site") + get(f"{p}.mlp.fc1", "weight_site")
+        order += get(f"{p}.mlp.act", "out_site") + get(f"{p}.mlp.fc2", "weight_site") + get(p, "res2_site")
+    for path in ("norm", "fc_norm", "head", "head_dist"):
+        order += get(path, "out_site") + get(path, "in_site") + get(path, "weight_site")
+    seen = {id(s) for s in order}
+    return order + [m for m in qmodel.modules() if isinstance(m, Site) and id(m) not in seen]
+
+
+def _fold_pairs(qmodel: nn.Module, sites: dict[str, Site]) -> dict[str, str]:
+    """Producer activation site -> consumer Linear whose weight columns absorb per-channel scales."""
+    folds: dict[str, str] = {}
+    for i, blk in enumerate(qmodel.blocks):
+        p = f"blocks.{i}"
+        folds[f"{p}.norm1"] = f"{p}.attn.qkv"
+        folds[f"{p}.norm2"] = f"{p}.mlp.fc1"
+        if isinstance(blk.attn.norm, nn.Identity) and blk.attn.gate is None:
+            folds[f"{p}.attn.sv"] = f"{p}.attn.proj"
+        if isinstance(getattr(blk.mlp, "norm", nn.Identity()), nn.Identity) and f"{p}.mlp.act" in sites:
+            folds[f"{p}.mlp.act"] = f"{p}.mlp.fc2"
+    return {k: v for k, v in folds.items() if k in sites}

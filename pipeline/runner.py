@@ -1,0 +1,171 @@
+"""The stage chain: validate inputs, open the parent MLflow run, run stages in order.
+
+Stages talk only through the artifacts they write. Each stage writes into a
+hidden temp folder `<run_dir>/.<stage>.tmp/`, renamed to `<run_dir>/<stage>/`
+when the stage succeeds, so a failed stage leaves nothing half-written; its
+MLflow run is marked FAILED. A stage looks for earlier artifacts first in this
+run's folder, then in `from_run` (a run folder or an MLflow run id).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.artifacts import write_json, write_text
+from pipeline.config import Stage
+from pipeline.errors import PipelineError
+from pipeline.models import LoadedModel, load_model
+from pipeline.tracking import Tracker, flatten, resolve_run_dir
+
+log = logging.getLogger(__name__)
+
+SUMMARY = "summary.json"
+
+
+@dataclass
+class StageContext:
+    """What a stage may use: the config, folders, tracker, device and the FP32 model."""
+
+    cfg: DictConfig
+    run_dir: Path
+    source_dir: Path | None
+    tracker: Tracker
+    device: torch.device
+    fp32: LoadedModel
+    summary: dict[str, Any] = field(default_factory=dict)
+    out_dir: Path | None = None  # the running stage's (temp) output folder
+
+    def find(self, stage: str, name: str, required: bool = True) -> Path | None:
+        """An earlier stage's artifact: this run first, then `from_run`."""
+        for base in (self.run_dir, self.source_dir):
+            if base is not None and (base / stage / name).exists():
+                return base / stage / name
+        if required:
+            where = f"{self.run_dir}" + (f" or {self.source_dir}" if self.source_dir else "")
+            raise PipelineError(f"no {stage}/{name} in {where}: run stage '{stage}' first or pass from_run=<run dir or MLflow run id>")
+        return None
+
+    def write_summary(self) -> Path:
+        return write_json(self.run_dir / SUMMARY, self.summary)
+
+
+def stage_function(stage: Stage) -> Callable[[StageContext], dict[str, Any]]:
+    """Stages live in `pipeline.stages.<name>` and expose `run(ctx) -> metrics`."""
+    return importlib.import_module(f"pipeline.stages.{stage.value}").run
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("device=cuda but no CUDA device is available (use device=auto or device=cpu)")
+    return torch.device(name)
+
+
+def set_threads(threads: int) -> None:
+    """0 = one intra-op thread per CPU this process may use."""
+    if threads <= 0:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+
+
+def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Run the configured stages; returns the summary written to `run_dir/summary.json`."""
+    started = time.time()
+    set_threads(cfg.threads)
+    device = select_device(str(cfg.device.value if hasattr(cfg.device, "value") else cfg.device))
+    stages = [Stage(s) for s in cfg.stages]
+    if not stages:
+        raise PipelineError("stages is empty: choose from " + ", ".join(s.value for s in Stage))
+    fns = {s: stage_function(s) for s in stages}
+
+    # Validate everything a user can get wrong before any run is opened.
+    fp32 = load_model(cfg.model)
+    tracker = Tracker(cfg.tracking)
+    tracker.connect()
+    source_dir = resolve_run_dir(cfg.from_run, cfg.tracking, run_dir / ".from_run") if cfg.from_run else None
+    _check_data(cfg, fp32)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
+    run_name = cfg.tracking.run_name or f"{fp32.name}-{cfg.quant.name}-{'+'.join(s.value for s in stages)}"
+    tags = {"model": fp32.name, "timm_name": fp32.timm_name, "data": _data_tag(cfg), "quant": cfg.quant.name, "run_dir": str(run_dir), "stages": ",".join(s.value for s in stages)}
+    tracker.start(run_name, flatten(resolved), tags)
+    ctx = StageContext(cfg, run_dir, source_dir, tracker, device, fp32)
+    failed = True
+    try:
+        tracker.log_artifact(run_dir / "config.yaml")
+        for stage in stages:
+            _run_stage(ctx, stage, fns[stage])
+        ctx.summary["wall_s"] = round(time.time() - started, 2)
+        ctx.write_summary()
+        tracker.log_artifact(run_dir / SUMMARY)
+        failed = False
+    finally:
+        tracker.end(failed=failed)
+    return ctx.summary
+
+
+def _run_stage(ctx: StageContext, stage: Stage, fn: Callable[[StageContext], dict[str, Any]]) -> None:
+    final = ctx.run_dir / stage.value
+    tmp = ctx.run_dir / f".{stage.value}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ctx.out_dir = tmp
+    t0 = time.time()
+    try:
+        with ctx.tracker.stage(stage.value):
+            metrics = fn(ctx) or {}
+            metrics[f"{stage.value}_s"] = round(time.time() - t0, 3)
+            ctx.tracker.log_metrics({k: v for k, v in metrics.items() if _is_number(v)})
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            ctx.tracker.log_artifact(final, stage.value)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        ctx.out_dir = None
+    ctx.summary.update(metrics)
+    log.info("stage %s done in %.1f s", stage.value, time.time() - t0)
+
+
+def _check_data(cfg: DictConfig, fp32: LoadedModel) -> None:
+    """Fail early on a missing or empty data root (the stages build loaders later)."""
+    from pipeline.data import split_dir
+
+    if cfg.data.kind == "imagefolder":
+        needs_eval = any(Stage(s) == Stage.evaluate for s in cfg.stages)
+        needs_calib = any(Stage(s) in (Stage.calibrate, Stage.sensitivity, Stage.search) for s in cfg.stages)
+        if needs_eval:
+            split_dir(cfg.data, cfg.data.eval_split)
+        if needs_calib:
+            split_dir(cfg.data, cfg.data.calib_split)
+    elif cfg.data.kind != "synthetic":
+        raise PipelineError(f"unknown data.kind '{cfg.data.kind}' (imagefolder or synthetic)")
+
+
+def _data_tag(cfg: DictConfig) -> str:
+    return "synthetic" if cfg.data.kind == "synthetic" else str(cfg.data.root)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def cleanup_failed_run(run_dir: Path) -> None:
+    """Remove a run folder that holds no finished stage (only Hydra's own files)."""
+    if not run_dir.is_dir():
+        return
+    finished = [p for p in run_dir.iterdir() if p.is_dir() and p.name in {s.value for s in Stage}]
+    if not finished:
+        shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,0 +1,70 @@
+"""Quantize: bind the recipe's widths from the calibration state (no data pass).
+
+Writes `quantize/state.safetensors` + `quantize/index.json` (the bound width of
+every site, in the calibration-state format) and `quantize/sites.json` (per-site
+spec, width, qmin/qmax, fold target). `load_quantized()` rebuilds the quantized
+model from these files for the later stages.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from pipeline.artifacts import read_json, write_json
+from pipeline.errors import PipelineError
+from pipeline.quant.calibration import CalibState, bind, describe_bound
+from pipeline.quant.recipe import SiteSpec, resolve_recipe
+from pipeline.quant.sites import SiteGraph, attach_sites
+from pipeline.runner import StageContext
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    calib_dir = ctx.find("calibrate", "index.json").parent
+    state = CalibState.load(calib_dir)
+    if state.index["meta"].get("model") != ctx.fp32.fingerprint:
+        raise PipelineError(f"calibration state in {calib_dir} belongs to another model ({state.index['meta'].get('model_name')})")
+    graph = attach_sites(ctx.fp32.model)
+    specs = resolve_recipe(ctx.cfg.quant, graph)
+    check_calibrated(specs, state)
+    bound = bind(graph, specs, state)
+    selected = CalibState(dict(bound), {"meta": {**state.index["meta"], "recipe": ctx.cfg.quant.name}, "sites": {}})
+    for name, site in graph.sites.items():
+        if site.mode == "quant" and specs[name].quantizer == "uniform":
+            selected.tensors[f"{name}/{site.bits}/scale"] = selected.tensors.pop(f"{name}/scale")
+            selected.tensors[f"{name}/{site.bits}/zero_point"] = selected.tensors.pop(f"{name}/zero_point")
+        selected.index["sites"][name] = {"role": site.role, "bits": [site.bits] if site.mode == "quant" else []}
+    selected.save(ctx.out_dir)
+    sites = describe_bound(graph, specs)
+    write_json(ctx.out_dir / "sites.json", sites)
+    live = [s for s in sites.values() if s["mode"] == "quant"]
+    return {
+        "quant_sites": len(live),
+        "quant_sites_per_channel": sum(1 for s in live if s["folded_into"]),
+        "mean_bits": sum(s["bits"] for s in live) / max(1, len(live)),
+    }
+
+def check_calibrated(specs: Mapping[str, SiteSpec], state: CalibState) -> None:
+    """The recipe must match what was calibrated (observer, granularity, signedness...)."""
+    for name, spec in specs.items():
+        entry = state.index["sites"].get(name)
+        if not spec.needs_observer:
+            continue
+        if entry is None or not entry["bits"]:
+            raise PipelineError(f"site {name} was not calibrated: run calibrate with this recipe")
+        if entry["spec"] != spec.calibration_key():
+            diff = {k: (entry["spec"].get(k), v) for k, v in spec.calibration_key().items() if entry["spec"].get(k) != v}
+            raise PipelineError(f"site {name}: recipe differs from the calibrated one {diff}: rerun calibrate")
+
+def load_quantized(ctx: StageContext) -> tuple[SiteGraph, dict[str, SiteSpec]]:
+    """The quantized model from this run's (or from_run's) quantize artifacts."""
+    qdir = ctx.find("quantize", "sites.json").parent
+    sites = read_json(qdir / "sites.json")
+    state = CalibState.load(qdir)
+    if state.index["meta"].get("model") != ctx.fp32.fingerprint:
+        raise PipelineError(f"quantized state in {qdir} belongs to another model ({state.index['meta'].get('model_name')})")
+    graph = attach_sites(ctx.fp32.model)
+    specs = {name: SiteSpec(**entry["spec"]) for name, entry in sites.items()}
+    bits = {name: entry["bits"] for name, entry in sites.items() if entry["bits"]}
+    bind(graph, specs, state, bits)
+    return graph.to(ctx.device), specs
+
+__all__ = ["run", "load_quantized", "check_calibrated", "asdict"]

@@ -1,0 +1,136 @@
+"""Calibration state, binding, per-channel folding, and the error paths."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import timm
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.quant.calibration import CalibState, bind, calibrate
+from pipeline.quant.quantizers import fake_quantize, qrange
+from pipeline.quant.recipe import resolve_recipe
+from pipeline.quant.sites import attach_sites
+from tests.conftest import compose
+
+CPU = torch.device("cpu")
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10, depth=2).eval()
+
+
+def batches(n: int = 3, size: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 3, 32, 32, generator=g), torch.zeros(size, dtype=torch.long)) for _ in range(n)]
+
+
+def calibrated(recipe: str = "recommended", *overrides: str, extra: dict | None = None):
+    from omegaconf import OmegaConf, open_dict
+
+    model = tiny_model()
+    graph = attach_sites(model)
+    quant = compose([f"quant={recipe}", *overrides]).quant
+    if extra:
+        with open_dict(quant):
+            quant = OmegaConf.merge(quant, extra)
+    specs = resolve_recipe(quant, graph)
+    state = calibrate(graph, specs, batches(), CPU, list(quant.candidate_bits))
+    return model, graph, specs, state
+
+
+def sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.square().sum() / (ref - test).square().sum()))
+
+
+def test_observers_only_watch_during_calibration():
+    model = tiny_model()
+    graph = attach_sites(model)
+    specs = resolve_recipe(compose(["quant=recommended"]).quant, graph)
+    seen = []
+    graph.set_tap(lambda site, x, y: seen.append(torch.equal(x, y)))
+    calibrate(graph, specs, batches(1), CPU, [8, 16])
+    assert seen and all(seen)  # every site returned its input unchanged
+
+
+def test_state_holds_every_candidate_width_and_round_trips(tmp_path):
+    _, graph, specs, state = calibrated("recommended", "quant.act.bits=6")
+    entry = state.index["sites"]["blocks.1.attn.sv"]
+    assert entry["bits"] == [6, 8, 16] and entry["role"] == "sv_attn"
+    s8, _ = state.qparams("blocks.1.attn.sv", 8)
+    s16, _ = state.qparams("blocks.1.attn.sv", 16)
+    assert s8.shape == (192,) and (s16 < s8).all()  # per channel, finer at 16 bits
+    assert state.index["sites"]["blocks.1.attn.softmax"]["bits"] == []  # log2: fixed scale, no observer
+    state.save(tmp_path)
+    again = CalibState.load(tmp_path)
+    assert again.index == state.index
+    assert all(torch.equal(again.tensors[k], v) for k, v in state.tensors.items())
+    with pytest.raises(PipelineError, match="calibrated for bits \\[6, 8, 16\\], not 12"):
+        state.qparams("blocks.1.attn.sv", 12)
+
+
+def test_wider_activations_track_fp32_closer():
+    model, graph, specs, state = calibrated("naive")
+    x = batches(1, seed=7)[0][0]
+    with torch.no_grad():
+        ref = model(x)
+        bind(graph, specs, state)
+        w8a8 = graph.model(x)
+        bind(graph, specs, state, {n: 16 for n in specs if graph[n].role != "weight"})
+        w8a16 = graph.model(x)
+    assert sqnr(ref, w8a16) > sqnr(ref, w8a8) + 6 > 16
+
+
+def test_per_channel_scales_fold_into_the_consuming_weight():
+    _, graph, specs, state = calibrated("recommended")
+    bind(graph, specs, state)
+    sv = graph["blocks.0.attn.sv"]
+    proj = graph.module("blocks.0.attn.proj")
+    assert sv.per_channel and graph.folds["blocks.0.attn.sv"] == "blocks.0.attn.proj"
+    s = sv.scale
+    folded = proj.weight * s[None, :]
+    w_scale = folded.abs().amax(dim=1) / 127
+    qmin, qmax = qrange(8, True)
+    expected = fake_quantize(folded, w_scale, torch.zeros_like(w_scale), qmin, qmax, axis=0) / s[None, :]
+    torch.testing.assert_close(proj.qweight, expected, rtol=1e-6, atol=1e-9)
+    # The integer form the NPU runs: integer codes times the folded integer weight.
+    x = torch.randn(4, 17, 192) * 3
+    codes = torch.clamp(torch.floor(x / s + 0.5) + sv.zero_point, sv.qmin, sv.qmax)
+    w_int = torch.clamp(torch.floor(folded / w_scale[:, None] + 0.5), qmin, qmax)
+    integer_path = (codes - sv.zero_point) @ w_int.T * w_scale
+    torch.testing.assert_close(torch.nn.functional.linear(sv(x), proj.qweight), integer_path, rtol=1e-4, atol=1e-4)
+
+
+def test_disabled_sites_stay_fp32():
+    model, graph, specs, state = calibrated("recommended")
+    off = {n: replace(s, enabled=False) for n, s in specs.items()}
+    bind(graph, off, state)
+    x = batches(1)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(graph.model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_int_softmax_recipe_runs_close_to_float_softmax():
+    model, graph, specs, state = calibrated("recommended", "quant.roles.intSoft.quantizer=int_softmax", extra={"roles": {"scores": {"symmetric": True, "bits": 16}}})
+    bind(graph, specs, state)
+    x = batches(1)[0][0]
+    with torch.no_grad():
+        assert sqnr(model(x), graph.model(x)) > 10
+
+
+def test_nan_calibration_data_names_the_site():
+    graph = attach_sites(tiny_model())
+    specs = resolve_recipe(compose(["quant=naive"]).quant, graph)
+    bad = [(torch.full((2, 3, 32, 32), float("nan")), torch.zeros(2, dtype=torch.long))]
+    with pytest.raises(PipelineError, match="NaN or Inf at site patch_embed.proj.in"):
+        calibrate(graph, specs, bad, CPU, [8])
+
+
+def test_zero_calibration_batches_is_an_error():
+    graph = attach_sites(tiny_model())
+    specs = resolve_recipe(compose(["quant=naive"]).quant, graph)
+    with pytest.raises(PipelineError, match="zero batches"):
+        calibrate(graph, specs, [], CPU, [8])

@@ -1,0 +1,31 @@
+"""Structured configs: typos and wrong types fail at composition, before any work."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError, ConfigKeyError
+
+from tests.conftest import compose
+
+
+def test_default_config_composes_with_reference_and_cifar():
+    cfg = compose([])
+    assert cfg.model.card.endswith("reference/vit_tiny_cifar10.json")
+    assert cfg.data.root.endswith("data/cifar10") and cfg.data.eval_split == "test" and cfg.data.calib_split == "train"
+    assert [s.value for s in cfg.stages] == ["evaluate"]
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["data.eval_sise=10", "data.eval_size=many", "stages=[evaluate,evalute]", "device=tpu", "quant.candidate_bits=[eight]"],
+)
+def test_typos_and_wrong_types_fail_at_composition(override):
+    with pytest.raises((ConfigCompositionException, ValidationError, ConfigKeyError)):
+        compose([override])
+
+
+def test_assets_root_follows_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("PIPELINE_ASSETS", str(tmp_path))
+    cfg = compose([])
+    assert cfg.model.card == f"{tmp_path}/reference/vit_tiny_cifar10.json"

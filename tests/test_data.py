@@ -1,0 +1,66 @@
+"""Data subsets: deterministic per seed, disjoint calibration/search, clamped sizes, clear errors."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from pipeline.config import DataConfig
+from pipeline.data import make_subset, seeded_order
+from pipeline.errors import PipelineError
+from pipeline.models import LoadedModel
+from tests.conftest import CIFAR, needs_assets
+
+
+def fake_model() -> LoadedModel:
+    model = torch.nn.Linear(1, 1)
+    model.num_classes = 10
+    cfg = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.25,) * 3}
+    return LoadedModel(model, "fake", "fake", cfg, True, "0" * 16)
+
+
+def test_seeded_order_is_deterministic_and_seed_dependent():
+    assert torch.equal(seeded_order(100, 0, "train"), seeded_order(100, 0, "train"))
+    assert not torch.equal(seeded_order(100, 0, "train"), seeded_order(100, 1, "train"))
+    assert sorted(seeded_order(100, 3, "test").tolist()) == list(range(100))
+
+
+def test_synthetic_subsets_are_fixed_and_nested():
+    cfg = DataConfig(kind="synthetic", synthetic_size=40, eval_size=10, calib_size=8, search_size=8, num_workers=0)
+    a, b = make_subset(cfg, fake_model(), "eval"), make_subset(cfg, fake_model(), "eval")
+    assert torch.equal(a.indices, b.indices) and a.key == b.key
+    bigger = make_subset(DataConfig(**{**cfg.__dict__, "eval_size": 20}), fake_model(), "eval")
+    assert torch.equal(bigger.indices[:10], a.indices)  # subsets are prefixes of one order
+    assert bigger.key != a.key
+    calib, search = make_subset(cfg, fake_model(), "calib"), make_subset(cfg, fake_model(), "search")
+    assert not set(calib.indices.tolist()) & set(search.indices.tolist())
+    images, labels = next(iter(a.loader))
+    assert images.shape == (10, 3, 32, 32) and labels.max() < 10
+
+
+def test_oversized_subset_is_clamped_with_warning(caplog):
+    cfg = DataConfig(kind="synthetic", synthetic_size=16, eval_size=1000, num_workers=0)
+    with caplog.at_level(logging.WARNING):
+        subset = make_subset(cfg, fake_model(), "eval")
+    assert len(subset) == 16
+    assert "data.eval_size=1000 is larger than the 16 images available" in caplog.text
+
+
+def test_missing_and_empty_roots(tmp_path):
+    with pytest.raises(PipelineError, match="data root not found"):
+        make_subset(DataConfig(root=str(tmp_path / "nope")), fake_model(), "eval")
+    (tmp_path / "test" / "cat").mkdir(parents=True)
+    with pytest.raises(PipelineError, match="is empty"):
+        make_subset(DataConfig(root=str(tmp_path)), fake_model(), "eval")
+
+
+@needs_assets
+def test_cifar_subset_reads_real_images_with_alphabetical_labels():
+    cfg = DataConfig(root=str(CIFAR), eval_size=20, batch_size=20, num_workers=0)
+    subset = make_subset(cfg, fake_model(), "eval")
+    assert subset.loader.dataset.dataset.classes[:3] == ["airplane", "automobile", "bird"]
+    images, labels = next(iter(subset.loader))
+    assert images.shape == (20, 3, 32, 32)
+    assert len(set(labels.tolist())) > 3

@@ -1,0 +1,66 @@
+"""Model loading: cards, checkpoints (float16 -> float32), clear mismatch errors."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from pipeline.config import ModelConfig
+from pipeline.errors import PipelineError
+from pipeline.models import load_model
+from tests.conftest import REFERENCE_CARD, TINY_VIT, needs_assets
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    return ModelConfig(name=TINY_VIT["name"], kwargs=dict(TINY_VIT["kwargs"]), **kw)
+
+
+def test_float16_safetensors_load_as_float32(tmp_path):
+    ref = timm.create_model(TINY_VIT["name"], **TINY_VIT["kwargs"])
+    half = {k: v.half() for k, v in ref.state_dict().items()}
+    save_file(half, str(tmp_path / "w.safetensors"))
+    loaded = load_model(tiny_cfg(checkpoint=str(tmp_path / "w.safetensors")))
+    for k, v in loaded.model.state_dict().items():
+        assert v.dtype == torch.float32, k
+        assert torch.equal(v, half[k].float()), k
+
+
+def test_pth_checkpoint_with_state_dict_key(tmp_path):
+    ref = timm.create_model(TINY_VIT["name"], **TINY_VIT["kwargs"])
+    torch.save({"state_dict": ref.state_dict(), "epoch": 3}, tmp_path / "w.pth")
+    loaded = load_model(tiny_cfg(checkpoint=str(tmp_path / "w.pth")))
+    assert torch.equal(loaded.model.head.weight, ref.head.weight)
+
+
+def test_shape_mismatch_names_key_and_shapes(tmp_path):
+    other = timm.create_model(TINY_VIT["name"], **{**TINY_VIT["kwargs"], "num_classes": 7})
+    save_file(other.state_dict(), str(tmp_path / "w.safetensors"))
+    with pytest.raises(PipelineError, match=r"head\.weight: checkpoint \(7, 192\) vs model \(10, 192\)"):
+        load_model(tiny_cfg(checkpoint=str(tmp_path / "w.safetensors")))
+
+
+def test_missing_and_unexpected_keys_are_named(tmp_path):
+    state = timm.create_model(TINY_VIT["name"], **TINY_VIT["kwargs"]).state_dict()
+    state["extra.weight"] = state.pop("cls_token")
+    save_file(state, str(tmp_path / "w.safetensors"))
+    with pytest.raises(PipelineError, match=r"missing keys \['cls_token'\].*unexpected keys \['extra\.weight'\]"):
+        load_model(tiny_cfg(checkpoint=str(tmp_path / "w.safetensors")))
+
+
+def test_missing_checkpoint_and_unknown_model():
+    with pytest.raises(PipelineError, match="checkpoint file not found"):
+        load_model(tiny_cfg(checkpoint="/nonexistent/w.safetensors"))
+    with pytest.raises(PipelineError, match="unknown timm model name 'vit_tinyy'"):
+        load_model(ModelConfig(name="vit_tinyy"))
+
+
+@needs_assets
+def test_reference_card_loads_float32_with_card_mean_std():
+    loaded = load_model(ModelConfig(card=str(REFERENCE_CARD)))
+    assert loaded.name == "vit_tiny_cifar10" and loaded.plain_transform
+    assert loaded.data_config["input_size"] == (3, 32, 32)
+    assert loaded.data_config["mean"] == (0.4914, 0.4822, 0.4465)
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+    assert loaded.num_classes == 10

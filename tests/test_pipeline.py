@@ -1,0 +1,83 @@
+"""The stage chain end to end: artifacts, summary.json, MLflow runs, from_run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.runner import run_pipeline
+from tests.conftest import compose, needs_assets
+
+
+def runs_of(uri: str, experiment: str = "vit-ptq"):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+
+
+def test_chain_writes_artifacts_summary_and_nested_runs(tmp_path, tiny_overrides, mlflow_uri):
+    cfg = compose([*tiny_overrides, "quant=recommended", "stages=[calibrate,quantize,evaluate]", "tracking.run_name=chain"])
+    summary = run_pipeline(cfg, tmp_path / "run")
+    for key in ("top1", "top1_fp32", "top1_drop", "agreement", "logit_kl", "calib_images", "quant_sites"):
+        assert key in summary, key
+    assert 0.0 <= summary["agreement"] <= 1.0 and summary["logit_kl"] >= 0.0
+    assert (tmp_path / "run/calibrate/state.safetensors").is_file()
+    assert (tmp_path / "run/quantize/sites.json").is_file()
+    assert json.loads((tmp_path / "run/summary.json").read_text())["top1"] == summary["top1"]
+    assert not list((tmp_path / "run").glob(".*.tmp"))
+    sqnr = json.loads((tmp_path / "run/evaluate/site_sqnr.json").read_text())
+    assert sqnr["blocks.1.attn.sv"]["role"] == "sv_attn"
+
+    client, runs = runs_of(mlflow_uri)
+    parent = next(r for r in runs if r.info.run_name == "chain")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["calibrate", "evaluate", "quantize"]
+    evaluate = next(r for r in children if r.info.run_name == "evaluate")
+    assert evaluate.data.metrics["top1"] == pytest.approx(summary["top1"])
+    assert parent.data.params["quant.name"] == "recommended" and parent.data.tags["git_commit"]
+    history = client.get_metric_history(evaluate.info.run_id, "sqnr/sv_attn")
+    assert sorted(m.step for m in history) == [0, 1]  # step = block index
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"config.yaml", "summary.json"} <= artifacts
+
+
+def test_later_stage_runs_alone_from_run_dir_and_run_id(tmp_path, tiny_overrides, mlflow_uri):
+    first = compose([*tiny_overrides, "quant=naive", "stages=[calibrate,quantize]", "tracking.run_name=first"])
+    run_pipeline(first, tmp_path / "first")
+    by_dir = run_pipeline(compose([*tiny_overrides, "quant=naive", "stages=[evaluate]", f"from_run={tmp_path / 'first'}"]), tmp_path / "second")
+    _, runs = runs_of(mlflow_uri)
+    run_id = next(r for r in runs if r.info.run_name == "first").info.run_id
+    (tmp_path / "first").rename(tmp_path / "moved")  # force the artifact download path
+    by_id = run_pipeline(compose([*tiny_overrides, "quant=naive", "stages=[evaluate]", f"from_run={run_id}"]), tmp_path / "third")
+    assert by_id["agreement"] == by_dir["agreement"] and by_id["logit_kl"] == by_dir["logit_kl"]
+
+
+def test_quantized_evaluate_without_quantize_stage_is_an_error(tmp_path, tiny_overrides):
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="no quantize/sites.json .* run stage 'quantize' first"):
+        run_pipeline(compose([*tiny_overrides, "quant=naive", "stages=[evaluate]"]), tmp_path / "run")
+
+
+@needs_assets
+def test_reference_fp32_top1_on_fixed_500_image_subset(tmp_path, mlflow_uri):
+    """Pinned once: the reference ViT gets 430/500 = 0.86 on the seed-0 subset of CIFAR-10 test."""
+    cfg = compose(["data.eval_size=500", f"cache_dir={tmp_path}", f"tracking.uri={mlflow_uri}", "device=cpu", "tracking.run_name=ref500"])
+    summary = run_pipeline(cfg, tmp_path / "run")
+    assert summary["images"] == 500
+    assert summary["top1"] == 0.86
+    _, runs = runs_of(mlflow_uri)
+    child = next(r for r in runs if r.info.run_name == "evaluate" and r.data.tags.get("mlflow.parentRunId") == next(p for p in runs if p.info.run_name == "ref500").info.run_id)
+    assert child.data.metrics["top1"] == 0.86
+
+
+@needs_assets
+def test_reference_quantized_on_small_subset(tmp_path, mlflow_uri):
+    """Reference ViT, W8A16 on 200 test images after 64 calibration images: nearly lossless."""
+    cfg = compose(["quant=w8a16", "stages=[calibrate,quantize,evaluate]", "data.eval_size=200", "data.calib_size=64", "data.batch_size=64", f"cache_dir={tmp_path}", f"tracking.uri={mlflow_uri}", "device=cpu", "evaluate.sqnr_images=16"])
+    summary = run_pipeline(cfg, tmp_path / "run")
+    assert summary["agreement"] >= 0.99
+    assert abs(summary["top1_drop"]) <= 0.01
+    assert summary["sqnr_min/sv_attn"] > 30

@@ -1,0 +1,392 @@
+"""Tests of pipeline.quant.quantizers: hand-computed cases, compared bit-exactly, plus hypothesis properties."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.quant.quantizers import (
+    MIN_SCALE,
+    broadcast_to_axis,
+    choose_qparams,
+    dequantize,
+    fake_log2_quantize,
+    fake_quantize,
+    int_dtype,
+    log2_dequantize,
+    log2_quantize,
+    qrange,
+    quantize,
+    round_to_int,
+)
+
+PROPERTY = settings(max_examples=50, deadline=None)
+
+
+def t(values, dtype=torch.float32):
+    return torch.tensor(values, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------- rounding
+
+
+def test_half_up_and_half_even_on_ties():
+    ties = t([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5])
+    assert torch.equal(round_to_int(ties, "half_up"), t([-2.0, -1.0, 0.0, 1.0, 2.0, 3.0]))
+    assert torch.equal(round_to_int(ties, "half_even"), t([-2.0, -2.0, 0.0, 0.0, 2.0, 2.0]))
+
+
+def test_rounding_away_from_ties_and_default_mode():
+    x = t([-1.7, -1.2, -0.2, 0.2, 1.2, 1.7])
+    expected = t([-2.0, -1.0, 0.0, 0.0, 1.0, 2.0])
+    assert torch.equal(round_to_int(x), expected)
+    assert torch.equal(round_to_int(x, "half_even"), expected)
+
+
+def test_half_up_float_quirk_just_below_one_half_is_documented():
+    # floor(x + 0.5) in float32: 0.49999997 + 0.5 rounds to 1.0, so this one value rounds up (see docstring);
+    # the next value below is fine.
+    below_half = torch.nextafter(t(0.5), t(0.0))
+    assert round_to_int(below_half.reshape(1)).item() == 1.0
+    assert round_to_int(torch.nextafter(below_half, t(0.0)).reshape(1)).item() == 0.0
+
+
+def test_in_place_rounding_overwrites_and_matches():
+    x = t([-2.5, -0.5, 0.5, 1.7])
+    for mode in ("half_up", "half_even"):
+        expected = round_to_int(x, mode)
+        buffer = x.clone()
+        assert round_to_int(buffer, mode, in_place=True) is buffer
+        assert torch.equal(buffer, expected)
+
+
+def test_rounding_passes_infinities_and_converts_integers():
+    assert torch.equal(round_to_int(t([-math.inf, math.inf])), t([-math.inf, math.inf]))
+    rounded = round_to_int(torch.tensor([3, -4]))
+    assert rounded.dtype == torch.float32 and torch.equal(rounded, t([3.0, -4.0]))
+
+
+def test_unknown_rounding_mode_raises():
+    with pytest.raises(ValueError, match="unknown rounding mode 'nearest'; choose one of half_up, half_even"):
+        round_to_int(t([1.0]), "nearest")
+    with pytest.raises(ValueError, match="unknown rounding mode"):
+        choose_qparams(t(0.0), t(1.0), 8, False, False, rounding="up")
+
+
+# ---------------------------------------------------------------------------------------------- ranges
+
+
+def test_qrange_values():
+    assert qrange(2, True) == (-2, 1)
+    assert qrange(8, True) == (-128, 127)
+    assert qrange(8, False) == (0, 255)
+    assert qrange(16, True) == (-32768, 32767)
+    assert qrange(16, False) == (0, 65535)
+
+
+@pytest.mark.parametrize("bits", [1, 17, 0, 8.0, True, "8"])
+def test_bad_bits_raise(bits):
+    with pytest.raises(ValueError, match=f"bits must be an integer in 2..16, got {bits!r}"):
+        qrange(bits, True)
+
+
+def test_bits_are_validated_everywhere():
+    with pytest.raises(ValueError, match="got 17"):
+        int_dtype(17, False)
+    with pytest.raises(ValueError, match="got 1"):
+        choose_qparams(t(0.0), t(1.0), 1, True, True)
+    with pytest.raises(ValueError, match="got 17"):
+        log2_quantize(t([0.5]), 17)
+
+
+def test_int_dtype_table():
+    assert int_dtype(4, True) == torch.int8
+    assert int_dtype(8, True) == torch.int8
+    assert int_dtype(8, False) == torch.uint8
+    assert int_dtype(9, True) == torch.int16
+    assert int_dtype(16, True) == torch.int16
+    assert int_dtype(9, False) == torch.int32
+    assert int_dtype(16, False) == torch.int32
+
+
+# ---------------------------------------------------------------------------------------------- qparams
+
+
+def test_asymmetric_zero_point_nudge_by_hand():
+    # scale = 1.3 / 255 = 0.00509804; min / scale = -58.846 -> round -59 -> zero_point = 0 - (-59) = 59
+    scale, zero_point = choose_qparams(t(-0.3), t(1.0), 8, signed=False, symmetric=False)
+    assert scale.shape == () and zero_point.shape == ()
+    assert scale.dtype == torch.float32 and zero_point.dtype == torch.int32
+    assert torch.equal(scale, (t(1.0) - t(-0.3)) / 255)
+    assert zero_point.item() == 59
+    # quant(0) -> code 59 -> exactly 0.0; the range becomes [-59, 196] * scale (the nudge clips 1.0 slightly)
+    x = t([0.0, -0.3, 1.0])
+    expected = torch.stack([t(0.0), -59 * scale, 196 * scale])
+    assert torch.equal(fake_quantize(x, scale, zero_point, 0, 255), expected)
+    assert fake_quantize(x, scale, zero_point, 0, 255)[0].item() == 0.0
+
+
+def test_symmetric_signed_zero_point_is_exactly_zero():
+    scale, zero_point = choose_qparams(t(-0.5), t(2.54), 8, signed=True, symmetric=True)
+    assert torch.equal(zero_point, torch.tensor(0, dtype=torch.int32))
+    assert torch.equal(scale, t(2.54) / 127)
+    scale, zero_point = choose_qparams(t(-3.0), t(1.0), 4, signed=True, symmetric=True)
+    assert torch.equal(scale, t(3.0 / 7)) and zero_point.item() == 0
+
+
+def test_unsigned_symmetric_uses_max_over_qmax():
+    scale, zero_point = choose_qparams(t(0.0), t(2.55), 8, signed=False, symmetric=True)
+    assert torch.equal(scale, t(2.55) / 255) and zero_point.item() == 0
+
+
+def test_range_is_widened_to_include_zero():
+    # min=0.5,max=2.0 behaves like [0, 2]: asymmetric unsigned -> scale 2/255, zero point 0
+    scale, zero_point = choose_qparams(t(0.5), t(2.0), 8, signed=False, symmetric=False)
+    assert torch.equal(scale, t(2.0) / 255) and zero_point.item() == 0
+    # min=-2,max=-1 behaves like [-2, 0]: signed asymmetric -> zero point at qmax
+    scale, zero_point = choose_qparams(t(-2.0), t(-1.0), 8, signed=True, symmetric=False)
+    assert torch.equal(scale, t(2.0) / 255) and zero_point.item() == 127
+
+
+def test_constant_zero_range_gets_eps_scale():
+    for symmetric in (True, False):
+        scale, zero_point = choose_qparams(t(0.0), t(0.0), 8, signed=False, symmetric=symmetric)
+        assert scale.item() == MIN_SCALE and zero_point.item() == 0
+        assert torch.equal(fake_quantize(torch.zeros(3), scale, zero_point, 0, 255), torch.zeros(3))
+
+
+def test_per_channel_qparams_shapes():
+    scale, zero_point = choose_qparams(t([-1.0, 0.0, -4.0]), t([1.0, 2.55, 2.0]), 8, True, True)
+    assert scale.shape == (3,) and zero_point.shape == (3,)
+    assert torch.equal(scale, t([1.0, 2.55, 4.0]) / 127)
+    assert torch.equal(zero_point, torch.zeros(3, dtype=torch.int32))
+
+
+def test_bad_ranges_raise():
+    with pytest.raises(ValueError, match="same shape"):
+        choose_qparams(t([0.0, 1.0]), t(1.0), 8, True, True)
+    with pytest.raises(ValueError, match="finite"):
+        choose_qparams(t(math.inf), t(-math.inf), 8, True, True)
+    with pytest.raises(ValueError, match="min_val must be <= max_val"):
+        choose_qparams(t(2.0), t(1.0), 8, True, True)
+    with pytest.raises(ValueError, match="0-d .* or 1-d"):
+        choose_qparams(torch.zeros(2, 2), torch.ones(2, 2), 8, True, True)
+
+
+# ---------------------------------------------------------------------------------------------- fake quant
+
+
+def test_per_channel_fake_quant_axis_0_by_hand():
+    # 8-bit signed symmetric, row ranges 127/64 and 127/16 -> scales 1/64 and 1/16 (exact powers of two)
+    x = t([[-1.984375, 0.5, 0.0078125], [7.9375, -3.09375, 0.03125]])
+    scale, zero_point = choose_qparams(x.amin(dim=1), x.amax(dim=1), 8, signed=True, symmetric=True)
+    assert torch.equal(scale, t([1 / 64, 1 / 16]))
+    # row 0 in steps: [-127, 32, 0.5]; row 1: [127, -49.5, 0.5]
+    half_up = t([[-1.984375, 0.5, 0.015625], [7.9375, -3.0625, 0.0625]])
+    half_even = t([[-1.984375, 0.5, 0.0], [7.9375, -3.125, 0.0]])
+    assert torch.equal(fake_quantize(x, scale, zero_point, -128, 127, axis=0), half_up)
+    assert torch.equal(fake_quantize(x, scale, zero_point, -128, 127, axis=0, rounding="half_even"), half_even)
+
+
+def test_per_channel_fake_quant_last_axis_by_hand():
+    # columns are the channels: 4-bit signed symmetric, scales 1/4, 1, 1/2 (ranges 7/4, 7, 7/2)
+    x = t([[1.75, -7.0, 0.2], [-0.375, 2.5, 3.5]])
+    scale, zero_point = choose_qparams(x.amin(dim=0), x.amax(dim=0), 4, signed=True, symmetric=True)
+    assert torch.equal(scale, t([0.25, 1.0, 0.5]))
+    # steps: col0 [7, -1.5], col1 [-7, 2.5], col2 [0.4, 7]
+    expected = t([[1.75, -7.0, 0.0], [-0.25, 3.0, 3.5]])
+    assert torch.equal(fake_quantize(x, scale, zero_point, -8, 7, axis=-1), expected)
+    assert torch.equal(fake_quantize(x, scale, zero_point, -8, 7, axis=1), expected)
+
+
+def test_fake_quant_saturates_and_keeps_dtype():
+    scale, zero_point = t(0.5), torch.tensor(0, dtype=torch.int32)
+    x = t([-100.0, -4.25, 3.75, 100.0])
+    assert torch.equal(fake_quantize(x, scale, zero_point, -8, 7), t([-4.0, -4.0, 3.5, 3.5]))
+    y = fake_quantize(x.to(torch.bfloat16), scale, zero_point, -8, 7)
+    assert y.dtype == torch.bfloat16 and torch.equal(y.float(), t([-4.0, -4.0, 3.5, 3.5]))
+    assert fake_quantize(x.double(), scale, zero_point, -8, 7).dtype == torch.float64
+
+
+def test_fake_quant_parameter_errors():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="per-channel scale has 2 entries but x.shape\\[1\\] is 3"):
+        fake_quantize(x, torch.ones(2), torch.zeros(2, dtype=torch.int32), -8, 7, axis=1)
+    with pytest.raises(ValueError, match="axis must be in -2..1"):
+        fake_quantize(x, torch.ones(2), torch.zeros(2, dtype=torch.int32), -8, 7, axis=2)
+    with pytest.raises(ValueError, match="one element"):
+        fake_quantize(x, torch.ones(2), torch.zeros(2, dtype=torch.int32), -8, 7)
+    with pytest.raises(ValueError, match="qmin must be < qmax"):
+        fake_quantize(x, t(1.0), torch.tensor(0), 7, -8)
+
+
+def test_broadcast_to_axis_shapes():
+    param = torch.arange(3.0)
+    assert broadcast_to_axis(param, 3, 1).shape == (3, 1)
+    assert broadcast_to_axis(param, 3, -1).shape == (3,)
+    assert broadcast_to_axis(param, 4, 0).shape == (3, 1, 1, 1)
+    assert broadcast_to_axis(t([2.0]), 4, None).shape == ()
+
+
+# ---------------------------------------------------------------------------------------------- integer codes
+
+
+def test_int16_extremes_saturate_exactly():
+    assert qrange(16, True) == (-32768, 32767)
+    scale, zero_point = t(1 / 256), torch.tensor(0, dtype=torch.int32)
+    x = t([-1000.0, -128.0, -127.99609375, 0.0, 127.99609375, 1000.0])
+    codes = quantize(x, scale, zero_point, 16, signed=True)
+    assert codes.dtype == torch.int16
+    assert torch.equal(codes, torch.tensor([-32768, -32768, -32767, 0, 32767, 32767], dtype=torch.int16))
+    assert torch.equal(dequantize(codes, scale, zero_point), t([-128.0, -128.0, -127.99609375, 0.0, 127.99609375, 127.99609375]))
+
+
+def test_unsigned_16_bit_codes_are_int32():
+    scale, zero_point = t(1 / 256), torch.tensor(0, dtype=torch.int32)
+    codes = quantize(t([-5.0, 0.0, 255.99609375, 1e6]), scale, zero_point, 16, signed=False)
+    assert codes.dtype == torch.int32
+    assert torch.equal(codes, torch.tensor([0, 0, 65535, 65535], dtype=torch.int32))
+
+
+def test_quantize_dequantize_matches_fake_quantize_per_channel():
+    x = torch.linspace(-3, 3, 24).reshape(2, 3, 4)
+    scale, zero_point = choose_qparams(x.amin(dim=(0, 2)), x.amax(dim=(0, 2)), 8, signed=False, symmetric=False)
+    codes = quantize(x, scale, zero_point, 8, signed=False, axis=1)
+    assert codes.dtype == torch.uint8
+    roundtrip = dequantize(codes, scale, zero_point, axis=1)
+    assert roundtrip.dtype == torch.float32
+    assert torch.equal(roundtrip, fake_quantize(x, scale, zero_point, 0, 255, axis=1))
+
+
+# ---------------------------------------------------------------------------------------------- log2
+
+
+def test_log2_level_boundaries_4_bit():
+    p = t([1.0, 0.5, 2**-1.5, 0.0, 2**-15, 2**-16, 0.75, 0.7])
+    codes, zero_mask = log2_quantize(p, 4)
+    assert codes.dtype == torch.uint8 and zero_mask.dtype == torch.bool
+    # float32(2^-1.5) lies just below the true 2^-1.5, so -log2 p is 1.5 (+ float error) -> 2 either way;
+    # 0.75 -> 0.415 -> 0; 0.7 -> 0.515 -> 1
+    assert codes.tolist() == [0, 1, 2, 15, 15, 15, 0, 1]
+    assert zero_mask.tolist() == [False, False, False, True, False, True, False, False]
+    assert torch.equal(log2_dequantize(codes, zero_mask), t([1.0, 0.5, 0.25, 0.0, 2**-15, 0.0, 1.0, 0.5]))
+
+
+def test_log2_half_up_tie_on_exact_log():
+    # -log2(2^-2.5 as float32) evaluates to 2.5 (or just above) -> half_up picks 3
+    codes, _ = log2_quantize(t([2**-2.5]), 8)
+    assert codes.item() == 3
+
+
+def test_log2_codes_dtypes_and_probabilities_above_one():
+    codes, zero_mask = log2_quantize(t([2.0, 1e-30]), 16)
+    assert codes.dtype == torch.int32
+    assert codes.tolist() == [0, 100] and not zero_mask.any()
+
+
+def test_fake_log2_matches_quantize_dequantize():
+    p = torch.softmax(torch.linspace(-8, 8, 200).reshape(4, 50), dim=-1)
+    for bits in (3, 4, 8):
+        codes, zero_mask = log2_quantize(p, bits)
+        assert torch.equal(fake_log2_quantize(p, bits), log2_dequantize(codes, zero_mask))
+
+
+def test_log2_rejects_negative_and_nan():
+    with pytest.raises(ValueError, match="probabilities must be >= 0"):
+        log2_quantize(t([0.5, -0.1]), 8)
+    with pytest.raises(ValueError, match="probabilities must be >= 0"):
+        log2_quantize(t([math.nan]), 8)
+
+
+# ---------------------------------------------------------------------------------------------- properties
+
+settings_strategy = st.tuples(
+    st.integers(2, 16),  # bits
+    st.booleans(),  # signed
+    st.booleans(),  # symmetric
+    st.sampled_from(["half_up", "half_even"]),
+)
+finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
+
+
+def _qparams(low: float, high: float, bits: int, signed: bool, symmetric: bool, rounding: str):
+    low, high = min(low, high), max(low, high)
+    scale, zero_point = choose_qparams(t(low), t(high), bits, signed, symmetric, rounding)
+    return scale, zero_point, *qrange(bits, signed)
+
+
+@PROPERTY
+@given(settings_strategy, finite, finite)
+def test_zero_is_always_exact(config, low, high):
+    bits, signed, symmetric, rounding = config
+    scale, zero_point, qmin, qmax = _qparams(low, high, bits, signed, symmetric, rounding)
+    assert qmin <= zero_point.item() <= qmax
+    assert fake_quantize(torch.zeros(4), scale, zero_point, qmin, qmax, rounding=rounding).eq(0.0).all()
+
+
+@PROPERTY
+@given(settings_strategy, finite, finite, st.lists(st.floats(0.0, 1.0), min_size=1, max_size=64))
+def test_error_is_at_most_half_a_step_inside_the_range(config, low, high, fractions):
+    bits, signed, symmetric, rounding = config
+    scale, zero_point, qmin, qmax = _qparams(low, high, bits, signed, symmetric, rounding)
+    lowest, highest = (qmin - zero_point) * scale, (qmax - zero_point) * scale
+    x = (lowest + t(fractions) * (highest - lowest)).clamp(lowest, highest)
+    error = (fake_quantize(x, scale, zero_point, qmin, qmax, rounding=rounding) - x).abs()
+    tolerance = 0.5 * scale * (1 + 1e-5) + 1e-6 * x.abs()
+    assert (error <= tolerance).all()
+
+
+@PROPERTY
+@given(settings_strategy, finite, finite, st.lists(finite, min_size=2, max_size=64))
+def test_fake_quant_is_monotonic(config, low, high, values):
+    bits, signed, symmetric, rounding = config
+    scale, zero_point, qmin, qmax = _qparams(low, high, bits, signed, symmetric, rounding)
+    x = t(sorted(values))
+    y = fake_quantize(x, scale, zero_point, qmin, qmax, rounding=rounding)
+    assert (y[1:] >= y[:-1]).all()
+
+
+@PROPERTY
+@given(st.integers(2, 16), st.floats(1e-3, 1e3), st.lists(st.floats(-1.0, 1.0), min_size=1, max_size=64))
+def test_symmetric_half_even_is_odd(bits, absmax, fractions):
+    # No bias for symmetric data: fq(-x) == -fq(x) exactly inside the symmetric range [-qmax, qmax] * scale.
+    scale, zero_point, qmin, qmax = _qparams(-absmax, absmax, bits, True, True, "half_even")
+    x = t(fractions) * (qmax * scale)
+    y = fake_quantize(x, scale, zero_point, qmin, qmax, rounding="half_even")
+    assert torch.equal(fake_quantize(-x, scale, zero_point, qmin, qmax, rounding="half_even"), -y)
+
+
+@PROPERTY
+@given(st.integers(2, 16), st.floats(1e-3, 1e3), st.lists(st.floats(-1.0, 1.0), min_size=1, max_size=64))
+def test_symmetric_half_up_is_odd_except_on_ties(bits, absmax, fractions):
+    # half_up(-t) = -half_up(t) + [t is a tie], so fq(x) + fq(-x) is 0, or one step up on exact ties.
+    scale, zero_point, qmin, qmax = _qparams(-absmax, absmax, bits, True, True, "half_up")
+    x = t(fractions) * (qmax * scale)
+    steps = x.abs() / scale
+    near_tie = ((steps - steps.floor()) - 0.5).abs() <= 1e-7  # ties, and the float32 x + 0.5 quirk
+    total = fake_quantize(x, scale, zero_point, qmin, qmax) + fake_quantize(-x, scale, zero_point, qmin, qmax)
+    assert total[~near_tie].eq(0.0).all()
+    # (k + 1) * scale - k * scale is one step up to the float rounding of the two products, or 0
+    one_step = (total - scale).abs() <= 1e-6 * (x.abs() + scale)
+    assert (one_step | total.eq(0.0))[near_tie].all()
+    assert one_step[steps - steps.floor() == 0.5].all()
+
+
+def test_half_up_bias_only_comes_from_ties():
+    # Continuous symmetric data: ties have probability 0, so the mean error is ~0 (here < 1e-3 scale).
+    scale, zero_point = choose_qparams(t(-1.0), t(1.0), 8, True, True)
+    x = torch.rand(5000, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x = torch.cat([x, -x])
+    assert (fake_quantize(x, scale, zero_point, -128, 127) - x).mean().abs() < 1e-3 * scale
+    # Data on the half-step grid: every other value is a tie; half_up pushes each tie up by scale / 2,
+    # half_even has no bias. A power-of-two scale (1/64) keeps the grid exact.
+    scale, zero_point = choose_qparams(t(-127 / 64), t(127 / 64), 8, True, True)
+    assert scale.item() == 1 / 64
+    steps = torch.arange(-200, 201, dtype=torch.float32) / 2  # -100.0, -99.5, ..., 100.0
+    grid = steps * scale
+    up_bias = (fake_quantize(grid, scale, zero_point, -128, 127) - grid).mean()
+    even_bias = (fake_quantize(grid, scale, zero_point, -128, 127, rounding="half_even") - grid).mean()
+    assert torch.allclose(up_bias, 200 * (scale / 2) / 401, rtol=1e-5)
+    assert even_bias.item() == 0.0

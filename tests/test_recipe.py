@@ -1,0 +1,86 @@
+"""Recipes: defaults -> roles -> site globs, with one clear error per mistake."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.quant.recipe import resolve_recipe
+from pipeline.quant.sites import attach_sites
+from tests.conftest import compose
+
+
+@pytest.fixture(scope="module")
+def graph():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10, depth=12).eval()
+    return attach_sites(model)
+
+
+def recipe(name: str, *overrides: str, extra: dict | None = None):
+    """A recipe from conf/quant with command-line overrides, plus a YAML-style overlay."""
+    from omegaconf import OmegaConf, open_dict
+
+    quant = compose([f"quant={name}", *overrides]).quant
+    if extra:
+        with open_dict(quant):
+            quant = OmegaConf.merge(quant, extra)
+    return quant
+
+
+def test_recommended_resolves_roles_and_kinds(graph):
+    specs = resolve_recipe(recipe("recommended"), graph)
+    assert specs["blocks.0.attn.qkv.weight"].granularity == "per_channel" and specs["blocks.0.attn.qkv.weight"].symmetric
+    assert specs["blocks.3.attn.sv"].granularity == "per_channel"
+    assert specs["blocks.3.mlp.act"].granularity == "per_channel"
+    assert specs["blocks.3.norm1"].granularity == "per_channel"
+    assert specs["norm"].granularity == "per_tensor"  # final norm: no weight can absorb per-channel scales
+    assert specs["blocks.3.attn.q"].observer == "omse" and specs["blocks.3.attn.q"].loss == "l1"
+    assert specs["blocks.3.attn.softmax"].quantizer == "log2"
+    assert {s.bits for s in specs.values()} == {8}
+
+
+def test_kind_width_overrides_change_whole_recipe(graph):
+    specs = resolve_recipe(recipe("recommended", "quant.weight.bits=4", "quant.act.bits=6"), graph)
+    assert {s.bits for n, s in specs.items() if graph[n].role == "weight"} == {4}
+    assert {s.bits for n, s in specs.items() if graph[n].role != "weight"} == {6}
+
+
+def test_site_globs_apply_last_and_in_order(graph):
+    q = recipe("recommended", extra={"sites": {"blocks.1[01].*": {"bits": 16}, "blocks.11.attn.q": {"bits": 12}}})
+    specs = resolve_recipe(q, graph)
+    assert specs["blocks.10.mlp.act"].bits == 16 and specs["blocks.11.attn.qkv.weight"].bits == 16
+    assert specs["blocks.11.attn.q"].bits == 12
+    assert specs["blocks.1.mlp.act"].bits == 8 and specs["blocks.9.res1"].bits == 8
+
+
+def test_disabled_recipe_disables_every_site(graph):
+    specs = resolve_recipe(recipe("none"), graph)
+    assert not any(s.enabled for s in specs.values())
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["quant.act.bits=17"], r"quant\.act\.bits=17 is outside 2\.\.16"),
+        (["quant.weight.bits=1"], r"quant\.weight\.bits=1 is outside 2\.\.16"),
+        (["quant.act.observer=minmaxx"], r"unknown observer 'minmaxx'"),
+        (["quant.rounding=stochastic"], r"unknown rounding 'stochastic'"),
+        ({"sites": {"blocks.99.*": {"bits": 16}}}, r"glob 'blocks\.99\.\*' matches no site"),
+        ({"sites": {"blocks.0.res1": {"granularity": "per_channel"}}}, r"blocks\.0\.res1 \(residual\): per-channel activation scales must fold"),
+        ({"roles": {"softmax": {"bits": 4}}}, r"unknown role 'softmax'"),
+        ({"sites": {"blocks.0.attn.q": {"quantizer": "log2"}}}, r"only for the softmax output"),
+    ],
+)
+def test_bad_recipes_fail_with_one_clear_message(graph, overrides, message):
+    args, extra = (overrides, None) if isinstance(overrides, list) else ([], overrides)
+    with pytest.raises(PipelineError, match=message):
+        resolve_recipe(recipe("recommended", *args, extra=extra), graph)
+
+
+def test_recipe_file_can_extend_another_with_globs(graph):
+    specs = resolve_recipe(recipe("recommended_tail16"), graph)
+    assert specs["blocks.11.mlp.act"].bits == 16 and specs["blocks.10.attn.q"].bits == 16
+    assert specs["blocks.9.mlp.act"].bits == 8 and specs["blocks.11.mlp.act"].granularity == "per_channel"

@@ -1,0 +1,82 @@
+"""Quant sites: full coverage of timm ViT/DeiT variants, names and roles, bit-identity when off."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.quant.sites import attach_sites
+
+VARIANTS = {
+    "vit_cls": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, num_classes=10, depth=2)),
+    "vit_gap": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, num_classes=10, depth=2, global_pool="avg", class_token=False, fc_norm=True)),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=8, num_classes=10, depth=3)),
+    "vit_wide_heads": ("vit_small_patch16_224", dict(img_size=32, patch_size=16, num_classes=5, depth=1, num_heads=12)),
+}
+
+
+def build(variant: str) -> torch.nn.Module:
+    name, kwargs = VARIANTS[variant]
+    torch.manual_seed(0)
+    return timm.create_model(name, **kwargs).eval()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_sites_off_is_bit_identical_and_fp_mode_matches(variant):
+    model = build(variant)
+    graph = attach_sites(model)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        assert torch.equal(graph.model(x), ref)  # every site off: timm's own forward
+        graph.set_mode("fp")  # explicit attention path, no quantization
+        torch.testing.assert_close(graph.model(x), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_npu_quantization_point_has_a_site(variant):
+    model = build(variant)
+    graph = attach_sites(model)
+    depth = len(model.blocks)
+    per_block = {"weight": 4, "norm_out": 2, "qkv": 3, "scores": 1, "intSoft": 1, "sv_attn": 1, "mlp_act": 1, "residual": 2}
+    counts = {}
+    for site in graph:
+        counts[site.role] = counts.get(site.role, 0) + 1
+    heads = 2 if variant == "deit_distilled" else 1
+    assert counts["weight"] == depth * 4 + 1 + heads  # + patch embedding + head(s)
+    for role, n in per_block.items():
+        if role != "weight":
+            assert counts[role] >= depth * n, role
+    assert counts["head_in"] == heads and counts["linear_in"] == 1 and counts["norm_in"] == 1
+    names = set(graph.names())
+    for leaf in ("attn.q", "attn.k", "attn.v", "attn.scores", "attn.softmax", "attn.sv", "mlp.act", "norm1", "norm2", "res1", "res2", "attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"):
+        assert f"blocks.{depth - 1}.{leaf}" in names, leaf
+    assert {"patch_embed.proj.weight", "patch_embed.proj.in", "blocks.0.in", "head.in", "head.weight"} <= names
+    assert graph["blocks.0.attn.sv"].role == "sv_attn" and graph["blocks.0.attn.softmax"].role == "intSoft"
+    assert graph[f"blocks.{depth - 1}.attn.sv"].block == depth - 1 and graph["head.weight"].block is None
+
+
+def test_sites_see_the_tensors_they_name():
+    model = build("vit_cls")
+    graph = attach_sites(model)
+    graph.set_mode("fp")
+    seen = {}
+    graph.set_tap(lambda site, x, y: seen.setdefault(site.name, tuple(y.shape)))
+    with torch.no_grad():
+        graph.model(torch.randn(2, 3, 32, 32))
+    tokens, dim, heads = 17, 192, 3
+    assert seen["blocks.0.attn.q"] == (2, heads, tokens, dim // heads)
+    assert seen["blocks.0.attn.scores"] == (2, heads, tokens, tokens)
+    assert seen["blocks.0.attn.softmax"] == (2, heads, tokens, tokens)
+    assert seen["blocks.0.attn.sv"] == (2, tokens, dim)
+    assert seen["blocks.0.mlp.act"] == (2, tokens, 4 * dim)
+    assert seen["head.in"] == (2, dim)
+    assert set(seen) == {n for n in graph.names() if graph[n].role != "weight"}
+    assert list(seen) == [n for n in graph.names() if graph[n].role != "weight"]  # forward order
+
+
+def test_non_vit_is_rejected():
+    with pytest.raises(PipelineError, match="not a timm VisionTransformer"):
+        attach_sites(timm.create_model("resnet10t", num_classes=10))
