@@ -107,7 +107,32 @@ class TrackingConfig:
 
 @dataclass
 class EvaluateConfig:
-    sqnr_images: int = 64  # per-site SQNR over the first N evaluated images
+    sqnr_images: int = 64  # per-site SQNR over the first N evaluated images, when profile.enabled=false
+
+
+@dataclass
+class ProfileConfig:
+    """Per-site profiler, run inside `evaluate` on the quantized model (`profile/` in the stage folder).
+
+    Cumulative mode (always, when enabled): the whole model quantized, every site
+    compared with the FP32 model's same site. Isolated mode (opt-in, one pass per
+    site): only that site quantized. Flag thresholds are in the metrics' units.
+    """
+
+    enabled: bool = True
+    images: int = 64  # first N evaluation images
+    batch_size: int = 32  # images per profiling forward; the FP32 site tensors of one batch stay in memory
+    isolated: bool = False  # also profile each site quantized alone (one pass per site)
+    dump: List[str] = field(default_factory=list)  # site globs: save FP32 / codes / dequantized tensors
+    dump_samples: int = 4  # images kept per dumped or traced site
+    trace: Optional[str] = None  # a site name: print x -> x/scale -> rounded -> clamped -> code -> dequantized
+    trace_elements: int = 8  # elements in the trace (half of them the worst-error ones)
+    worst_k: int = 6  # histogram plots for the k lowest-SQNR sites
+    cos_min: float = 0.99  # flag: mean per-token cosine below this
+    saturation_max_pct: float = 5.0  # flag: % of values clipped (low + high) above this
+    saturation_zero_pct: float = 0.01  # 'no clipping' for the wasted-levels flag: % clipped at most this
+    wasted_levels_pct: float = 10.0  # flag: no clipping and fewer than this % of the 2^bits levels used
+    sqnr_min_db: float = 10.0  # flag: SQNR below this (dB)
 
 
 @dataclass
@@ -117,6 +142,7 @@ class Config:
     quant: QuantConfig = field(default_factory=QuantConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     stages: List[Stage] = field(default_factory=lambda: [Stage.evaluate])
     from_run: Optional[str] = None  # run dir or MLflow run id whose artifacts earlier stages read
     device: Device = Device.auto
@@ -133,6 +159,7 @@ def register_configs() -> None:
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="quant", name="quant_schema", node=QuantConfig)
     cs.store(group="tracking", name="tracking_schema", node=TrackingConfig)
+    cs.store(group="profile", name="profile_schema", node=ProfileConfig)
 
 
 def register_resolvers() -> None:

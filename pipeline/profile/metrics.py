@@ -19,9 +19,12 @@ Summary
 -------
 =========================  ===============================================
 ``sqnr_db``                signal-to-quantization-noise ratio, dB
+``sqnr_from_energy``       the same from accumulated energies (streaming)
 ``mse``                    mean squared error
 ``token_cosine``           per-token cosine similarity, (mean, min)
+``cosine_from_dots``       per-token cosines from dots and norms (streaming)
 ``histogram_kl``           KL divergence of the value histograms, nats
+``kl_from_counts``         the same from two accumulated histograms
 ``saturation_rate``        % of codes sitting on qmin / qmax
 ``saturation_from_values`` % of pre-clamp values outside [qmin, qmax]
 ``bit_utilization``        integer levels used / effective bits
@@ -45,12 +48,15 @@ __all__ = [
     "argmax_agreement",
     "bit_utilization",
     "compute_site_metrics",
+    "cosine_from_dots",
     "histogram_kl",
+    "kl_from_counts",
     "logit_kl",
     "mse",
     "saturation_from_values",
     "saturation_rate",
     "sqnr_db",
+    "sqnr_from_energy",
     "token_cosine",
     "topk_hit_rate",
 ]
@@ -104,8 +110,16 @@ def sqnr_db(ref: Tensor, test: Tensor) -> float:
     """
     _check_pair(ref, test)
     r, t = _f64(ref), _f64(test)
-    signal = r.square().sum().item()
-    noise = (r - t).square().sum().item()
+    return sqnr_from_energy(r.square().sum().item(), (r - t).square().sum().item())
+
+
+def sqnr_from_energy(signal: float, noise: float) -> float:
+    """SQNR in dB from accumulated energies: ``10 * log10(signal / noise)``.
+
+    ``signal = sum(ref^2)`` and ``noise = sum((ref - test)^2)`` (e.g. summed
+    over batches by a streaming profiler).  ``+inf`` when ``noise == 0``,
+    ``-inf`` when ``signal == 0`` and ``noise > 0``.
+    """
     if noise == 0.0:
         return math.inf
     if signal == 0.0:
@@ -135,17 +149,24 @@ def token_cosine(ref: Tensor, test: Tensor, dim: int = -1) -> tuple[float, float
     """
     _check_pair(ref, test)
     r, t = _rows(_f64(ref), dim), _rows(_f64(test), dim)  # (R, C)
-    dot = (r * t).sum(dim=1)
-    norm_r = r.norm(dim=1)
-    norm_t = t.norm(dim=1)
-    r_zero, t_zero = norm_r == 0, norm_t == 0
+    cos = cosine_from_dots((r * t).sum(dim=1), r.norm(dim=1), t.norm(dim=1))
+    return cos.mean().item(), cos.min().item()
+
+
+def cosine_from_dots(dot: Tensor, norm_ref: Tensor, norm_test: Tensor) -> Tensor:
+    """Per-token cosines ``dot / (norm_ref * norm_test)`` clamped to [-1, 1], shape of ``dot``.
+
+    ``dot = <ref_i, test_i>``, ``norm_* = ||.||_2`` per token (same shapes).
+    Zero-vector conventions as in :func:`token_cosine`: both zero -> 1.0,
+    exactly one zero -> 0.0.  Unitless.
+    """
+    r_zero, t_zero = norm_ref == 0, norm_test == 0
     # Denominator is replaced by 1 where either norm is zero; those entries
     # are overwritten below, this only avoids a 0/0.
-    denom = torch.where(r_zero | t_zero, torch.ones_like(dot), norm_r * norm_t)
+    denom = torch.where(r_zero | t_zero, torch.ones_like(dot), norm_ref * norm_test)
     cos = (dot / denom).clamp(-1.0, 1.0)
     cos = torch.where(r_zero & t_zero, torch.ones_like(cos), cos)
-    cos = torch.where(r_zero ^ t_zero, torch.zeros_like(cos), cos)
-    return cos.mean().item(), cos.min().item()
+    return torch.where(r_zero ^ t_zero, torch.zeros_like(cos), cos)
 
 
 def histogram_kl(ref: Tensor, test: Tensor, bins: int = 256, eps: float = 1e-10) -> float:
@@ -181,12 +202,32 @@ def histogram_kl(ref: Tensor, test: Tensor, bins: int = 256, eps: float = 1e-10)
         return 0.0
     width = (hi - lo) / bins
 
-    def _probs(x: Tensor) -> Tensor:
+    def _counts(x: Tensor) -> Tensor:
         idx = ((x - lo) / width).floor().clamp(0, bins - 1).long()  # (n,)
-        counts = torch.bincount(idx, minlength=bins).to(torch.float64)  # (bins,)
-        return (counts / x.numel() + eps) / (1.0 + bins * eps)
+        return torch.bincount(idx, minlength=bins)  # (bins,)
 
-    p, q = _probs(r), _probs(t)
+    return kl_from_counts(_counts(r), _counts(t), eps)
+
+
+def kl_from_counts(ref_counts: Tensor, test_counts: Tensor, eps: float = 1e-10) -> float:
+    """``KL(P_ref || P_test)`` in nats from two histograms on the same bins.
+
+    ``ref_counts``, ``test_counts``: (bins,) counts (any numeric dtype, e.g.
+    accumulated over batches).  Each is normalised by its own total and
+    smoothed as in :func:`histogram_kl`:
+    ``p_i = (c_i / n + eps) / (1 + bins * eps)``.  Returns 0.0 when both
+    histograms are empty.
+    """
+    if ref_counts.shape != test_counts.shape or ref_counts.dim() != 1:
+        raise ValueError(f"need two 1-d histograms of the same length, got {tuple(ref_counts.shape)} and {tuple(test_counts.shape)}")
+    bins = ref_counts.numel()
+
+    def _probs(counts: Tensor) -> Tensor:
+        c = _f64(counts)
+        total = c.sum().clamp_min(1.0)
+        return (c / total + eps) / (1.0 + bins * eps)
+
+    p, q = _probs(ref_counts), _probs(test_counts)
     return (p * (p.log() - q.log())).sum().clamp_min(0.0).item()
 
 

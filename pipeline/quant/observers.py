@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from pipeline.quant.quantizers import choose_qparams, fake_quantize_broadcast, qrange
 
 GRANULARITIES = ("per_tensor", "per_channel")
-MAX_QUANTILE_SAMPLES = 1 << 20
+MAX_QUANTILE_SAMPLES = 1 << 16  # per-batch percentile sample per channel: cheap, EMA smooths the noise
+TOPK_TAIL = 4096  # row_quantile uses topk when the quantile lies this close to either end
 """The percentile observer subsamples longer rows to this many values before selecting order statistics."""
 OMSE_CHUNK_BYTES = 256 * 1024 * 1024
 """Memory budget for the omse candidate search; candidates are evaluated in chunks that fit."""
@@ -105,16 +106,24 @@ def row_quantile(rows: Tensor, q: float) -> Tensor:
     """Per-row q-quantile of a (C, M) matrix with linear interpolation (the torch.quantile / numpy default).
 
     position = q * (M - 1); result = v[floor(position)] + frac(position) * (v[floor + 1] - v[floor]),
-    where v is the sorted row. Uses torch.kthvalue (no input size limit). Returns shape (C,).
+    where v is the sorted row. Tail quantiles (the two order statistics within TOPK_TAIL of either
+    end, e.g. alpha = 0.99999) come from one torch.topk; others from torch.kthvalue. Returns (C,).
     """
-    position = q * (rows.shape[1] - 1)
+    length = rows.shape[1]
+    position = q * (length - 1)
     below = math.floor(position)
     fraction = position - below
-    lower = rows.kthvalue(below + 1, dim=1).values
-    if fraction == 0.0:
-        return lower
-    upper = rows.kthvalue(below + 2, dim=1).values
-    return lower + fraction * (upper - lower)
+    above = min(below + 1, length - 1)
+    if length - below <= TOPK_TAIL:  # upper tail: order statistics counted from the top
+        top = rows.topk(length - below, dim=1, largest=True, sorted=True).values  # top[:, j] = v[M-1-j]
+        lower, upper = top[:, length - 1 - below], top[:, length - 1 - above]
+    elif above + 1 <= TOPK_TAIL:  # lower tail
+        bottom = rows.topk(above + 1, dim=1, largest=False, sorted=True).values  # bottom[:, j] = v[j]
+        lower, upper = bottom[:, below], bottom[:, above]
+    else:
+        lower = rows.kthvalue(below + 1, dim=1).values
+        upper = rows.kthvalue(above + 1, dim=1).values if fraction else lower
+    return lower + fraction * (upper - lower) if fraction else lower
 
 
 def power_of_two_above(values: Tensor) -> Tensor:
@@ -221,7 +230,7 @@ class Observer(nn.Module):
         """Record statistics of x (any shape; per channel needs dimension ``axis``); return x unchanged."""
         if x.numel() == 0:
             raise ValueError(f"observed an empty tensor of shape {tuple(x.shape)}")
-        if not torch.isfinite(x).all():
+        if not torch.isfinite(torch.stack(torch.aminmax(x.detach()))).all():  # NaN and Inf reach min or max
             raise NonFiniteError("observed NaN or Inf values")
         with torch.no_grad():
             rows = channel_rows(x.detach(), self.granularity, self.axis)
@@ -358,10 +367,13 @@ class OmseObserver(Observer):
         with (seed, batch number), and the sample keeps the columns with the smallest keys ("bottom-k"
         sampling). Every observed column is equally likely to be kept, whatever the batch, and the result
         is deterministic given the inputs. All channels share the same columns (token positions).
-    calculate_qparams: candidate ranges [r * min_val, r * max_val] for r in linspace(1, min_ratio, grid)
-        (symmetric modes use r * max(|min|, |max|) through choose_qparams); each candidate's error
-        fq(x) - x over the sample is scored with ``loss`` and the best candidate is taken per channel
+    calculate_qparams: candidate ranges [r * min_val, r * max_val], first for r in linspace(1, min_ratio,
+        grid), then ``grid`` finer ratios around each channel's best (symmetric modes use
+        r * max(|min|, |max|) through choose_qparams); each candidate's error fq(x) - x over the sample
+        plus the running extremes is scored with ``loss`` and the best candidate is taken per channel
         (ties go to the wider range). Candidates are evaluated vectorised, in chunks within ~256 MB.
+        At ``bits >= search_max_bits`` (default 12) rounding noise is negligible next to any clipping,
+        so the search is skipped and the min/max range is returned.
         Losses: l1 = mean |e|, l2 = mean e^2, huber = mean Huber(e) with threshold huber_delta * scale,
         i.e. huber_delta is measured in quantization steps of the candidate (scale-free: errors below
         delta steps, such as rounding noise, count quadratically, larger clipping errors linearly).
@@ -377,8 +389,10 @@ class OmseObserver(Observer):
         min_ratio: float = 0.01,
         max_samples: int | None = None,
         seed: int = 0,
+        search_max_bits: int = 12,
     ) -> None:
         super().__init__(granularity, axis)
+        self.search_max_bits = int(search_max_bits)
         if loss not in OMSE_LOSSES:
             raise ValueError(f"unknown omse loss {loss!r}; choose one of {', '.join(OMSE_LOSSES)}")
         if not (_is_real(huber_delta) and huber_delta > 0):
@@ -388,7 +402,7 @@ class OmseObserver(Observer):
         if not (_is_real(min_ratio) and 0.0 < min_ratio <= 1.0):
             raise ValueError(f"min_ratio must be in (0, 1], got {min_ratio!r}")
         if max_samples is None:  # a channel needs fewer samples than a whole tensor
-            max_samples = 8192 if granularity == "per_tensor" else 1024
+            max_samples = 8192 if granularity == "per_tensor" else 512
         if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
             raise ValueError(f"max_samples must be an integer >= 1, got {max_samples!r}")
         self.loss = loss
@@ -442,6 +456,8 @@ class OmseObserver(Observer):
     def _qparams_per_row(self, bits: int, signed: bool, symmetric: bool, rounding: str) -> tuple[Tensor, Tensor]:
         """Coarse-to-fine search: `grid` ratios over [min_ratio, 1], then `grid` finer ratios around
         each channel's best coarse ratio (one coarse step either side)."""
+        if bits >= self.search_max_bits:
+            return super()._qparams_per_row(bits, signed, symmetric, rounding)
         qmin, qmax = qrange(bits, signed)
         device = self.min_val.device
         coarse = torch.linspace(1.0, self.min_ratio, self.grid, device=device).unsqueeze(1).expand(-1, self.min_val.numel())

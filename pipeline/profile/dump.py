@@ -1,0 +1,182 @@
+"""Tensor dumps and numeric traces of chosen sites (`profile.dump`, `profile.trace`).
+
+A dump (`profile/dump/<site>.safetensors`) holds, for the first `dump_samples`
+images: `fp32` (the FP32 model's tensor at the site), `input` (the quantized
+model's tensor entering the site), `codes` (the NPU's integers), `dequantized`
+(codes back to real values), `output` (what the site passed on), and the
+site's `scale` / `zero_point` (uniform) or `zero_mask` (log2: flushed to 0).
+For a weight site `fp32` is the weight, `input` the folded weight W·diag(s)
+that is quantized, `output` the effective weight Q(W·diag(s))·diag(1/s).
+
+A trace prints x -> x/scale -> rounded -> +zp -> clamped code -> dequantized
+for a few elements: the worst-error ones first, then the largest |x|, then
+evenly spaced ones, so one sees where the values jump.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from pipeline.artifacts import write_tensors
+from pipeline.errors import PipelineError
+from pipeline.profile.codes import code_steps, is_log2
+from pipeline.quant.sites import Site, SiteGraph
+
+
+@dataclass
+class Capture:
+    """The first samples of one site seen in a profiling pass, on the CPU.
+
+    fp32: the FP32 model's tensor at the site (None when not recorded);
+    x: the tensor entering the quantized site; y: the tensor it emitted. Shapes (n, ...) for activations.
+    """
+
+    fp32: Tensor | None
+    x: Tensor
+    y: Tensor
+
+    def extend(self, other: "Capture", samples: int) -> "Capture":
+        """This capture followed by `other`, cut to `samples` along dim 0."""
+        cat = lambda a, b: None if a is None or b is None else torch.cat([a, b])[:samples]  # noqa: E731
+        return Capture(cat(self.fp32, other.fp32), cat(self.x, other.x), cat(self.y, other.y))
+
+
+def quantized_names(graph: SiteGraph) -> list[str]:
+    return [n for n, s in graph.sites.items() if s.mode == "quant"]
+
+
+def resolve_dump(globs: list[str], graph: SiteGraph) -> list[str]:
+    """Quantized sites matched by the `profile.dump` globs, in forward order; a glob matching none is an error."""
+    names, live = graph.names(), set(quantized_names(graph))
+    chosen: set[str] = set()
+    for pattern in globs:
+        matched = fnmatch.filter(names, pattern)
+        if not matched:
+            raise PipelineError(f"profile.dump: glob '{pattern}' matches no site (site names look like {_examples(graph)})")
+        quantized = [n for n in matched if n in live]
+        if not quantized:
+            raise PipelineError(f"profile.dump: glob '{pattern}' matches only sites that are not quantized under this recipe ({', '.join(matched[:3])})")
+        chosen.update(quantized)
+    return [n for n in names if n in chosen]
+
+
+def check_trace(name: str | None, graph: SiteGraph) -> str | None:
+    """The `profile.trace` site, checked: it must exist and be quantized."""
+    if not name:
+        return None
+    if name not in graph.sites:
+        close = fnmatch.filter(graph.names(), f"*{name.rsplit('.', 1)[-1]}*")[:3]
+        hint = f"; did you mean {', '.join(close)}?" if close else f" (site names look like {_examples(graph)})"
+        raise PipelineError(f"profile.trace: unknown site '{name}'{hint}")
+    if graph[name].mode != "quant":
+        raise PipelineError(f"profile.trace: site '{name}' is not quantized under this recipe")
+    return name
+
+
+def _examples(graph: SiteGraph) -> str:
+    picks = [n for n in ("blocks.0.attn.sv", "blocks.0.mlp.act", "blocks.0.norm1", "blocks.0.attn.qkv.weight") if n in graph.sites]
+    return ", ".join(picks or graph.names()[:3])
+
+
+def dump_tensors(site: Site, capture: Capture) -> dict[str, Tensor]:
+    """The tensors of one dump (see the module docstring); codes keep the NPU's integer dtype."""
+    source = capture.y if site.spec.quantizer == "int_softmax" else capture.x
+    steps = code_steps(site, source)
+    out = {"input": capture.x, "codes": steps.codes, "dequantized": steps.dequantized, "output": capture.y}
+    if capture.fp32 is not None:
+        out["fp32"] = capture.fp32
+    if is_log2(site):
+        out["zero_mask"] = steps.shifted > site.qmax
+    else:
+        out["scale"], out["zero_point"] = site.scale.detach().cpu().reshape(-1), site.zero_point.detach().cpu().reshape(-1)
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def write_dump(folder: Path, site: Site, capture: Capture) -> Path:
+    """Write `<folder>/<site>.safetensors` with the site's description as string metadata."""
+    meta = {
+        "site": site.name,
+        "role": site.role,
+        "quantizer": site.spec.quantizer,
+        "bits": str(site.bits),
+        "qmin": str(site.qmin),
+        "qmax": str(site.qmax),
+        "rounding": site.spec.rounding,
+        "granularity": "per_channel" if site.per_channel else "per_tensor",
+        "axis": str(site.axis),
+        "samples": str(capture.x.shape[0]) if site.role != "weight" else "weight",
+    }
+    return write_tensors(folder / f"{site.name}.safetensors", dump_tensors(site, capture), metadata=meta)
+
+
+def trace_elements(x: Tensor, dequantized: Tensor, n: int) -> list[tuple[int, str]]:
+    """Flat indices to trace with their reason: the ceil(n/2) worst |dequantized - x|, the largest |x|, then evenly spaced."""
+    x, dq = x.flatten().double(), dequantized.flatten().double()
+    n = max(1, min(n, x.numel()))
+    err = (dq - x).abs().nan_to_num(nan=math.inf)
+    picks: list[tuple[int, str]] = [(int(i), f"worst error #{k + 1}") for k, i in enumerate(err.topk(math.ceil(n / 2)).indices)]
+    seen = {i for i, _ in picks}
+    biggest = int(x.abs().argmax())
+    if biggest not in seen and len(picks) < n:
+        picks.append((biggest, "largest |x|"))
+        seen.add(biggest)
+    for i in torch.linspace(0, x.numel() - 1, steps=n).round().long().tolist():
+        if len(picks) >= n:
+            break
+        if i not in seen:
+            picks.append((i, "spread"))
+            seen.add(i)
+    return picks
+
+
+def trace_site(site: Site, capture: Capture, elements: int = 8) -> str:
+    """A step-by-step numeric trace of `elements` elements of one site (text, one element per line)."""
+    source = capture.y if site.spec.quantizer == "int_softmax" else capture.x
+    steps = code_steps(site, source)
+    x = capture.x.float()
+    granularity = f"per_channel (axis {site.axis})" if site.per_channel else "per_tensor"
+    lines = [f"trace {site.name}: role={site.role} quantizer={site.spec.quantizer} bits={site.bits} {granularity} qmin={site.qmin} qmax={site.qmax} rounding={site.spec.rounding}"]
+    if is_log2(site):
+        lines.append("  steps: p -> -log2 p -> rounded -> code = clamp(rounded, qmin, qmax) -> dequantized = 2^-code (0 if rounded > qmax: flushed)")
+        if site.spec.quantizer == "int_softmax":
+            lines.append("  int_softmax: the integer softmax makes the codes (pipeline.quant.intsoftmax); the steps are read back from its output, x is the float softmax")
+    else:
+        scale = site.scale.reshape(-1)
+        what = f"scale={float(scale[0]):.6g} zero_point={int(site.zero_point.reshape(-1)[0])}" if scale.numel() == 1 else "scale / zero_point per channel (columns below)"
+        lines.append(f"  steps: x -> x/scale -> rounded -> +zp -> code = clamp(., qmin, qmax) -> dequantized = (code - zp) * scale;  {what}")
+    header = ["index", "fp32", "x", "scaled", "rounded", "+zp", "code", "dequantized", "error", "scale", "zp", "note"]
+    rows = [header]
+    shape = tuple(x.shape)
+    for flat, reason in trace_elements(x, steps.dequantized, elements):
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), shape))
+        shifted = float(steps.shifted.flatten()[flat])
+        note = [reason] + _clip_note(site, shifted)
+        fp32 = "" if capture.fp32 is None else _num(capture.fp32.flatten()[flat])
+        dq, xv = float(steps.dequantized.flatten()[flat]), float(x.flatten()[flat])
+        rows.append([
+            str(index), fp32, _num(xv), _num(steps.scaled.flatten()[flat]), _num(steps.rounded.flatten()[flat]),
+            _num(shifted), str(int(steps.codes.flatten()[flat])), _num(dq), _num(dq - xv),
+            _num(steps.scale.flatten()[flat]), _num(steps.zero_point.flatten()[flat]), "; ".join(note),
+        ])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines += ["  " + "  ".join(cell.rjust(w) if i < len(header) - 1 else cell for i, (cell, w) in enumerate(zip(r, widths))) for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _clip_note(site: Site, shifted: float) -> list[str]:
+    if shifted > site.qmax:
+        return ["flushed to 0" if is_log2(site) else "clipped high"]
+    if shifted < site.qmin:
+        return ["clipped low"]
+    return []
+
+
+def _num(v) -> str:
+    v = float(v)
+    return f"{v:.6g}" if math.isfinite(v) else str(v)

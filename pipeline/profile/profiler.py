@@ -1,0 +1,462 @@
+"""Profiling passes over a quantized SiteGraph, and the `evaluate` entry point `profile_run`.
+
+Modes (each row of a table says which):
+
+- `cumulative`: the whole model quantized; every site's output is compared with the
+  FP32 model's same site (the FP32 graph runs first on each batch and its site
+  tensors are held for that batch). Codes and saturation come from the tensor that
+  entered the quantized site, with that site's qparams.
+- `isolated` (opt-in, one pass per site): only this site quantized, everything else
+  FP32; measured at the site (its input is then the FP32 tensor) and at the model
+  output (logit SQNR, argmax agreement, logit KL vs the FP32 logits).
+- weights: the weight vs the effective weight `qweight` of its Linear/Conv, no data
+  pass (role `weight`, listed with the cumulative rows).
+
+The model logits get the same metrics (top-1/top-5 agreement, logit KL) as `output`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from pipeline.profile.codes import code_counts, code_source, level_counts, shifted_codes
+from pipeline.profile.dump import Capture
+from pipeline.profile.stats import SiteStats
+from pipeline.quant.sites import Site, SiteGraph
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PassResult:
+    """One profiling pass: rows (one per site, site description + metrics), logits metrics, histograms, captures."""
+
+    mode: str
+    rows: list[dict[str, Any]]
+    output: dict[str, Any] = field(default_factory=dict)
+    histograms: dict[str, dict[str, Any]] = field(default_factory=dict)
+    captures: dict[str, Capture] = field(default_factory=dict)
+    seconds: float = 0.0
+    images: int = 0
+
+
+# -- sites ------------------------------------------------------------------------------
+
+
+def token_dim(site: Site) -> int:
+    """Dimension along which a site's vectors run for the cosine: channels of the image input, else the last."""
+    return 1 if site.role == "linear_in" else -1
+
+
+def site_info(site: Site, graph: SiteGraph) -> dict[str, Any]:
+    """Name, role, block, quantizer, bits, range and the qparams in use (min/max over channels)."""
+    info: dict[str, Any] = {
+        "site": site.name,
+        "role": site.role,
+        "block": site.block,
+        "quantizer": site.spec.quantizer,
+        "bits": site.bits,
+        "granularity": "per_channel" if site.per_channel else "per_tensor",
+        "qmin": site.qmin,
+        "qmax": site.qmax,
+        "scale_min": None,
+        "scale_max": None,
+        "zero_point_min": None,
+        "zero_point_max": None,
+        "folded_into": graph.folds.get(site.name) if site.per_channel else None,
+    }
+    if site.scale is not None:
+        scale, zp = site.scale.detach().reshape(-1).cpu(), site.zero_point.detach().reshape(-1).cpu()
+        info.update(scale_min=float(scale.min()), scale_max=float(scale.max()), zero_point_min=int(zp.min()), zero_point_max=int(zp.max()))
+    return info
+
+
+def activation_sites(graph: SiteGraph) -> list[str]:
+    """Quantized activation sites, in forward order."""
+    return [n for n, s in graph.sites.items() if s.mode == "quant" and s.role != "weight"]
+
+
+def weight_sites(graph: SiteGraph) -> list[str]:
+    return [n for n, s in graph.sites.items() if s.mode == "quant" and s.role == "weight"]
+
+
+def level_values(site: Site, device: torch.device) -> Tensor:
+    """Dequantized value of every code qmin..qmax of a per-tensor uniform site: (L,) float32, as fake_quantize computes it."""
+    codes = torch.arange(site.qmin, site.qmax + 1, device=device, dtype=torch.float32)
+    return codes.sub_(site.zero_point.reshape(()).to(device)).mul_(site.scale.reshape(()).to(device))
+
+
+def observe_site(stats: SiteStats, site: Site, ref: Tensor, x: Tensor, y: Tensor) -> None:
+    """Add one batch of a quantized site: ref = FP32 tensor, x = tensor entering the site, y = its output."""
+    counts = code_counts(shifted_codes(site, code_source(site, x, y)), site.qmin, site.qmax)
+    stats.add_codes(counts)
+    levels = None
+    if site.spec.quantizer == "uniform" and not site.per_channel:
+        levels = (level_values(site, y.device), level_counts(counts))  # y takes exactly these values
+    stats.add_pair(ref, y, levels=levels)
+    if site.role == "intSoft":
+        stats.add_rows(ref, y)
+
+
+# -- batches ----------------------------------------------------------------------------
+
+
+def profile_batches(loader: Iterable, images: int, batch_size: int) -> list[Tensor]:
+    """The first `images` images of `loader`, in batches of at most `batch_size` (CPU tensors)."""
+    from pipeline.profile.collect import first_images
+
+    out: list[Tensor] = []
+    for batch in first_images(loader, images):
+        out.extend(batch.split(max(1, batch_size)))
+    return out
+
+
+# -- taps -------------------------------------------------------------------------------
+
+
+class _Recorder:
+    """FP32-graph tap: keeps each site's output of the current batch."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[str, Tensor] = {}
+
+    def __call__(self, site: Site, x: Tensor, y: Tensor) -> None:
+        self.outputs[site.name] = y.detach()
+
+    def take(self) -> dict[str, Tensor]:
+        out, self.outputs = self.outputs, {}
+        return out
+
+
+class _CaptureStore:
+    """Keeps the first `samples` samples of chosen sites (CPU copies)."""
+
+    def __init__(self, names: Iterable[str], samples: int):
+        self.names, self.samples = set(names), max(1, samples)
+        self.captures: dict[str, Capture] = {}
+
+    def offer(self, name: str, fp32: Tensor | None, x: Tensor, y: Tensor) -> None:
+        if name not in self.names:
+            return
+        have = self.captures.get(name)
+        if have is not None and have.x.shape[0] >= self.samples:
+            return
+        cut = lambda t: None if t is None else t[: self.samples].detach().cpu().clone()  # noqa: E731
+        new = Capture(cut(fp32), cut(x), cut(y))
+        self.captures[name] = new if have is None else have.extend(new, self.samples)
+
+
+class _CumulativeTap:
+    """Quantized-graph tap: compares each quantized site with the FP32 tensor recorded for this batch."""
+
+    def __init__(self, stats: dict[str, SiteStats], store: _CaptureStore):
+        self.stats, self.store = stats, store
+        self.refs: dict[str, Tensor] = {}
+
+    def __call__(self, site: Site, x: Tensor, y: Tensor) -> None:
+        stats = self.stats.get(site.name)
+        if stats is None:
+            return
+        ref = self.refs.pop(site.name)  # frees the FP32 tensor as soon as it is used
+        observe_site(stats, site, ref, x, y)
+        self.store.offer(site.name, ref, x, y)
+
+
+# -- passes -----------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def weight_pass(graph: SiteGraph, capture: Iterable[str] = ()) -> PassResult:
+    """Every quantized weight vs its module's effective weight (no data): rows with role `weight`.
+
+    Vectors for the cosine are output channels (rows of W); codes are those of the folded weight.
+    """
+    t0 = time.perf_counter()
+    store = _CaptureStore(capture, 1)
+    rows, hists = [], {}
+    for name in weight_sites(graph):
+        site = graph[name]
+        module = graph.module(name.rsplit(".", 1)[0])
+        weight, effective = module.weight.detach(), module.effective_weight().detach()
+        source = _folded(graph, name, weight)
+        stats = SiteStats()
+        stats.add_codes(code_counts(shifted_codes(site, source), site.qmin, site.qmax))
+        stats.add_pair(weight.flatten(1), effective.flatten(1))
+        rows.append({**site_info(site, graph), "mode": "cumulative", **stats.result(site.bits)})
+        hists[name] = stats.histograms()
+        if name in store.names:
+            store.captures[name] = Capture(weight.cpu().clone(), source.cpu().clone(), effective.cpu().clone())
+    return PassResult("weights", rows, histograms=hists, captures=store.captures, seconds=time.perf_counter() - t0)
+
+
+def _folded(graph: SiteGraph, name: str, weight: Tensor) -> Tensor:
+    """W·diag(s) when the producing activation site has per-channel scales s (what is quantized), else W."""
+    producer = graph.consumers.get(name.rsplit(".", 1)[0])
+    site = graph.sites.get(producer) if producer else None
+    if site is not None and site.mode == "quant" and site.per_channel:
+        return weight * site.scale.to(weight).view(1, -1)
+    return weight
+
+
+@torch.inference_mode()
+def cumulative_pass(fp_graph: SiteGraph, graph: SiteGraph, batches: list[Tensor], device: torch.device, capture: Iterable[str] = (), samples: int = 4) -> PassResult:
+    """Everything quantized; each site's output vs the FP32 model's same site, over `batches`.
+
+    `fp_graph` is a site graph of the FP32 model (put in `fp` mode here). Returns one row per
+    quantized activation site, the logits metrics in `output`, value histograms per site and the
+    first `samples` samples of the `capture` sites. Also keeps the FP32 logits per batch in
+    `output['_fp_logits']` for an isolated pass.
+    """
+    t0 = time.perf_counter()
+    names = activation_sites(graph)
+    stats = {n: SiteStats(token_dim(graph[n])) for n in names}
+    logits_stats = SiteStats()
+    recorder, store = _Recorder(), _CaptureStore(capture, samples)
+    tap = _CumulativeTap(stats, store)
+    fp_graph.set_mode("fp")
+    fp_graph.set_tap(recorder, [n for n in names if n in fp_graph.sites])
+    graph.set_tap(tap, names)
+    fp_logits: list[Tensor] = []
+    try:
+        for images in tqdm(batches, desc="profile (cumulative)", unit="batch", leave=False):
+            images = images.to(device)
+            ref_logits = fp_graph.model(images)
+            tap.refs = recorder.take()
+            logits = graph.model(images)
+            logits_stats.add_pair(ref_logits, logits)
+            logits_stats.add_rows(ref_logits, logits, kl=True)
+            fp_logits.append(ref_logits)
+            tap.refs = {}
+    finally:
+        fp_graph.set_tap(None)
+        graph.set_tap(None)
+    rows = [{**site_info(graph[n], graph), "mode": "cumulative", **stats[n].result(graph[n].bits)} for n in names if stats[n].elements]
+    output = {**logits_stats.result(), "_fp_logits": fp_logits}
+    hists = {n: stats[n].histograms() for n in names if stats[n].elements}
+    images = sum(int(b.shape[0]) for b in batches)
+    return PassResult("cumulative", rows, output, hists, store.captures, time.perf_counter() - t0, images)
+
+
+@torch.inference_mode()
+def isolated_pass(graph: SiteGraph, batches: list[Tensor], fp_logits: list[Tensor], device: torch.device, weight_rows: Mapping[str, Mapping[str, Any]] | None = None) -> PassResult:
+    """Each uniform / log2 site quantized alone (everything else FP32), one pass over `batches` per site.
+
+    At the site the input is the FP32 tensor, so the site metrics are its own error; at the output
+    the logits are compared with `fp_logits` (the FP32 logits of the same batches, same explicit
+    path): `logit_sqnr_db`, `logit_cos_mean`, `logit_agreement` (argmax), `logit_top5`, `logit_kl`.
+    Weight sites reuse their (data-free) metrics from `weight_rows`. int_softmax sites are skipped:
+    they need their scores site quantized too.
+    """
+    t0 = time.perf_counter()
+    modes = {n: s.mode for n, s in graph.sites.items()}
+    candidates = [n for n, s in graph.sites.items() if s.mode == "quant" and s.spec.quantizer in ("uniform", "log2")]
+    rows = []
+    try:
+        for name in tqdm(candidates, desc="profile (isolated)", unit="site", leave=False):
+            graph.set_mode("fp")
+            site = graph[name]
+            site.mode = "quant"
+            rows.append(_isolated_site(graph, site, batches, fp_logits, device, (weight_rows or {}).get(name)))
+    finally:
+        graph.set_tap(None)
+        for n, mode in modes.items():
+            graph.sites[n].mode = mode
+    images = sum(int(b.shape[0]) for b in batches)
+    return PassResult("isolated", rows, seconds=time.perf_counter() - t0, images=images)
+
+
+def _isolated_site(graph: SiteGraph, site: Site, batches: list[Tensor], fp_logits: list[Tensor], device: torch.device, weight_row: Mapping[str, Any] | None) -> dict[str, Any]:
+    at_site = SiteStats(token_dim(site))
+    if site.role != "weight":
+        site.tap = lambda s, x, y: observe_site(at_site, s, x, x, y)  # upstream is FP32: the input is the reference
+    at_output = SiteStats()
+    for images, ref_logits in zip(batches, fp_logits):
+        logits = graph.model(images.to(device))
+        at_output.add_pair(ref_logits, logits)
+        at_output.add_rows(ref_logits, logits, kl=True)
+    site.tap = None
+    metrics = at_site.result(site.bits) if at_site.elements else {k: v for k, v in (weight_row or {}).items() if k not in _INFO_KEYS}
+    out = at_output.result()
+    return {
+        **site_info(site, graph),
+        "mode": "isolated",
+        **metrics,
+        "logit_sqnr_db": out["sqnr_db"],
+        "logit_cos_mean": out["cos_mean"],
+        "logit_agreement": out["top1_agreement"],
+        "logit_top5": out["top5_hit_rate"],
+        "logit_kl": out["logit_kl"],
+    }
+
+
+_INFO_KEYS = {"site", "role", "block", "quantizer", "bits", "granularity", "qmin", "qmax", "scale_min", "scale_max", "zero_point_min", "zero_point_max", "folded_into", "mode", "flags"}
+
+
+# -- MLflow -----------------------------------------------------------------------------
+
+
+def series_keys(sites: Mapping[str, tuple[str, int | None]], prefix: str) -> dict[str, str]:
+    """MLflow key per site: `<prefix>/<role>`, or `<prefix>/<role>/<leaf>` when a block has several sites of that role.
+
+    `sites` maps site name -> (role, block); sites outside blocks get no key.
+    """
+    per_block: dict[tuple[str, int], int] = {}
+    for role, block in sites.values():
+        if block is not None:
+            per_block[(role, block)] = per_block.get((role, block), 0) + 1
+    keys = {}
+    for name, (role, block) in sites.items():
+        if block is None:
+            continue
+        leaf = name.split(".", 2)[2].replace(".", "_")
+        keys[name] = f"{prefix}/{role}/{leaf}" if per_block[(role, block)] > 1 else f"{prefix}/{role}"
+    return keys
+
+
+def log_by_block(tracker, values: Mapping[str, Mapping[str, float | None]], sites: Mapping[str, tuple[str, int | None]]) -> None:
+    """Log `values[prefix][site]` as MLflow series `<prefix>/<role>[/<leaf>]` with step = block index.
+
+    One MLflow call per block (all prefixes and sites of that block together).
+    """
+    by_step: dict[int, dict[str, float]] = {}
+    for prefix, per_site in values.items():
+        keys = series_keys({n: sites[n] for n in per_site}, prefix)
+        for name, value in per_site.items():
+            if name in keys and value is not None:
+                by_step.setdefault(sites[name][1], {})[keys[name]] = float(value)
+    for step in sorted(by_step):
+        tracker.log_metrics(by_step[step], step=step)
+
+
+# MLflow series per site: metric prefix -> row key.
+SERIES = {
+    "sqnr": "sqnr_db",
+    "cos": "cos_mean",
+    "cos_min": "cos_min",
+    "mse": "mse",
+    "kl": "hist_kl",
+    "sat": "sat_pct",
+    "sat_low": "sat_low_pct",
+    "sat_high": "sat_high_pct",
+    "levels": "level_pct",
+    "eff_bits": "effective_bits",
+}
+ISOLATED_SERIES = {"iso_sqnr": "sqnr_db", "iso_logit_sqnr": "logit_sqnr_db", "iso_agreement": "logit_agreement", "iso_logit_kl": "logit_kl"}
+
+
+def log_rows(tracker, rows: list[Mapping[str, Any]], series: Mapping[str, str]) -> None:
+    """Per-site series of `rows` (see SERIES) by block."""
+    sites = {r["site"]: (r["role"], r["block"]) for r in rows}
+    log_by_block(tracker, {prefix: {r["site"]: r.get(key) for r in rows} for prefix, key in series.items()}, sites)
+
+
+def summary_metrics(rows: list[Mapping[str, Any]]) -> dict[str, float]:
+    """Worst SQNR, mean and min SQNR per role (dB, finite values), flag counts."""
+    from pipeline.profile.flags import flag_counts
+
+    out: dict[str, float] = {}
+    by_role: dict[str, list[float]] = {}
+    for r in rows:
+        by_role.setdefault(r["role"], []).append(r["sqnr_db"])
+    finite = [v for r in rows if math.isfinite(v := r["sqnr_db"])]
+    if rows:
+        out["sqnr_min"] = min(r["sqnr_db"] for r in rows)
+        out["profile/worst_sqnr"] = out["sqnr_min"]
+    for role, values in by_role.items():
+        out[f"sqnr_min/{role}"] = min(values)
+        ok = [v for v in values if math.isfinite(v)]
+        if ok:
+            out[f"profile/sqnr_mean/{role}"] = sum(ok) / len(ok)
+    if finite:
+        out["profile/sqnr_mean"] = sum(finite) / len(finite)
+    counts = flag_counts(list(rows))
+    out["profile/flagged"] = counts.pop("flagged")
+    out.update({f"profile/flagged/{k}": v for k, v in counts.items()})
+    return out
+
+
+# -- the evaluate entry point -----------------------------------------------------------
+
+
+def check_request(cfg: Mapping[str, Any], graph: SiteGraph) -> tuple[list[str], str | None]:
+    """Validate `profile.dump` and `profile.trace` against the quantized graph: (dump sites, trace site)."""
+    from pipeline.errors import PipelineError
+    from pipeline.profile.dump import check_trace, resolve_dump
+
+    for key in ("images", "batch_size"):
+        if int(cfg[key]) < 1:
+            raise PipelineError(f"profile.{key} must be >= 1, got {cfg[key]}")
+    return resolve_dump(list(cfg.get("dump") or []), graph), check_trace(cfg.get("trace"), graph)
+
+
+def profile_run(ctx, graph: SiteGraph, subset) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Profile the quantized `graph` on the first `profile.images` images of `subset` (evaluate's entry point).
+
+    Writes everything into `ctx.out_dir / "profile"` (tables, HTML, plots, dumps, trace), logs the
+    per-block series to `ctx.tracker` and returns (summary metrics, cumulative rows).
+    """
+    from pipeline.quant.sites import attach_sites
+
+    title = f"{ctx.fp32.name}, quant={ctx.cfg.quant.name}"
+    fp_graph = attach_sites(ctx.fp32.model)
+    return run_profile(ctx.cfg.profile, graph, fp_graph, subset.loader, ctx.device, ctx.out_dir / "profile", ctx.tracker, title)
+
+
+def run_profile(cfg: Mapping[str, Any], graph: SiteGraph, fp_graph: SiteGraph, loader: Iterable, device: torch.device, folder: Path, tracker=None, title: str = "") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The whole profile (see `profile_run`) without a stage context: (summary metrics, cumulative rows).
+
+    `cfg` is a `profile` config node (or a dict with its keys); `fp_graph` a site graph of the FP32 model.
+    """
+    from pipeline.profile.dump import trace_site, write_dump
+    from pipeline.profile.flags import Thresholds, flag_rows
+    from pipeline.profile.report import write_report
+
+    t_start = time.perf_counter()
+    dump_names, trace_name = check_request(cfg, graph)
+    wanted = set(dump_names) | ({trace_name} if trace_name else set())
+    thresholds = Thresholds.from_config(cfg)
+    batches = profile_batches(loader, int(cfg["images"]), int(cfg["batch_size"]))
+    weights = weight_pass(graph, wanted)
+    cumulative = cumulative_pass(fp_graph.to(device), graph, batches, device, wanted, int(cfg["dump_samples"]))
+    fp_logits = cumulative.output.pop("_fp_logits")
+    rows = flag_rows(weights.rows + cumulative.rows, thresholds)
+    metrics: dict[str, Any] = {"profile_images": cumulative.images, "profile_cumulative_s": round(weights.seconds + cumulative.seconds, 3)}
+    log.info("profile: %d sites over %d images in %.1f s (cumulative)", len(rows), cumulative.images, weights.seconds + cumulative.seconds)
+    isolated = None
+    if cfg.get("isolated"):
+        isolated = isolated_pass(graph, batches, fp_logits, device, {r["site"]: r for r in weights.rows})
+        flag_rows(isolated.rows, thresholds)
+        metrics["profile_isolated_s"] = round(isolated.seconds, 3)
+        log.info("profile: isolated mode, %d passes in %.1f s", len(isolated.rows), isolated.seconds)
+    captures = {**weights.captures, **cumulative.captures}
+    trace_text = None
+    if trace_name:
+        trace_text = trace_site(graph[trace_name], captures[trace_name], int(cfg["trace_elements"]))
+        print(trace_text, end="", flush=True)
+    dumps = [write_dump(folder / "dump", graph[n], captures[n]) for n in dump_names]
+    hists = {**weights.histograms, **cumulative.histograms}
+    write_report(folder, rows, cumulative.output, hists, thresholds, isolated.rows if isolated else None, trace_text, dumps, images=cumulative.images, worst_k=int(cfg["worst_k"]), title=title)
+    if tracker is not None:
+        log_rows(tracker, rows, SERIES)
+        if isolated is not None:
+            log_rows(tracker, isolated.rows, ISOLATED_SERIES)
+    metrics.update(summary_metrics(rows))
+    out = cumulative.output
+    metrics.update({"profile/logit_sqnr": out["sqnr_db"], "profile/logit_cos": out["cos_mean"], "profile/logit_agreement": out["top1_agreement"], "profile/logit_kl": out["logit_kl"]})
+    metrics["profile_s"] = round(time.perf_counter() - t_start, 3)
+    return metrics, rows
+
+
+def site_table(rows: list[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{site: {role, block, sqnr_db}} (the evaluate stage's `site_sqnr.json`)."""
+    return {r["site"]: {"role": r["role"], "block": r["block"], "sqnr_db": r["sqnr_db"]} for r in rows}
+
