@@ -37,7 +37,8 @@ def test_recommended_resolves_roles_and_kinds(graph):
     assert specs["blocks.3.mlp.act"].granularity == "per_channel"
     assert specs["blocks.3.norm1"].granularity == "per_channel"
     assert specs["norm"].granularity == "per_tensor"  # final norm: no weight can absorb per-channel scales
-    assert specs["blocks.3.attn.q"].observer == "omse" and specs["blocks.3.attn.q"].loss == "l1"
+    assert specs["blocks.3.attn.q"].observer == "percentile" and specs["blocks.3.attn.q"].warmup == 5
+    assert specs["blocks.3.attn.sv"].observer == "omse" and specs["blocks.3.attn.sv"].loss == "l1"
     assert specs["blocks.3.attn.softmax"].quantizer == "log2"
     assert {s.bits for s in specs.values()} == {8}
 
