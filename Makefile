@@ -6,7 +6,7 @@ RUN_ARGS ?=
 MLFLOW_PORT ?= 5000
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run search test test-all bench ui clean
+.PHONY: help setup run search test test-all bench bench-search ui clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -16,8 +16,11 @@ setup:  ## create .venv and install the package with its pinned dependencies
 	$(PIP) install --upgrade pip
 	$(PIP) install -e '.[test]'
 
-run:  ## main job: reference ViT on CIFAR-10, recommended recipe, calibrate -> quantize -> evaluate
-	$(PY) -m pipeline quant=recommended stages=[calibrate,quantize,evaluate] $(RUN_ARGS)
+run:  ## main job: reference ViT on CIFAR-10, recommended recipe, calibrate -> quantize -> evaluate -> sensitivity
+	$(PY) -m pipeline quant=recommended stages=[calibrate,quantize,evaluate,sensitivity] $(RUN_ARGS)
+
+search:  ## mixed-precision search (INT8/INT16 per site, budget 1.10): calibrate -> sensitivity -> search
+	$(PY) -m pipeline quant=recommended stages=[calibrate,sensitivity,search] $(RUN_ARGS)
 
 test:  ## fast test suite (what CI runs)
 	$(PY) -m pytest -q -m "not slow"
@@ -27,6 +30,9 @@ test-all:  ## every test, slow ones included
 
 bench:  ## timing ratios -> bench/results/*.json
 	$(PY) bench/bench_quant.py
+
+bench-search:  ## three search regimes, prior vs random vs greedy (CPU: about 2 h) -> bench/results/search.json
+	$(PY) bench/bench_search.py
 
 ui:  ## MLflow UI on the embedded store (http://127.0.0.1:$(MLFLOW_PORT))
 	$(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --default-artifact-root $(CURDIR)/mlruns/artifacts --port $(MLFLOW_PORT)

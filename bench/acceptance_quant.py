@@ -34,15 +34,16 @@ from pipeline.quant.recipe import resolve_recipe  # noqa: E402
 from pipeline.quant.sites import attach_sites  # noqa: E402
 from pipeline.runner import set_threads  # noqa: E402
 
-# (label, weight bits, activation bits); activation bits None = the recipe's own widths.
+# (label, weight bits, activation bits) per model kind and recipe.
 WIDTHS = {
-    "reference": [("W8A8", 8, 8), ("W8A16", 8, 16), ("W4A8", 4, 8), ("W6A6", 6, 6)],
-    "outliers": [("W8A8", 8, 8)],
+    ("reference", "w8a16"): [("W8A16", 8, 16)],
+    ("reference", None): [("W8A8", 8, 8), ("W8A16", 8, 16), ("W4A8", 4, 8), ("W6A6", 6, 6)],
+    ("outliers", None): [("W8A8", 8, 8)],
 }
 
 
 def evaluate_widths(model_name: str, recipe: str, widths, calib_images: int, device: torch.device) -> list[dict]:
-    cfg = compose([f"model={model_name}", f"quant={recipe}", f"data.calib_size={calib_images}", "data.eval_size=0", "data.batch_size=100"])
+    cfg = compose([f"model={model_name}", f"quant={recipe}", f"data.calib_size={calib_images}", "data.eval_size=0", "data.batch_size=100", "data.num_workers=1"])
     fp32 = load_model(cfg.model)
     eval_set = make_subset(cfg.data, fp32, "eval")
     calib_set = make_subset(cfg.data, fp32, "calib")
@@ -86,18 +87,22 @@ def main() -> None:
     parser.add_argument("--recipes", default="recommended,naive")
     parser.add_argument("--calib", type=int, default=512)
     parser.add_argument("--out", default=str(ROOT / "bench/results/acceptance_quant.json"))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = one per core)")
+    parser.add_argument("--append", action="store_true", help="add rows to an existing results file")
     args = parser.parse_args()
     register_resolvers()
     register_configs()
-    set_threads(0)
+    set_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = []
+    out = Path(args.out)
+    rows = json.loads(out.read_text())["rows"] if args.append and out.is_file() else []
     for model_name in args.models.split(","):
-        widths = WIDTHS["outliers" if "outliers" in model_name else "reference"]
+        kind = "outliers" if "outliers" in model_name else "reference"
         for recipe in args.recipes.split(","):
+            widths = WIDTHS.get((kind, recipe), WIDTHS[(kind, None)])
             rows += evaluate_widths(model_name, recipe, widths, args.calib, device)
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps({"calib_images": args.calib, "rows": rows}, indent=2) + "\n")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"calib_images": args.calib, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pipeline.config import register_configs, register_resolvers
@@ -26,9 +27,11 @@ log = logging.getLogger("pipeline")
 def main(cfg: DictConfig) -> None:
     from pipeline.runner import cleanup_failed_run, run_pipeline
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    job_label = hydra_cfg.job.override_dirname if hydra_cfg.mode == RunMode.MULTIRUN else ""
     try:
-        summary = run_pipeline(cfg, run_dir)
+        summary = run_pipeline(cfg, run_dir, job_label)
     except PipelineError as e:
         cleanup_failed_run(run_dir)
         logging.shutdown()

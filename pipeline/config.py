@@ -131,8 +131,59 @@ class ProfileConfig:
     cos_min: float = 0.99  # flag: mean per-token cosine below this
     saturation_max_pct: float = 5.0  # flag: % of values clipped (low + high) above this
     saturation_zero_pct: float = 0.01  # 'no clipping' for the wasted-levels flag: % clipped at most this
-    wasted_levels_pct: float = 10.0  # flag: no clipping and fewer than this % of the 2^bits levels used
+    wasted_levels_pct: float = 10.0  # flag: no clipping and the median channel uses fewer than this % of the 2^bits levels
     sqnr_min_db: float = 10.0  # flag: SQNR below this (dB)
+
+
+@dataclass
+class SensitivityConfig:
+    """Per-site sensitivity (`sensitivity` stage): Hutchinson Hessian traces, HAWQ-V2 scores, noise injection.
+
+    Every score is a predicted or measured increase of the task loss / logit KL when one
+    site is quantized at a given width, on fixed calibration-split batches.
+    """
+
+    batches: int = 2  # calibration batches (of batch_size images) for the Hutchinson estimator
+    batch_size: int = 32  # images per sensitivity batch (double backward keeps the graph in memory)
+    hutchinson_iters: int = 50  # max Rademacher samples per batch
+    hutchinson_tol: float = 0.01  # stop when the running mean of the total trace moves less than this (relative)
+    hutchinson_min_iters: int = 8  # never stop before this many samples
+    activation_hessian: bool = True  # also the trace w.r.t. each activation site (same HVPs, no extra pass)
+    noise_bits: int = 8  # width whose quantization-noise variance is injected
+    noise_batches: int = 2  # batches (of batch_size images) per noise-injection / isolated pass
+    noise: str = "uniform"  # uniform U(-step/2, step/2) | gaussian N(0, step^2/12)
+    noise_clip: bool = False  # also clamp to the site's representable range (models saturation)
+    weights: bool = True  # noise injection on weight sites too (per output channel step)
+    isolated: bool = True  # measure each site quantized alone at noise_bits (the reference for Spearman)
+    widths: List[int] = field(default_factory=lambda: [4, 8, 16])  # weight widths scored (plus search/candidate widths)
+    seed: int = 0
+
+
+@dataclass
+class SearchConfig:
+    """Mixed-precision search (`search` stage): per-site (or per tied group) widths under a cost budget, with Optuna."""
+
+    method: str = "prior"  # prior | random | greedy | all (the three, one study each)
+    trials: int = 30  # evaluations per method
+    objective: str = "kl"  # kl (logit KL vs FP32, min) | agreement (argmax vs FP32, max) | top1 (max)
+    budget: float = 1.10  # max cost, all-INT8 = 1.0
+    act_bits: List[int] = field(default_factory=lambda: [8, 16])
+    weight_bits: List[int] = field(default_factory=lambda: [8, 16])
+    ties: List[str] = field(default_factory=lambda: ["qkv"])  # qkv | weight_with_input | block | role
+    weight_cost_weight: float = 1.0  # weight bytes (bits/8 per element)
+    act_cost_weight: float = 1.0  # activation bytes moved per image (bits/8 per element)
+    prior: str = "noise_kl"  # sensitivity score behind seeds, bias and repair: noise_kl | noise_loss | hessian | isolated_kl
+    seeds: int = 4  # greedy solutions enqueued first (method=prior)
+    n_startup: int = 10  # completed trials before TPE takes over (seeds + prior-biased draws)
+    prior_temperature: float = 0.5  # P(raise group) proportional to (gain/cost)^temperature
+    greedy_width: int = 4  # method=greedy: candidate raises measured per step
+    storage: Optional[str] = None  # Optuna RDB URL; None = sqlite:///<project>/mlruns/optuna.db
+    study_name: Optional[str] = None  # None = derived from model, recipe, budget, method and a hash of the space
+    seed: int = 0
+    workers: int = 1  # processes sharing the study (one in this process, the rest spawned)
+    heartbeat_s: int = 5  # trial heartbeat; a trial silent for 4x this is failed and retried
+    test: bool = True  # re-evaluate the best assignment on the evaluation split
+    sensitivity: Optional[str] = None  # a sensitivity.json; None = this run's / from_run's (computed first if absent)
 
 
 @dataclass
@@ -143,6 +194,8 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     stages: List[Stage] = field(default_factory=lambda: [Stage.evaluate])
     from_run: Optional[str] = None  # run dir or MLflow run id whose artifacts earlier stages read
     device: Device = Device.auto
@@ -160,6 +213,8 @@ def register_configs() -> None:
     cs.store(group="quant", name="quant_schema", node=QuantConfig)
     cs.store(group="tracking", name="tracking_schema", node=TrackingConfig)
     cs.store(group="profile", name="profile_schema", node=ProfileConfig)
+    cs.store(group="sensitivity", name="sensitivity_schema", node=SensitivityConfig)
+    cs.store(group="search", name="search_schema", node=SearchConfig)
 
 
 def register_resolvers() -> None:

@@ -79,8 +79,11 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Run the configured stages; returns the summary written to `run_dir/summary.json`."""
+def run_pipeline(cfg: DictConfig, run_dir: Path, job_label: str = "") -> dict[str, Any]:
+    """Run the configured stages; returns the summary written to `run_dir/summary.json`.
+
+    `job_label` (a multirun job's overrides) is appended to the default run name.
+    """
     started = time.time()
     set_threads(cfg.threads)
     device = select_device(str(cfg.device.value if hasattr(cfg.device, "value") else cfg.device))
@@ -95,11 +98,15 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     tracker.connect()
     source_dir = resolve_run_dir(cfg.from_run, cfg.tracking, run_dir / ".from_run") if cfg.from_run else None
     _check_data(cfg, fp32)
+    for stage in stages:  # stage-specific config checks (e.g. search.objective), before any run is opened
+        check = getattr(importlib.import_module(f"pipeline.stages.{stage.value}"), "check_config", None)
+        if check is not None:
+            check(cfg)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
-    run_name = cfg.tracking.run_name or f"{fp32.name}-{cfg.quant.name}-{'+'.join(s.value for s in stages)}"
+    run_name = cfg.tracking.run_name or f"{fp32.name}-{cfg.quant.name}-{'+'.join(s.value for s in stages)}" + (f" [{job_label}]" if job_label else "")
     tags = {"model": fp32.name, "timm_name": fp32.timm_name, "data": _data_tag(cfg), "quant": cfg.quant.name, "run_dir": str(run_dir), "stages": ",".join(s.value for s in stages)}
     tracker.start(run_name, flatten(resolved), tags)
     ctx = StageContext(cfg, run_dir, source_dir, tracker, device, fp32)
@@ -109,6 +116,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         for stage in stages:
             _run_stage(ctx, stage, fns[stage])
         ctx.summary["wall_s"] = round(time.time() - started, 2)
+        tracker.log_metrics({k: v for k, v in ctx.summary.items() if _is_number(v)})  # on the parent: runs compare side by side
         ctx.write_summary()
         tracker.log_artifact(run_dir / SUMMARY)
         failed = False

@@ -174,6 +174,44 @@ class Tracker:
         else:
             self.client.log_artifact(self.active_id, str(path), artifact_path)
 
+    # -- nested runs below a stage (e.g. one per search trial) -----------------------------
+    @classmethod
+    def attach(cls, cfg: TrackingConfig, run_id: str | None) -> "Tracker":
+        """A tracker in another process (a search worker) that logs below an existing run."""
+        tracker = cls(cfg)
+        if tracker.enabled and run_id:
+            tracker.connect()
+            tracker.parent_id = tracker.active_id = run_id
+        else:
+            tracker.enabled = False
+        return tracker
+
+    def child_run(self, name: str, metrics: Mapping[str, float] | None = None, tags: Mapping[str, str] | None = None, json_artifacts: Mapping[str, Any] | None = None, step: int = 0) -> str | None:
+        """A finished run nested under the active run: finite metrics, tags and JSON files as artifacts. Returns its id."""
+        if not self.enabled or not self.active_id:
+            return None
+        import json
+        import math
+        import tempfile
+        import time
+
+        from mlflow.entities import Metric, RunTag
+
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={"mlflow.parentRunId": self.active_id, **{k: str(v) for k, v in (tags or {}).items()}})
+        run_id = run.info.run_id
+        now = int(time.time() * 1000)
+        items = [Metric(_metric_key(k), float(v), now, step) for k, v in (metrics or {}).items() if v is not None and math.isfinite(float(v))]
+        if items:
+            self.client.log_batch(run_id, metrics=items, tags=[RunTag("stage", "trial")])
+        if json_artifacts:
+            with tempfile.TemporaryDirectory() as tmp:
+                for file_name, obj in json_artifacts.items():
+                    path = Path(tmp) / file_name
+                    path.write_text(json.dumps(obj, indent=1, default=str) + "\n")
+                    self.client.log_artifact(run_id, str(path))
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
 
 def _metric_key(key: str) -> str:
     """MLflow keys allow letters, digits, _ - . space / only."""

@@ -21,7 +21,9 @@ def assert_one_line_error(proc, *fragments: str) -> None:
         (["model=timm", "model.checkpoint=/no/such/file.safetensors"], ["checkpoint file not found: /no/such/file.safetensors"]),
         (["data.root=/no/such/dir"], ["data root not found: /no/such/dir"]),
         (["tracking.uri=http://127.0.0.1:9"], ["MLflow tracking store http://127.0.0.1:9 is unreachable"]),
-        (["stages=[evaluate,evalute]"], ["evalute"]),
+        (["stages=[evaluate,evalute]"], ["unknown stage 'evalute'"]),
+        (["quant=naive", "quant.act.bits=17", "stages=[calibrate]", "data=synthetic", "model=timm", "+model.kwargs.img_size=32", "+model.kwargs.depth=1"], ["quant.act.bits=17 is outside 2..16"]),
+        (["quant=naive", "quant.act.observer=maxmin", "stages=[calibrate]", "data=synthetic", "model=timm", "+model.kwargs.img_size=32", "+model.kwargs.depth=1"], ["unknown observer 'maxmin'"]),
     ],
 )
 def test_bad_input_ends_with_one_clear_line(tmp_path, args, fragments):

@@ -10,14 +10,17 @@ log2 site (intSoft, probabilities p, fixed scale 1, range [0, 2^bits - 1]):
     p -> -log2 p -> rounded = round_to_int(-log2 p) -> code = clamp(rounded, 0, 2^bits - 1)
       -> dequantized = 2^-code, and 0 where rounded > 2^bits - 1 (flushed to zero)
 
-For log2 codes "low" clipping is the flush to zero (p below the smallest level)
-and "high" clipping is rounded < 0 (p > sqrt 2, never for a probability).
+Clipping is counted in code terms: "low" = the pre-clamp code fell below qmin,
+"high" = above qmax. For log2 codes "high" is the flush to zero (p below the
+smallest level 2^-qmax) and "low" is rounded < 0 (p > sqrt 2, never for a probability).
 An int_softmax site computes its codes on the integer path
 (pipeline.quant.intsoftmax); its output is exactly 2^-code, so its codes are
 read back from the output with the log2 steps above.
 
-`shifted` (the pre-clamp integer, float dtype) is what saturation is counted
-on: `shifted < qmin` was clipped low, `shifted > qmax` clipped high.
+The pre-clamp integer (`shifted`) is what saturation is counted on: below
+qmin was clipped low, above qmax clipped high. `code_index` is the hot path
+(histogram indices of a whole batch); `code_steps` keeps every intermediate
+for dumps and traces.
 """
 
 from __future__ import annotations
@@ -52,35 +55,112 @@ def qparams_like(site: Site, x: Tensor) -> tuple[Tensor, Tensor]:
     return scale, zero_point
 
 
-def shifted_codes(site: Site, t: Tensor) -> Tensor:
-    """Pre-clamp integer codes (float32, t's shape): round_to_int(t / s) + zp, or round_to_int(-log2 t).
+MAX_COUNT_BINS = 2**21
+"""A per-channel code histogram (channels x (levels + 2)) is kept only up to this many bins (8-bit: 8,128 channels)."""
 
-    `t` is the site's code source (see `code_source`); it is not modified.
+
+@dataclass(frozen=True)
+class CodePlan:
+    """A site's constants for turning tensors of one rank into code-histogram indices (built once per pass).
+
+    The rounded value r = round_to_int(t / s) (log2: round_to_int(-log2 t)) is clamped to
+    [`low`, `high`] = [qmin - 1 - zp, qmax + 1 - zp] and `offset` = zp - qmin + 1 (+ channel x width
+    for per-channel counts) is added, so column 0 = clipped low, 1 + code - qmin = code, L + 1 =
+    clipped high. Counts have `rows` x `width` entries, width = qmax - qmin + 3. All broadcastable.
+    """
+
+    log2: bool
+    rounding: str
+    scale: Tensor | None
+    low: Tensor | float
+    high: Tensor | float
+    offset: Tensor
+    rows: int
+    width: int
+
+
+def count_axis(site: Site, t: Tensor) -> int | None:
+    """Axis for per-channel code counts of `t`: the site's channel axis, or None when that histogram would be too big."""
+    axis = site.axis if -t.ndim <= site.axis < t.ndim else None
+    if axis is None or t.shape[axis] * (site.qmax - site.qmin + 3) > MAX_COUNT_BINS:
+        return None
+    return axis
+
+
+def code_plan(site: Site, t: Tensor, axis: int | None = None) -> CodePlan:
+    """The CodePlan of `site` for tensors shaped like `t` (its code source); per channel along `axis` when given."""
+    width = site.qmax - site.qmin + 3
+    if is_log2(site):
+        scale, zero_point = None, torch.zeros((), device=t.device)
+    else:
+        scale, zero_point = qparams_like(site, t)
+    offset = (zero_point - (site.qmin - 1)).to(torch.int32)
+    rows = 1
+    if axis is not None:
+        rows = t.shape[axis]
+        offset = offset + broadcast_to_axis(torch.arange(rows, device=t.device, dtype=torch.int32) * width, t.ndim, axis)
+    low, high = (site.qmin - 1) - zero_point, (site.qmax + 1) - zero_point
+    if low.numel() == 1:  # a scalar clamp is cheaper than a broadcast one
+        low, high = float(low), float(high)
+    return CodePlan(is_log2(site), site.spec.rounding, scale, low, high, offset, rows, width)
+
+
+def code_index(plan: CodePlan, t: Tensor) -> Tensor:
+    """Histogram index of every element of `t` (int32, t's shape): row offset + column of its pre-clamp code.
+
+    Column = clamp(round_to_int(t / s) + zp, qmin - 1, qmax + 1) - qmin + 1 (log2: round_to_int(-log2 t)),
+    computed as clamp(rounded, qmin - 1 - zp, qmax + 1 - zp) + zp - qmin + 1 (exact: integers).
+    `t` is not modified.
     """
     t = t.float()
-    if is_log2(site):
-        return round_to_int(torch.log2(t).neg_(), site.spec.rounding, in_place=True)  # +inf where t == 0
-    scale, zero_point = qparams_like(site, t)
-    return round_to_int(t / scale, site.spec.rounding, in_place=True).add_(zero_point)
+    if plan.log2:
+        rounded = round_to_int(torch.log2(t).neg_(), plan.rounding, in_place=True)  # +inf where t == 0
+    else:
+        rounded = round_to_int(t / plan.scale, plan.rounding, in_place=True)
+    return rounded.clamp_(plan.low, plan.high).int().add_(plan.offset)
 
 
-def code_counts(shifted: Tensor, qmin: int, qmax: int) -> Tensor:
-    """Histogram of pre-clamp codes: (qmax - qmin + 3,) float32 counts.
+def count_into(index: Tensor, size: int) -> Tensor:
+    """Counts of each value 0..size-1 in an integer `index` tensor (any shape): (size,) int64."""
+    return torch.bincount(index.flatten(), minlength=size)
 
-    Entry 0 counts values clipped low (shifted < qmin), entries 1..L count the
-    codes qmin..qmax before clipping, the last entry counts values clipped high.
-    Overwrites `shifted` (clamps it in place).
+
+def code_counts(site: Site, t: Tensor, axis: int | None = None) -> Tensor:
+    """Histogram of a site's pre-clamp codes of `t` (its code source): (K, L + 2) int64, L = qmax - qmin + 1.
+
+    Column 0 counts values clipped low (pre-clamp code < qmin), columns 1..L the codes qmin..qmax,
+    column L + 1 values clipped high (> qmax; for log2: flushed to zero). K = 1 (the whole tensor)
+    or, with `axis`, one row per index along that axis (per channel).
     """
-    lo, hi = qmin - 1, qmax + 1
-    return torch.histc(shifted.clamp_(lo, hi), bins=hi - lo + 1, min=lo - 0.5, max=hi + 0.5)
+    plan = code_plan(site, t, axis)
+    return count_into(code_index(plan, t), plan.rows * plan.width).view(plan.rows, plan.width)
 
 
 def level_counts(counts: Tensor) -> Tensor:
-    """Counts per stored code qmin..qmax (clipped values land on qmin / qmax): (qmax - qmin + 1,)."""
-    levels = counts[1:-1].clone()
-    levels[0] += counts[0]
-    levels[-1] += counts[-1]
+    """Counts per stored code qmin..qmax (clipped values land on qmin / qmax): (K, L + 2) -> (K, L)."""
+    levels = counts[..., 1:-1].clone()
+    levels[..., 0] += counts[..., 0]
+    levels[..., -1] += counts[..., -1]
     return levels
+
+
+def column_values(site: Site, device: torch.device | None = None) -> Tensor:
+    """The dequantized value of every column of `code_counts`: (K, L + 2) float32, K = channels or 1.
+
+    Uniform: (code - zp) * scale for qmin, qmin..qmax, qmax (clipped values take the end values),
+    computed as fake_quantize computes it. log2: 1, 2^-0..2^-qmax, 0 (flushed to zero).
+    A site's quantized tensor takes only these values, so its histogram follows from its code counts.
+    """
+    device = device or (site.scale.device if site.scale is not None else torch.device("cpu"))
+    codes = torch.arange(site.qmin, site.qmax + 1, device=device, dtype=torch.float32)
+    if is_log2(site):
+        values = codes.neg_().exp2_()
+        one, zero = torch.ones(1, device=device), torch.zeros(1, device=device)
+        return torch.cat([one, values, zero]).unsqueeze(0)
+    scale = site.scale.reshape(-1, 1).to(device, torch.float32)
+    zero_point = site.zero_point.reshape(-1, 1).to(device, torch.float32)
+    values = (codes.unsqueeze(0) - zero_point).mul_(scale)  # (K, L)
+    return torch.cat([values[:, :1], values, values[:, -1:]], dim=1)
 
 
 @dataclass

@@ -15,6 +15,7 @@ evenly spaced ones, so one sees where the values jump.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import math
 from dataclasses import dataclass
@@ -51,9 +52,13 @@ def quantized_names(graph: SiteGraph) -> list[str]:
     return [n for n, s in graph.sites.items() if s.mode == "quant"]
 
 
-def resolve_dump(globs: list[str], graph: SiteGraph) -> list[str]:
-    """Quantized sites matched by the `profile.dump` globs, in forward order; a glob matching none is an error."""
-    names, live = graph.names(), set(quantized_names(graph))
+def resolve_dump(globs: list[str], graph: SiteGraph, quantized_only: bool = True) -> list[str]:
+    """Quantized sites matched by the `profile.dump` globs, in forward order; a glob matching none is an error.
+
+    With `quantized_only=False` (a check before the model is quantized) any matching site counts.
+    """
+    names = graph.names()
+    live = set(quantized_names(graph)) if quantized_only else set(names)
     chosen: set[str] = set()
     for pattern in globs:
         matched = fnmatch.filter(names, pattern)
@@ -66,15 +71,15 @@ def resolve_dump(globs: list[str], graph: SiteGraph) -> list[str]:
     return [n for n in names if n in chosen]
 
 
-def check_trace(name: str | None, graph: SiteGraph) -> str | None:
-    """The `profile.trace` site, checked: it must exist and be quantized."""
+def check_trace(name: str | None, graph: SiteGraph, quantized_only: bool = True) -> str | None:
+    """The `profile.trace` site, checked: it must exist and (unless `quantized_only=False`) be quantized."""
     if not name:
         return None
     if name not in graph.sites:
-        close = fnmatch.filter(graph.names(), f"*{name.rsplit('.', 1)[-1]}*")[:3]
+        close = difflib.get_close_matches(name, graph.names(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else f" (site names look like {_examples(graph)})"
         raise PipelineError(f"profile.trace: unknown site '{name}'{hint}")
-    if graph[name].mode != "quant":
+    if quantized_only and graph[name].mode != "quant":
         raise PipelineError(f"profile.trace: site '{name}' is not quantized under this recipe")
     return name
 
@@ -126,7 +131,8 @@ def trace_elements(x: Tensor, dequantized: Tensor, n: int) -> list[tuple[int, st
     if biggest not in seen and len(picks) < n:
         picks.append((biggest, "largest |x|"))
         seen.add(biggest)
-    for i in torch.linspace(0, x.numel() - 1, steps=n).round().long().tolist():
+    last = x.numel() - 1
+    for i in (k * last // max(1, n - 1) for k in range(n)):
         if len(picks) >= n:
             break
         if i not in seen:
@@ -143,27 +149,25 @@ def trace_site(site: Site, capture: Capture, elements: int = 8) -> str:
     granularity = f"per_channel (axis {site.axis})" if site.per_channel else "per_tensor"
     lines = [f"trace {site.name}: role={site.role} quantizer={site.spec.quantizer} bits={site.bits} {granularity} qmin={site.qmin} qmax={site.qmax} rounding={site.spec.rounding}"]
     if is_log2(site):
-        lines.append("  steps: p -> -log2 p -> rounded -> code = clamp(rounded, qmin, qmax) -> dequantized = 2^-code (0 if rounded > qmax: flushed)")
+        lines.append("  steps: x (a probability) -> -log2 x -> rounded -> code = clamp(rounded, qmin, qmax) -> dequantized = 2^-code (0 if rounded > qmax: flushed)")
         if site.spec.quantizer == "int_softmax":
             lines.append("  int_softmax: the integer softmax makes the codes (pipeline.quant.intsoftmax); the steps are read back from its output, x is the float softmax")
     else:
         scale = site.scale.reshape(-1)
         what = f"scale={float(scale[0]):.6g} zero_point={int(site.zero_point.reshape(-1)[0])}" if scale.numel() == 1 else "scale / zero_point per channel (columns below)"
-        lines.append(f"  steps: x -> x/scale -> rounded -> +zp -> code = clamp(., qmin, qmax) -> dequantized = (code - zp) * scale;  {what}")
-    header = ["index", "fp32", "x", "scaled", "rounded", "+zp", "code", "dequantized", "error", "scale", "zp", "note"]
+        lines.append(f"  steps: x -> x/scale -> rounded -> +zp -> code = clamp(+zp, qmin, qmax) -> dequantized = (code - zp) * scale;  {what}")
+    log2 = is_log2(site)
+    header = ["index", "fp32", "x", "-log2 x" if log2 else "x/scale", "rounded"] + ([] if log2 else ["+zp"]) + ["code", "dequantized", "error"] + ([] if log2 else ["scale", "zp"]) + ["note"]
     rows = [header]
-    shape = tuple(x.shape)
+    flat_steps = {k: getattr(steps, k).flatten() for k in ("scaled", "rounded", "shifted", "codes", "dequantized", "scale", "zero_point")}
     for flat, reason in trace_elements(x, steps.dequantized, elements):
-        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), shape))
-        shifted = float(steps.shifted.flatten()[flat])
-        note = [reason] + _clip_note(site, shifted)
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(x.shape)))
+        value = {k: v[flat] for k, v in flat_steps.items()}
+        xv, dq = float(x.flatten()[flat]), float(value["dequantized"])
         fp32 = "" if capture.fp32 is None else _num(capture.fp32.flatten()[flat])
-        dq, xv = float(steps.dequantized.flatten()[flat]), float(x.flatten()[flat])
-        rows.append([
-            str(index), fp32, _num(xv), _num(steps.scaled.flatten()[flat]), _num(steps.rounded.flatten()[flat]),
-            _num(shifted), str(int(steps.codes.flatten()[flat])), _num(dq), _num(dq - xv),
-            _num(steps.scale.flatten()[flat]), _num(steps.zero_point.flatten()[flat]), "; ".join(note),
-        ])
+        row = [str(index), fp32, _num(xv), _num(value["scaled"]), _num(value["rounded"])] + ([] if log2 else [_num(value["shifted"])])
+        row += [str(int(value["codes"])), _num(dq), _num(dq - xv)] + ([] if log2 else [_num(value["scale"]), _num(value["zero_point"])])
+        rows.append(row + ["; ".join([reason] + _clip_note(site, float(value["shifted"])))])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines += ["  " + "  ".join(cell.rjust(w) if i < len(header) - 1 else cell for i, (cell, w) in enumerate(zip(r, widths))) for r in rows]
     return "\n".join(lines) + "\n"

@@ -4,9 +4,14 @@
 |-------------|-----------------------------------------------------------------------|----------------------------------|
 | `cosine`    | cos_mean < cos_min (0.99)                                             | token vectors lose their direction: the logic starts to collapse |
 | `clipping`  | sat_pct > saturation_max_pct (5 %)                                    | the range clips too hard         |
-| `wasted`    | uniform site, sat_pct <= saturation_zero_pct (0.01 %) and level_pct < wasted_levels_pct (10 %) | the range is too wide: resolution wasted |
+| `wasted`    | uniform site, sat_pct <= saturation_zero_pct (0.01 %) and typical_level_pct < wasted_levels_pct (10 %) | the range is too wide: resolution wasted |
 | `low_sqnr`  | sqnr_db < sqnr_min_db (10 dB)                                         | the error is as large as a tenth of the signal |
 
+`typical_level_pct` is the % of the 2^bits levels used by the median channel
+(`channel_level_pct`), or by the whole tensor (`level_pct`) when no per-channel
+counts exist. The median channel is what exposes a per-tensor range stretched by
+a few outlier channels: the tensor as a whole still touches most levels (the
+outlier channels spread over them) while a typical channel uses a handful.
 `wasted` applies to uniform sites only: a log2 grid (intSoft) is fixed, not
 chosen by calibration, and uses few of its levels by design.
 A rule whose metric is missing (None) does not fire.
@@ -47,11 +52,17 @@ def site_flags(row: Mapping[str, Any], th: Thresholds) -> list[str]:
     sat = row.get("sat_pct")
     if _gt(sat, th.saturation_max_pct):
         flags.append("clipping")
-    if row.get("quantizer") == "uniform" and sat is not None and sat <= th.saturation_zero_pct and _lt(row.get("level_pct"), th.wasted_levels_pct):
+    if row.get("quantizer") == "uniform" and sat is not None and sat <= th.saturation_zero_pct and _lt(typical_level_pct(row), th.wasted_levels_pct):
         flags.append("wasted")
     if _lt(row.get("sqnr_db"), th.sqnr_min_db):
         flags.append("low_sqnr")
     return flags
+
+
+def typical_level_pct(row: Mapping[str, Any]) -> float | None:
+    """% of the levels a typical channel uses: `channel_level_pct` (median channel), else `level_pct`."""
+    channel = row.get("channel_level_pct")
+    return channel if channel is not None else row.get("level_pct")
 
 
 def flag_rows(rows: list[dict[str, Any]], th: Thresholds) -> list[dict[str, Any]]:

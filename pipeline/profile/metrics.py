@@ -29,6 +29,7 @@ Summary
 ``saturation_from_values`` % of pre-clamp values outside [qmin, qmax]
 ``bit_utilization``        integer levels used / effective bits
 ``topk_hit_rate``          top-k agreement of rows (e.g. logits), 0..1
+``topk_hit_rates``         the same for several k from one top-k
 ``argmax_agreement``       top-1 agreement of rows, 0..1
 ``logit_kl``               mean KL(softmax(ref) || softmax(test)), nats
 ``compute_site_metrics``   all of the above that apply -> ``SiteMetrics``
@@ -59,6 +60,7 @@ __all__ = [
     "sqnr_from_energy",
     "token_cosine",
     "topk_hit_rate",
+    "topk_hit_rates",
 ]
 
 
@@ -325,15 +327,29 @@ def topk_hit_rate(ref_rows: Tensor, test_rows: Tensor, k: int = 1, dim: int = -1
     is ignored; this is *not* all-or-nothing set equality).  Ties are broken
     as ``torch.topk`` breaks them.
     """
+    return topk_hit_rates(ref_rows, test_rows, (k,), dim)[0]
+
+
+def topk_hit_rates(ref_rows: Tensor, test_rows: Tensor, ks: tuple[int, ...] = (1, 5), dim: int = -1) -> list[float]:
+    """:func:`topk_hit_rate` for several ``k`` at once (shares in 0..1, in the order of ``ks``).
+
+    One ``torch.topk`` per tensor with the largest ``k``; each smaller ``k``
+    uses the first ``k`` columns of that sorted top-k (its ``k`` largest).
+    """
     _check_pair(ref_rows, test_rows)
     r, t = _rows(ref_rows, dim), _rows(test_rows, dim)  # (R, C)
-    if not 1 <= k <= r.shape[1]:
-        raise ValueError(f"k must be in [1, {r.shape[1]}] (row length), got {k}")
-    idx_r = r.topk(k, dim=1).indices  # (R, k)
-    idx_t = t.topk(k, dim=1).indices  # (R, k)
-    # (R, k, 1) == (R, 1, k) -> (R, k, k); a ref index is found if it matches any test index.
-    found = (idx_r.unsqueeze(2) == idx_t.unsqueeze(1)).any(dim=2)  # (R, k)
-    return found.double().mean().item()
+    for k in ks:
+        if not 1 <= k <= r.shape[1]:
+            raise ValueError(f"k must be in [1, {r.shape[1]}] (row length), got {k}")
+    top = max(ks)
+    idx_r = r.topk(top, dim=1).indices  # (R, top), largest first
+    idx_t = t.topk(top, dim=1).indices
+    rates = []
+    for k in ks:
+        # (R, k, 1) == (R, 1, k) -> (R, k, k); a ref index is found if it matches any test index.
+        found = (idx_r[:, :k].unsqueeze(2) == idx_t[:, :k].unsqueeze(1)).any(dim=2)  # (R, k)
+        rates.append(found.double().mean())
+    return torch.stack(rates).tolist()
 
 
 def argmax_agreement(ref_logits: Tensor, test_logits: Tensor, dim: int = -1) -> float:

@@ -18,7 +18,6 @@ The model logits get the same metrics (top-1/top-5 agreement, logit KL) as `outp
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pipeline.profile.codes import code_counts, code_source, level_counts, shifted_codes
+from pipeline.profile.codes import CodePlan, code_counts, code_index, code_plan, code_source, column_values, count_axis
 from pipeline.profile.dump import Capture
 from pipeline.profile.stats import SiteStats
 from pipeline.quant.sites import Site, SiteGraph
@@ -89,22 +88,35 @@ def weight_sites(graph: SiteGraph) -> list[str]:
     return [n for n, s in graph.sites.items() if s.mode == "quant" and s.role == "weight"]
 
 
-def level_values(site: Site, device: torch.device) -> Tensor:
-    """Dequantized value of every code qmin..qmax of a per-tensor uniform site: (L,) float32, as fake_quantize computes it."""
-    codes = torch.arange(site.qmin, site.qmax + 1, device=device, dtype=torch.float32)
-    return codes.sub_(site.zero_point.reshape(()).to(device)).mul_(site.scale.reshape(()).to(device))
+def observe_site(stats: SiteStats, site: Site, ref: Tensor, x: Tensor, y: Tensor, plan: SitePlan | None = None) -> SitePlan:
+    """Add one batch of a quantized site: ref = FP32 tensor, x = tensor entering the site, y = its output.
 
-
-def observe_site(stats: SiteStats, site: Site, ref: Tensor, x: Tensor, y: Tensor) -> None:
-    """Add one batch of a quantized site: ref = FP32 tensor, x = tensor entering the site, y = its output."""
-    counts = code_counts(shifted_codes(site, code_source(site, x, y)), site.qmin, site.qmax)
-    stats.add_codes(counts)
-    levels = None
-    if site.spec.quantizer == "uniform" and not site.per_channel:
-        levels = (level_values(site, y.device), level_counts(counts))  # y takes exactly these values
-    stats.add_pair(ref, y, levels=levels)
+    Returns the site's plan (constants for its codes and histograms), to pass back on the next batch.
+    """
+    source = code_source(site, x, y)
+    plan = plan or site_plan(site, source)
+    stats.add_code_index(code_index(plan.codes, source), plan.codes.rows, plan.codes.width, plan.values)
+    stats.add_pair(ref, y)
     if site.role == "intSoft":
         stats.add_rows(ref, y)
+    return plan
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """Per-site constants of a pass: the code plan and, when usable, the value of each code column."""
+
+    codes: CodePlan
+    values: Tensor | None
+
+
+def site_plan(site: Site, source: Tensor) -> SitePlan:
+    """The plan of `site` for code sources shaped like `source` (per-channel counts when small enough)."""
+    plan = code_plan(site, source, count_axis(site, source))
+    values = column_values(site, source.device)
+    if values.shape[0] not in (1, plan.rows):
+        values = None  # per-channel values but whole-tensor counts (too many channels x levels)
+    return SitePlan(plan, values)
 
 
 # -- batches ----------------------------------------------------------------------------
@@ -160,6 +172,7 @@ class _CumulativeTap:
 
     def __init__(self, stats: dict[str, SiteStats], store: _CaptureStore):
         self.stats, self.store = stats, store
+        self.plans: dict[str, SitePlan] = {}
         self.refs: dict[str, Tensor] = {}
 
     def __call__(self, site: Site, x: Tensor, y: Tensor) -> None:
@@ -167,7 +180,7 @@ class _CumulativeTap:
         if stats is None:
             return
         ref = self.refs.pop(site.name)  # frees the FP32 tensor as soon as it is used
-        observe_site(stats, site, ref, x, y)
+        self.plans[site.name] = observe_site(stats, site, ref, x, y, self.plans.get(site.name))
         self.store.offer(site.name, ref, x, y)
 
 
@@ -189,8 +202,8 @@ def weight_pass(graph: SiteGraph, capture: Iterable[str] = ()) -> PassResult:
         weight, effective = module.weight.detach(), module.effective_weight().detach()
         source = _folded(graph, name, weight)
         stats = SiteStats()
-        stats.add_codes(code_counts(shifted_codes(site, source), site.qmin, site.qmax))
-        stats.add_pair(weight.flatten(1), effective.flatten(1))
+        stats.add_codes(code_counts(site, source, count_axis(site, source)))
+        stats.add_pair(weight.flatten(1), effective.flatten(1))  # vectors: output channels
         rows.append({**site_info(site, graph), "mode": "cumulative", **stats.result(site.bits)})
         hists[name] = stats.histograms()
         if name in store.names:
@@ -247,18 +260,21 @@ def cumulative_pass(fp_graph: SiteGraph, graph: SiteGraph, batches: list[Tensor]
 
 
 @torch.inference_mode()
-def isolated_pass(graph: SiteGraph, batches: list[Tensor], fp_logits: list[Tensor], device: torch.device, weight_rows: Mapping[str, Mapping[str, Any]] | None = None) -> PassResult:
+def isolated_pass(graph: SiteGraph, batches: list[Tensor], fp_logits: list[Tensor], device: torch.device, weight_rows: Mapping[str, Mapping[str, Any]] | None = None, names: Iterable[str] | None = None) -> PassResult:
     """Each uniform / log2 site quantized alone (everything else FP32), one pass over `batches` per site.
 
     At the site the input is the FP32 tensor, so the site metrics are its own error; at the output
     the logits are compared with `fp_logits` (the FP32 logits of the same batches, same explicit
     path): `logit_sqnr_db`, `logit_cos_mean`, `logit_agreement` (argmax), `logit_top5`, `logit_kl`.
     Weight sites reuse their (data-free) metrics from `weight_rows`. int_softmax sites are skipped:
-    they need their scores site quantized too.
+    they need their scores site quantized too. `names` restricts the pass to some sites.
     """
     t0 = time.perf_counter()
     modes = {n: s.mode for n, s in graph.sites.items()}
-    candidates = [n for n, s in graph.sites.items() if s.mode == "quant" and s.spec.quantizer in ("uniform", "log2")]
+    candidates = isolated_candidates(graph)
+    if names is not None:
+        keep = set(names)
+        candidates = [n for n in candidates if n in keep]
     rows = []
     try:
         for name in tqdm(candidates, desc="profile (isolated)", unit="site", leave=False):
@@ -274,10 +290,20 @@ def isolated_pass(graph: SiteGraph, batches: list[Tensor], fp_logits: list[Tenso
     return PassResult("isolated", rows, seconds=time.perf_counter() - t0, images=images)
 
 
+def isolated_candidates(graph: SiteGraph) -> list[str]:
+    """Quantized uniform and log2 sites (weights included), in forward order."""
+    return [n for n, s in graph.sites.items() if s.mode == "quant" and s.spec.quantizer in ("uniform", "log2")]
+
+
 def _isolated_site(graph: SiteGraph, site: Site, batches: list[Tensor], fp_logits: list[Tensor], device: torch.device, weight_row: Mapping[str, Any] | None) -> dict[str, Any]:
     at_site = SiteStats(token_dim(site))
     if site.role != "weight":
-        site.tap = lambda s, x, y: observe_site(at_site, s, x, x, y)  # upstream is FP32: the input is the reference
+        plans: dict[str, SitePlan] = {}
+
+        def tap(s: Site, x: Tensor, y: Tensor) -> None:  # upstream is FP32: the input is the reference
+            plans[s.name] = observe_site(at_site, s, x, x, y, plans.get(s.name))
+
+        site.tap = tap
     at_output = SiteStats()
     for images, ref_logits in zip(batches, fp_logits):
         logits = graph.model(images.to(device))
@@ -301,101 +327,21 @@ def _isolated_site(graph: SiteGraph, site: Site, batches: list[Tensor], fp_logit
 _INFO_KEYS = {"site", "role", "block", "quantizer", "bits", "granularity", "qmin", "qmax", "scale_min", "scale_max", "zero_point_min", "zero_point_max", "folded_into", "mode", "flags"}
 
 
-# -- MLflow -----------------------------------------------------------------------------
-
-
-def series_keys(sites: Mapping[str, tuple[str, int | None]], prefix: str) -> dict[str, str]:
-    """MLflow key per site: `<prefix>/<role>`, or `<prefix>/<role>/<leaf>` when a block has several sites of that role.
-
-    `sites` maps site name -> (role, block); sites outside blocks get no key.
-    """
-    per_block: dict[tuple[str, int], int] = {}
-    for role, block in sites.values():
-        if block is not None:
-            per_block[(role, block)] = per_block.get((role, block), 0) + 1
-    keys = {}
-    for name, (role, block) in sites.items():
-        if block is None:
-            continue
-        leaf = name.split(".", 2)[2].replace(".", "_")
-        keys[name] = f"{prefix}/{role}/{leaf}" if per_block[(role, block)] > 1 else f"{prefix}/{role}"
-    return keys
-
-
-def log_by_block(tracker, values: Mapping[str, Mapping[str, float | None]], sites: Mapping[str, tuple[str, int | None]]) -> None:
-    """Log `values[prefix][site]` as MLflow series `<prefix>/<role>[/<leaf>]` with step = block index.
-
-    One MLflow call per block (all prefixes and sites of that block together).
-    """
-    by_step: dict[int, dict[str, float]] = {}
-    for prefix, per_site in values.items():
-        keys = series_keys({n: sites[n] for n in per_site}, prefix)
-        for name, value in per_site.items():
-            if name in keys and value is not None:
-                by_step.setdefault(sites[name][1], {})[keys[name]] = float(value)
-    for step in sorted(by_step):
-        tracker.log_metrics(by_step[step], step=step)
-
-
-# MLflow series per site: metric prefix -> row key.
-SERIES = {
-    "sqnr": "sqnr_db",
-    "cos": "cos_mean",
-    "cos_min": "cos_min",
-    "mse": "mse",
-    "kl": "hist_kl",
-    "sat": "sat_pct",
-    "sat_low": "sat_low_pct",
-    "sat_high": "sat_high_pct",
-    "levels": "level_pct",
-    "eff_bits": "effective_bits",
-}
-ISOLATED_SERIES = {"iso_sqnr": "sqnr_db", "iso_logit_sqnr": "logit_sqnr_db", "iso_agreement": "logit_agreement", "iso_logit_kl": "logit_kl"}
-
-
-def log_rows(tracker, rows: list[Mapping[str, Any]], series: Mapping[str, str]) -> None:
-    """Per-site series of `rows` (see SERIES) by block."""
-    sites = {r["site"]: (r["role"], r["block"]) for r in rows}
-    log_by_block(tracker, {prefix: {r["site"]: r.get(key) for r in rows} for prefix, key in series.items()}, sites)
-
-
-def summary_metrics(rows: list[Mapping[str, Any]]) -> dict[str, float]:
-    """Worst SQNR, mean and min SQNR per role (dB, finite values), flag counts."""
-    from pipeline.profile.flags import flag_counts
-
-    out: dict[str, float] = {}
-    by_role: dict[str, list[float]] = {}
-    for r in rows:
-        by_role.setdefault(r["role"], []).append(r["sqnr_db"])
-    finite = [v for r in rows if math.isfinite(v := r["sqnr_db"])]
-    if rows:
-        out["sqnr_min"] = min(r["sqnr_db"] for r in rows)
-        out["profile/worst_sqnr"] = out["sqnr_min"]
-    for role, values in by_role.items():
-        out[f"sqnr_min/{role}"] = min(values)
-        ok = [v for v in values if math.isfinite(v)]
-        if ok:
-            out[f"profile/sqnr_mean/{role}"] = sum(ok) / len(ok)
-    if finite:
-        out["profile/sqnr_mean"] = sum(finite) / len(finite)
-    counts = flag_counts(list(rows))
-    out["profile/flagged"] = counts.pop("flagged")
-    out.update({f"profile/flagged/{k}": v for k, v in counts.items()})
-    return out
-
-
 # -- the evaluate entry point -----------------------------------------------------------
 
 
-def check_request(cfg: Mapping[str, Any], graph: SiteGraph) -> tuple[list[str], str | None]:
-    """Validate `profile.dump` and `profile.trace` against the quantized graph: (dump sites, trace site)."""
+def check_request(cfg: Mapping[str, Any], graph: SiteGraph, quantized_only: bool = True) -> tuple[list[str], str | None]:
+    """Validate the `profile` config against a site graph: (dump sites, trace site).
+
+    `quantized_only=False` checks names only (before the model is quantized, e.g. before any run opens).
+    """
     from pipeline.errors import PipelineError
     from pipeline.profile.dump import check_trace, resolve_dump
 
     for key in ("images", "batch_size"):
         if int(cfg[key]) < 1:
             raise PipelineError(f"profile.{key} must be >= 1, got {cfg[key]}")
-    return resolve_dump(list(cfg.get("dump") or []), graph), check_trace(cfg.get("trace"), graph)
+    return resolve_dump(list(cfg.get("dump") or []), graph, quantized_only), check_trace(cfg.get("trace"), graph, quantized_only)
 
 
 def profile_run(ctx, graph: SiteGraph, subset) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -419,6 +365,7 @@ def run_profile(cfg: Mapping[str, Any], graph: SiteGraph, fp_graph: SiteGraph, l
     from pipeline.profile.dump import trace_site, write_dump
     from pipeline.profile.flags import Thresholds, flag_rows
     from pipeline.profile.report import write_report
+    from pipeline.profile.series import ISOLATED_SERIES, SERIES, log_rows, summary_metrics
 
     t_start = time.perf_counter()
     dump_names, trace_name = check_request(cfg, graph)
@@ -444,7 +391,9 @@ def run_profile(cfg: Mapping[str, Any], graph: SiteGraph, fp_graph: SiteGraph, l
         print(trace_text, end="", flush=True)
     dumps = [write_dump(folder / "dump", graph[n], captures[n]) for n in dump_names]
     hists = {**weights.histograms, **cumulative.histograms}
+    t_report = time.perf_counter()
     write_report(folder, rows, cumulative.output, hists, thresholds, isolated.rows if isolated else None, trace_text, dumps, images=cumulative.images, worst_k=int(cfg["worst_k"]), title=title)
+    metrics["profile_report_s"] = round(time.perf_counter() - t_report, 3)
     if tracker is not None:
         log_rows(tracker, rows, SERIES)
         if isolated is not None:
@@ -454,9 +403,3 @@ def run_profile(cfg: Mapping[str, Any], graph: SiteGraph, fp_graph: SiteGraph, l
     metrics.update({"profile/logit_sqnr": out["sqnr_db"], "profile/logit_cos": out["cos_mean"], "profile/logit_agreement": out["top1_agreement"], "profile/logit_kl": out["logit_kl"]})
     metrics["profile_s"] = round(time.perf_counter() - t_start, 3)
     return metrics, rows
-
-
-def site_table(rows: list[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """{site: {role, block, sqnr_db}} (the evaluate stage's `site_sqnr.json`)."""
-    return {r["site"]: {"role": r["role"], "block": r["block"], "sqnr_db": r["sqnr_db"]} for r in rows}
-

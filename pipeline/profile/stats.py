@@ -1,13 +1,18 @@
 """Streaming per-site statistics: FP32 tensor vs quantized tensor, accumulated batch by batch.
 
-A `SiteStats` keeps only sums, per-token extremes and fixed histograms on the
-tensors' device, so a profile over many images holds one batch of site tensors
-at a time; `result()` turns them into the metrics of
-pipeline.profile.metrics (same definitions and units) with one host transfer.
+A `SiteStats` keeps, per batch, only small tensors on the tensors' device: three
+per-token numbers (|ref|, |ref - test|, <ref, ref - test>), a fixed-range value
+histogram of ref, the code histogram and, for the logits and softmax rows, top-k
+hits. `result()` reduces them once into the metrics of pipeline.profile.metrics
+(same definitions and units) with one host transfer, so the per-batch cost is a
+handful of vectorised passes and no host synchronisation.
 
-Per batch and site the cost is a handful of vectorised passes: one
-difference, three per-token reductions, the code histogram and the value
-histograms. Nothing is moved to the host until `result()`.
+The quantized tensor's value histogram comes from the code histogram when the
+caller gives the value of every code column (`add_code_index(..., values)`): a
+quantized tensor takes only those values, so no pass over it is needed. The
+FP32 tensor's value histogram (for the KL) is built from an evenly strided
+sample of at most HIST_SAMPLES values per batch (every value of smaller
+tensors); everything else (energies, cosines, code counts) uses every value.
 """
 
 from __future__ import annotations
@@ -18,132 +23,190 @@ import torch
 from torch import Tensor
 
 from pipeline.profile.codes import level_counts
-from pipeline.profile.metrics import bit_utilization, cosine_from_dots, kl_from_counts, logit_kl, sqnr_from_energy, topk_hit_rate
+from pipeline.profile.metrics import bit_utilization, cosine_from_dots, kl_from_counts, logit_kl, sqnr_from_energy, topk_hit_rates
 
 HIST_BINS = 256
+HIST_SAMPLES = 2**16
+"""The FP32 tensor's value histogram takes at most this many values per batch (an evenly strided sample)."""
+
+
+def memory_order(x: Tensor) -> Tensor:
+    """x's elements as a 1-d tensor in memory order: a view, no copy, when x is a permuted dense tensor.
+
+    Histograms do not depend on element order, and the site tensors of attention (q, k, v are
+    views into the qkv output) are often permuted: flattening them in logical order would copy.
+    """
+    if x.is_contiguous():
+        return x.view(-1)
+    order = sorted(range(x.ndim), key=lambda d: (x.stride(d), x.shape[d]), reverse=True)
+    permuted = x.permute(order)
+    return permuted.view(-1) if permuted.is_contiguous() else x.reshape(-1)
+
+
+def spread_sample(x: Tensor, limit: int) -> Tensor:
+    """x's values (in memory order), or every k-th of them when it has more than `limit`: at most `limit` values.
+
+    k is the smallest stride >= numel / limit that is coprime with the fastest-varying dimension,
+    so consecutive picks walk through all of its indices (e.g. channels) instead of aliasing with them.
+    """
+    flat = memory_order(x)
+    if flat.numel() <= limit:
+        return flat
+    inner = min(range(x.ndim), key=lambda d: x.stride(d)) if x.ndim else 0
+    stride = -(-flat.numel() // limit)
+    while math.gcd(stride, x.shape[inner] if x.ndim else 1) != 1:
+        stride += 1
+    return flat[::stride]
 
 
 class SiteStats:
-    """Accumulates one site's error, cosine, value histograms, code counts and top-k hits.
+    """Accumulates one site's error energies, token cosines, value histograms, code counts and top-k hits.
 
-    - `add_pair(ref, test)`: FP32 and quantized tensors of the same shape; vectors run along `token_dim`.
-    - `add_codes(counts)`: a `code_counts` histogram (clipped low, qmin..qmax, clipped high).
-    - `add_rows(ref, test)`: rows along the last dim for top-1 / top-5 agreement (and, with `kl=True`, logit KL).
+    - `add_code_index(index, rows, width, values=None)`: histogram indices from `codes.code_index`
+      (or `add_codes(counts)` with a ready (K, L + 2) histogram); `values` (K or 1, L + 2) the
+      dequantized value of each column, so that the quantized tensor's histogram follows from the
+      counts. Call it before `add_pair` for the same batch.
+    - `add_pair(ref, test)`: FP32 and quantized tensors of one batch (same shape); vectors along `token_dim`.
+    - `add_rows(ref, test, kl=False)`: rows along the last dim: top-1 / top-5 agreement, logit KL with `kl`.
+
+    The value histograms have `bins` bins on a range fixed by the first batch ([min, max] of both
+    tensors); values of later batches beyond it are counted in the edge bins. Counts accumulate in
+    place (int64) on the tensors' device.
     """
 
     def __init__(self, token_dim: int = -1, bins: int = HIST_BINS):
         self.token_dim = token_dim
         self.bins = bins
         self.elements = 0
-        self.tokens = 0
-        self.signal: Tensor | float = 0.0  # sum ref^2, float64
-        self.noise: Tensor | float = 0.0  # sum (ref - test)^2, float64
-        self.cos_sum: Tensor | float = 0.0
-        self.cos_min: Tensor | None = None
         self.hist_range: tuple[float, float] | None = None
-        self.hist_ref: Tensor | None = None
-        self.hist_test: Tensor | None = None
-        self.counts: Tensor | None = None
+        self._tokens: list[Tensor] = []  # per batch (3, T) float32: |r|, |r - t|, <r, r - t>
+        self._ref_counts: Tensor | None = None  # (bins,)
+        self._test_counts: Tensor | None = None  # (bins,), when the values of the codes are unknown
+        self._codes: Tensor | None = None  # (K * (L + 2),)
+        self._code_shape: tuple[int, int] | None = None
+        self._values: Tensor | None = None  # (K or 1, L + 2)
+        self._affine: tuple[Tensor, Tensor] | None = None  # histogram index = x * a + b
         self.rows = 0
         self.top1 = 0.0
         self.top5: float | None = None
         self.kl_sum: float | None = None
 
     # -- accumulation ---------------------------------------------------------------
-    def add_pair(self, ref: Tensor, test: Tensor, levels: tuple[Tensor, Tensor] | None = None) -> None:
-        """Accumulate energies, per-token cosines and value histograms of one batch (shapes equal).
+    @staticmethod
+    def _count(total: Tensor | None, index: Tensor, size: int) -> Tensor:
+        """total + counts of `index` (integer, values in 0..size-1): (size,) int64."""
+        counts = torch.bincount(memory_order(index), minlength=size)
+        return counts if total is None else total.add_(counts)
 
-        `levels` = (values (L,), counts (L,)): the quantized tensor takes only these values, this
-        often (a per-tensor uniform site: its dequantized codes); its histogram is then built
-        from them instead of from `test`, which saves a pass.
-        """
+    def add_code_index(self, index: Tensor, rows: int, width: int, values: Tensor | None = None) -> None:
+        """Count code-histogram indices (see `codes.code_index`): `rows` x `width` columns."""
+        self._check_codes(rows, width, values)
+        self._codes = self._count(self._codes, index, rows * width)
+
+    def add_codes(self, counts: Tensor, values: Tensor | None = None) -> None:
+        """Add a ready (K, L + 2) code histogram: [clipped low, qmin..qmax, clipped high] per row (channel)."""
+        self._check_codes(*counts.shape, values)
+        flat = counts.reshape(-1).to(torch.int64)
+        self._codes = flat.clone() if self._codes is None else self._codes.add_(flat)
+
+    def _check_codes(self, rows: int, width: int, values: Tensor | None) -> None:
+        if self._code_shape not in (None, (rows, width)):
+            raise ValueError(f"code histogram {rows}x{width} differs from the earlier {self._code_shape}")
+        if values is not None and values.shape[0] not in (1, rows):
+            raise ValueError(f"values {tuple(values.shape)} do not match {rows} rows of counts")
+        self._code_shape = (rows, width)
+        if values is not None and self.elements == 0:
+            self._values = values  # only from the first batch on: all of test's histogram comes from codes
+
+    def add_pair(self, ref: Tensor, test: Tensor) -> None:
+        """Accumulate per-token norms and dot products and the value histograms of one batch."""
         if ref.shape != test.shape:
             raise ValueError(f"ref {tuple(ref.shape)} and test {tuple(test.shape)} differ in shape")
         r, t = ref.float(), test.float()
         if self.token_dim != -1:
             r, t = r.movedim(self.token_dim, -1), t.movedim(self.token_dim, -1)
         d = r - t
-        norm_r = torch.linalg.vector_norm(r, dim=-1).double()  # (tokens...)
-        norm_d = torch.linalg.vector_norm(d, dim=-1).double()
-        dot_rd = torch.linalg.vecdot(r, d, dim=-1).double()
-        # test = ref - d: <r, t> = |r|^2 - <r, d>, |t|^2 = |r|^2 - 2<r, d> + |d|^2 (no pass over t needed)
-        sq_r, sq_d = norm_r.square(), norm_d.square()
-        dot = sq_r - dot_rd
-        norm_t = (sq_r - 2 * dot_rd + sq_d).clamp_min(0.0).sqrt()
-        cos = cosine_from_dots(dot, norm_r, norm_t)
-        self.signal = self.signal + sq_r.sum()
-        self.noise = self.noise + sq_d.sum()
-        self.cos_sum = self.cos_sum + cos.sum()
-        self.cos_min = cos.min() if self.cos_min is None else torch.minimum(self.cos_min, cos.min())
-        self.tokens += cos.numel()
+        per_token = torch.stack([torch.linalg.vector_norm(r, dim=-1), torch.linalg.vector_norm(d, dim=-1), torch.linalg.vecdot(r, d, dim=-1)])
+        self._tokens.append(per_token.reshape(3, -1))
+        if self.hist_range is None:
+            self._set_range(r, t)
         self.elements += ref.numel()
-        self._add_histograms(r, t, levels)
+        self._ref_counts = self._count(self._ref_counts, self._bin_index(spread_sample(r, HIST_SAMPLES)), self.bins)
+        if self._values is None:
+            self._test_counts = self._count(self._test_counts, self._bin_index(spread_sample(t, HIST_SAMPLES)), self.bins)
 
-    def _add_histograms(self, ref: Tensor, test: Tensor, levels: tuple[Tensor, Tensor] | None) -> None:
-        first = self.hist_range is None
-        if first:  # fixed from the first batch: [min, max] of both tensors
-            lo, hi = torch.aminmax(ref)
-            if levels is None:
-                tlo, thi = torch.aminmax(test)
-            else:
-                values, counts = levels
-                used = counts > 0
-                tlo, thi = torch.where(used, values, math.inf).min(), torch.where(used, values, -math.inf).max()
-            lo, hi = float(torch.minimum(lo, tlo)), float(torch.maximum(hi, thi))
-            self.hist_range = (lo, hi if hi > lo else lo + 1.0)
-        # later batches: values beyond the first batch's range go to the edge bins
-        self.hist_ref = _accumulate(self.hist_ref, self._histogram(ref, clamp=not first))
-        if levels is None:
-            self.hist_test = _accumulate(self.hist_test, self._histogram(test, clamp=not first))
+    def _set_range(self, r: Tensor, t: Tensor) -> None:
+        """[min, max] over ref and test (test's from its used code values when known): one host sync."""
+        lo, hi = torch.aminmax(r)
+        if self._values is None:
+            tlo, thi = torch.aminmax(t)
         else:
-            self.hist_test = _accumulate(self.hist_test, self._weighted_histogram(*levels))
+            used = self._codes.view(self._code_shape) > 0
+            values = self._values.expand_as(used)
+            tlo, thi = torch.where(used, values, math.inf).min(), torch.where(used, values, -math.inf).max()
+        lo, hi = torch.stack([torch.minimum(lo, tlo), torch.maximum(hi, thi)]).tolist()
+        hi = hi if hi > lo else lo + 1.0
+        self.hist_range = (lo, hi)
+        inv_width = self.bins / (hi - lo)
+        self._affine = (r.new_full((), inv_width), r.new_full((), -lo * inv_width))
 
-    def _histogram(self, x: Tensor, clamp: bool) -> Tensor:
-        lo, hi = self.hist_range
-        if clamp:
-            x = x.clamp(lo, hi)
-        return torch.histc(x, bins=self.bins, min=lo, max=hi).double()
-
-    def _weighted_histogram(self, values: Tensor, counts: Tensor) -> Tensor:
-        """histc's binning, (v - lo) * bins / (hi - lo) floored, of `values` weighted by `counts`."""
-        lo, hi = self.hist_range
-        idx = ((values.double() - lo) * self.bins / (hi - lo)).floor_().clamp_(0, self.bins - 1).long()
-        return torch.zeros(self.bins, dtype=torch.float64, device=values.device).index_add_(0, idx, counts.double())
-
-    def add_codes(self, counts: Tensor) -> None:
-        """Add a `code_counts` histogram: (qmax - qmin + 3,) = [clipped low, qmin..qmax, clipped high]."""
-        self.counts = _accumulate(self.counts, counts.double())
+    def _bin_index(self, x: Tensor) -> Tensor:
+        """Bin of each value: (x - lo) / width, clamped to [0, bins - 1] and truncated (int32, x's shape)."""
+        scale, shift = self._affine
+        # one fused pass; after the clamp to >= 0, truncation is the floor
+        return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype)).clamp_(0, self.bins - 1).int()
 
     def add_rows(self, ref: Tensor, test: Tensor, kl: bool = False) -> None:
         """Top-1 and (rows longer than 5) top-5 agreement of rows along the last dim; logit KL with `kl`."""
         rows = ref.numel() // ref.shape[-1]
-        self.top1 += topk_hit_rate(ref, test, k=1) * rows
-        if ref.shape[-1] > 5:
-            self.top5 = (self.top5 or 0.0) + topk_hit_rate(ref, test, k=5) * rows
+        ks = (1, 5) if ref.shape[-1] > 5 else (1,)
+        rates = topk_hit_rates(ref, test, ks)
+        self.top1 += rates[0] * rows
+        if len(rates) > 1:
+            self.top5 = (self.top5 or 0.0) + rates[1] * rows
         if kl:
             self.kl_sum = (self.kl_sum or 0.0) + logit_kl(ref, test) * rows
         self.rows += rows
 
     # -- results --------------------------------------------------------------------
+    def test_counts(self) -> Tensor:
+        """The quantized tensor's value histogram (bins,), from its code counts when their values are known."""
+        if self._values is None:
+            return self._test_counts
+        if self._test_counts is None:
+            self._test_counts = self._levels_histogram()
+        return self._test_counts
+
+    def _levels_histogram(self) -> Tensor:
+        codes = self._codes.view(self._code_shape)
+        values = self._values.expand_as(codes)
+        return torch.zeros(self.bins, dtype=codes.dtype, device=codes.device).index_add_(0, self._bin_index(values).flatten(), codes.flatten())
+
     def result(self, bits: int | None = None) -> dict[str, float | int | None]:
         """The site's metrics (units as in pipeline.profile.metrics.SiteMetrics).
 
-        sqnr_db (dB), mse, cos_mean / cos_min, hist_kl (nats); with codes: sat_low_pct /
-        sat_high_pct / sat_pct (% of values clipped), levels_used of levels_total (= 2^bits),
-        level_pct (%), effective_bits (bits, log2 of the levels used); with rows:
-        top1_agreement / top5_hit_rate (0..1) and logit_kl (nats).
+        sqnr_db (dB), mse, cos_mean / cos_min (per-token cosine), hist_kl (nats); with codes:
+        sat_low_pct / sat_high_pct / sat_pct (% of values clipped), levels_used of levels_total
+        (= 2^bits), level_pct (%), effective_bits (bits, log2 of the levels used) and, with
+        per-channel counts, channel_level_pct (median over channels of the % of levels used);
+        with rows: top1_agreement / top5_hit_rate (0..1) and logit_kl (nats).
         """
         if self.elements == 0:
             raise ValueError("no batch was added")
-        host = {k: float(v) for k, v in (("signal", self.signal), ("noise", self.noise), ("cos_sum", self.cos_sum), ("cos_min", self.cos_min))}
+        norm_r, norm_d, dot_rd = torch.cat(self._tokens, dim=1).double()
+        sq_r, sq_d = norm_r.square(), norm_d.square()
+        # test = ref - d: <r, t> = |r|^2 - <r, d>, |t|^2 = |r|^2 - 2<r, d> + |d|^2
+        norm_t = (sq_r - 2 * dot_rd + sq_d).clamp_min(0.0).sqrt()
+        cos = cosine_from_dots(sq_r - dot_rd, norm_r, norm_t)
+        signal, noise, cos_mean, cos_min = torch.stack([sq_r.sum(), sq_d.sum(), cos.mean(), cos.min()]).tolist()
         out: dict[str, float | int | None] = {
-            "sqnr_db": sqnr_from_energy(host["signal"], host["noise"]),
-            "mse": host["noise"] / self.elements,
-            "cos_mean": host["cos_sum"] / self.tokens,
-            "cos_min": host["cos_min"],
-            "hist_kl": kl_from_counts(self.hist_ref, self.hist_test) if self.hist_test is not None else None,
+            "sqnr_db": sqnr_from_energy(signal, noise),
+            "mse": noise / self.elements,
+            "cos_mean": cos_mean,
+            "cos_min": cos_min,
+            "hist_kl": kl_from_counts(self._ref_counts, self.test_counts()),
         }
-        if self.counts is not None:
+        if self._codes is not None:
             out.update(self._code_metrics(bits))
         if self.rows:
             out["top1_agreement"] = self.top1 / self.rows
@@ -152,29 +215,31 @@ class SiteStats:
                 out["logit_kl"] = self.kl_sum / self.rows
         return out
 
-    def _code_metrics(self, bits: int | None) -> dict[str, float | int]:
-        counts = self.counts.cpu()
-        n = float(counts.sum())
-        low, high = 100.0 * float(counts[0]) / n, 100.0 * float(counts[-1]) / n
-        used = torch.nonzero(level_counts(counts)).flatten()  # indices of the stored codes in use
-        total_bits = bits if bits else max(1, math.ceil(math.log2(counts.numel() - 2)))
-        levels, effective, fraction = bit_utilization(used, total_bits)
+    def _code_metrics(self, bits: int | None) -> dict[str, float | int | None]:
+        counts = self._codes.view(self._code_shape).cpu()  # (K, L + 2)
+        total = counts.sum(0)
+        n = float(total.sum())
+        low, high = 100.0 * float(total[0]) / n, 100.0 * float(total[-1]) / n
+        per_code = level_counts(counts)  # (K, L)
+        bits = bits or max(1, math.ceil(math.log2(per_code.shape[1])))
+        used = torch.nonzero(per_code.sum(0)).flatten()  # the stored codes in use
+        levels, effective, fraction = bit_utilization(used, bits)
+        channel = None
+        if per_code.shape[0] > 1:
+            channel = 100.0 * float((per_code > 0).sum(1).double().median()) / 2**bits
         return {
             "sat_low_pct": low,
             "sat_high_pct": high,
             "sat_pct": low + high,
             "levels_used": levels,
-            "levels_total": 2**total_bits,
+            "levels_total": 2**bits,
             "level_pct": 100.0 * fraction,
             "effective_bits": effective,
+            "channel_level_pct": channel,
         }
 
     def histograms(self) -> dict[str, object] | None:
         """{'range': (lo, hi), 'ref': (bins,), 'test': (bins,)} on the CPU, for plots; None before any batch."""
-        if self.hist_ref is None or self.hist_test is None:
+        if self._ref_counts is None:
             return None
-        return {"range": self.hist_range, "ref": self.hist_ref.cpu(), "test": self.hist_test.cpu()}
-
-
-def _accumulate(total: Tensor | None, value: Tensor) -> Tensor:
-    return value if total is None else total + value
+        return {"range": self.hist_range, "ref": self._ref_counts.cpu(), "test": self.test_counts().cpu()}

@@ -144,6 +144,14 @@ def quantize_weight(graph: SiteGraph, name: str, spec: SiteSpec, width: int, spe
     site = module.weight_site
     weight = module.weight.detach()
     fold = _fold_scale(graph, path, specs)
+    # Searches rebind many assignments: reuse a weight already quantized for this (spec, width, fold scale).
+    key = (spec, width, None if fold is None else fold.detach().cpu().numpy().tobytes())
+    cache = module.__dict__.setdefault("_qweight_cache", {})
+    if key in cache:
+        module.qweight, scale, zp = cache[key]
+        site.bind(spec, width, scale, zp)
+        site.mode = "quant"
+        return scale, zp
     folded = weight * fold.view(1, -1) if fold is not None else weight
     observer = build_observer(spec.observer, granularity=spec.granularity, axis=0, **spec.observer_kwargs())
     observer(folded)
@@ -156,6 +164,7 @@ def quantize_weight(graph: SiteGraph, name: str, spec: SiteSpec, width: int, spe
     site.bind(spec, width, scale, zp)
     site.mode = "quant"
     module.qweight = qweight
+    cache[key] = (qweight, scale, zp)
     return scale, zp
 
 

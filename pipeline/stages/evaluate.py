@@ -3,8 +3,11 @@
 FP32 logits are cached per (model weights, data subset). With `quant.enabled`,
 the quantized model is rebuilt from the quantize stage's artifacts; the stage
 reports its top-1, the drop from FP32, argmax agreement and logit KL vs FP32,
-and the cumulative SQNR of each site's output over the first
-`evaluate.sqnr_images` images (`site_sqnr.json`, MLflow `sqnr/<role>` by block).
+and profiles every site (pipeline.profile.profiler, `profile.*`) over the first
+`profile.images` images: `profile/` (tables, HTML, plots), `site_sqnr.json`,
+MLflow series `sqnr/<role>`, `cos/<role>`, `sat/<role>`... with step = block.
+With `profile.enabled=false` only the per-site SQNR is measured, over the first
+`evaluate.sqnr_images` images.
 """
 
 from __future__ import annotations
@@ -20,6 +23,16 @@ from pipeline.quant.sites import attach_sites
 from pipeline.runner import StageContext
 
 
+def check_config(cfg) -> None:
+    """Before any run opens: a `profile.dump` glob or `profile.trace` site that names no site is an error."""
+    if not (cfg.quant.enabled and cfg.profile.enabled and (cfg.profile.dump or cfg.profile.trace)):
+        return
+    from pipeline.models import load_model
+    from pipeline.profile.profiler import check_request
+
+    check_request(cfg.profile, attach_sites(load_model(cfg.model).model), quantized_only=False)
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg
     subset = make_subset(cfg.data, ctx.fp32, "eval")
@@ -31,6 +44,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from pipeline.stages.quantize import load_quantized
 
     graph, _ = load_quantized(ctx)
+    if cfg.profile.enabled:
+        from pipeline.profile.profiler import check_request
+
+        check_request(cfg.profile, graph)  # a bad profile.dump glob or profile.trace site fails before any pass
     logits, _ = predict(graph.model, subset, ctx.device, desc="quantized")
     metrics = classification_metrics(logits, labels)
     fp = classification_metrics(ref_logits, labels)
@@ -41,31 +58,30 @@ def run(ctx: StageContext) -> dict[str, Any]:
         agreement=argmax_agreement(ref_logits, logits),
         logit_kl=logit_kl(ref_logits, logits),
     )
-    if cfg.evaluate.sqnr_images > 0:
-        fp_graph = attach_sites(ctx.fp32.model).to(ctx.device)
-        sqnr = site_sqnr(fp_graph, graph, first_images(subset.loader, cfg.evaluate.sqnr_images), ctx.device)
-        write_json(ctx.out_dir / "site_sqnr.json", {name: {"role": graph[name].role, "block": graph[name].block, "sqnr_db": v} for name, v in sqnr.items()})
-        log_by_block(ctx, "sqnr", {name: v for name, v in sqnr.items()}, graph)
-        by_role: dict[str, list[float]] = {}
-        for name, v in sqnr.items():
-            by_role.setdefault(graph[name].role, []).append(v)
-        metrics.update({f"sqnr_min/{role}": min(vs) for role, vs in by_role.items()})
-        metrics["sqnr_min"] = min(sqnr.values())
+    if cfg.profile.enabled:
+        from pipeline.profile.profiler import profile_run
+        from pipeline.profile.series import site_table
+
+        profile_metrics, rows = profile_run(ctx, graph, subset)
+        write_json(ctx.out_dir / "site_sqnr.json", site_table(rows))
+        metrics.update(profile_metrics)
+    elif cfg.evaluate.sqnr_images > 0:
+        metrics.update(_site_sqnr_only(ctx, graph, subset))
     return metrics
 
 
-def log_by_block(ctx: StageContext, prefix: str, values: dict[str, float], graph) -> None:
-    """MLflow series `<prefix>/<role>[/<leaf>]` with step = block index (sites outside blocks skipped)."""
-    per_block_roles: dict[tuple[str, int], int] = {}
-    for name in values:
-        site = graph[name]
-        if site.block is not None:
-            per_block_roles[(site.role, site.block)] = per_block_roles.get((site.role, site.block), 0) + 1
-    for name, v in values.items():
-        site = graph[name]
-        if site.block is None:
-            continue
-        shared = per_block_roles[(site.role, site.block)] > 1
-        leaf = name.split(".", 2)[2].replace(".", "_")
-        key = f"{prefix}/{site.role}/{leaf}" if shared else f"{prefix}/{site.role}"
-        ctx.tracker.log_metrics({key: v}, step=site.block)
+def _site_sqnr_only(ctx: StageContext, graph, subset) -> dict[str, Any]:
+    """Cumulative SQNR (dB) of each activation site over `evaluate.sqnr_images` images, without the profiler."""
+    from pipeline.profile.series import log_by_block
+
+    fp_graph = attach_sites(ctx.fp32.model).to(ctx.device)
+    sqnr = site_sqnr(fp_graph, graph, first_images(subset.loader, ctx.cfg.evaluate.sqnr_images), ctx.device)
+    sites = {name: (graph[name].role, graph[name].block) for name in sqnr}
+    write_json(ctx.out_dir / "site_sqnr.json", {name: {"role": role, "block": block, "sqnr_db": sqnr[name]} for name, (role, block) in sites.items()})
+    log_by_block(ctx.tracker, {"sqnr": sqnr}, sites)
+    by_role: dict[str, list[float]] = {}
+    for name, v in sqnr.items():
+        by_role.setdefault(graph[name].role, []).append(v)
+    out = {f"sqnr_min/{role}": min(vs) for role, vs in by_role.items()}
+    out["sqnr_min"] = min(sqnr.values())
+    return out

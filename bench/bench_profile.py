@@ -1,0 +1,135 @@
+"""Cost of the per-site profiler, measured in one run on the same images.
+
+On the reference model (calibrated with `quant=recommended` on N train images), over
+the first N test images in the profiler's batches (`profile.batch_size`):
+
+- one quantized forward pass over the N images,
+- the cumulative profile over the same N images (FP32 site graph + quantized graph
+  with every site's statistics, plus the data-free weight rows),
+- the isolated mode (one pass per site), reported separately; `--isolated-sites K`
+  times an evenly spaced sample of K sites and extrapolates to all of them.
+
+Target: cumulative profile <= 3x the quantized forward. Writes bench/results/profile.json.
+Usage:
+    .venv/bin/python bench/bench_profile.py [--images 64] [--recipe recommended] [--isolated-sites 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config import register_configs, register_resolvers  # noqa: E402
+from pipeline.data import make_subset  # noqa: E402
+from pipeline.models import load_model  # noqa: E402
+from pipeline.profile.flags import Thresholds, flag_rows  # noqa: E402
+from pipeline.profile.profiler import cumulative_pass, isolated_candidates, isolated_pass, profile_batches, weight_pass  # noqa: E402
+from pipeline.profile.report import write_report  # noqa: E402
+from pipeline.quant.calibration import bind, calibrate  # noqa: E402
+from pipeline.quant.recipe import resolve_recipe  # noqa: E402
+from pipeline.quant.sites import attach_sites  # noqa: E402
+from pipeline.runner import set_threads  # noqa: E402
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+@torch.inference_mode()
+def quantized_forward(graph, batches: list[torch.Tensor], device: torch.device) -> None:
+    for images in batches:
+        graph.model(images.to(device))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--recipe", default="recommended")
+    parser.add_argument("--model", default="vit_tiny_cifar10")
+    parser.add_argument("--repeats", type=int, default=3, help="best of N for the forward and the cumulative profile (interleaved)")
+    parser.add_argument("--isolated-sites", type=int, default=0, help="time the isolated mode on K evenly spaced sites and extrapolate (0 = all sites)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = one per CPU)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=str(ROOT / "bench/results/profile.json"))
+    args = parser.parse_args()
+
+    register_resolvers()
+    register_configs()
+    cfg = compose([f"model={args.model}", f"quant={args.recipe}", f"data.eval_size={args.images}", f"data.calib_size={args.images}", "data.batch_size=64", "data.num_workers=0"])
+    set_threads(args.threads)
+    device = torch.device(args.device)
+    fp32 = load_model(cfg.model)
+    graph = attach_sites(fp32.model)
+    specs = resolve_recipe(cfg.quant, graph)
+    calib = [b for b in make_subset(cfg.data, fp32, "calib").loader]  # decoded once: time compute, not JPEG decoding
+    state = calibrate(graph, specs, calib, device, list(cfg.quant.candidate_bits))
+    bind(graph, specs, state)
+    graph.to(device)
+    fp_graph = attach_sites(fp32.model).to(device)
+    batches = profile_batches(make_subset(cfg.data, fp32, "eval").loader, args.images, int(cfg.profile.batch_size))
+
+    quantized_forward(graph, batches, device)  # warm-up
+    t_forward, t_cumulative = float("inf"), float("inf")
+    for _ in range(args.repeats):  # interleaved, so that load from other processes hits both alike
+        t0 = time.perf_counter()
+        quantized_forward(graph, batches, device)
+        t_forward = min(t_forward, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        weights = weight_pass(graph)
+        cumulative = cumulative_pass(fp_graph, graph, batches, device)
+        t_cumulative = min(t_cumulative, time.perf_counter() - t0)
+
+    rows = flag_rows(weights.rows + cumulative.rows, Thresholds.from_config(cfg.profile))
+    fp_logits = cumulative.output.pop("_fp_logits")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        write_report(Path(tmp), rows, cumulative.output, {**weights.histograms, **cumulative.histograms}, Thresholds(), images=args.images)
+    t_report = time.perf_counter() - t0
+
+    candidates = isolated_candidates(graph)
+    chosen = candidates if args.isolated_sites <= 0 else candidates[:: max(1, len(candidates) // args.isolated_sites)][: args.isolated_sites]
+    isolated = isolated_pass(graph, batches, fp_logits, device, {r["site"]: r for r in weights.rows}, names=chosen)
+    per_site = isolated.seconds / max(1, len(chosen))
+
+    result = {
+        "model": args.model,
+        "recipe": args.recipe,
+        "images": args.images,
+        "batch_size": int(cfg.profile.batch_size),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "sites_profiled": len(rows),
+        "seconds": {
+            "quantized_forward": t_forward,
+            "cumulative_profile": t_cumulative,
+            "report": t_report,
+            "isolated_measured": isolated.seconds,
+            "isolated_all_sites": per_site * len(candidates),
+        },
+        "isolated": {"sites_timed": len(chosen), "sites_total": len(candidates), "per_site_s": per_site, "extrapolated": len(chosen) < len(candidates)},
+        "ratios": {"cumulative_vs_quantized_forward": t_cumulative / t_forward, "isolated_vs_quantized_forward": per_site * len(candidates) / t_forward},
+        "targets": {"cumulative_vs_quantized_forward": 3.0},
+    }
+    result["pass"] = {k: result["ratios"][k] <= v for k, v in result["targets"].items()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Sensitivity priors: the gain of raising a group, greedy fills at the budget, repair, sampling bias.
+
+gain(g, l) = sum over g's members of score(member, width at level l) - score(member, width at l + 1),
+with `score` one sensitivity method (predicted / measured increase of the loss or logit KL, nats).
+Priority = gain / extra cost ("nats saved per unit of budget").
+
+- `greedy_fill(levels)`: raise one level at a time the step with the highest priority that still
+  fits the budget (a greedy knapsack), until nothing fits.
+- `repair(levels)`: while the assignment costs more than the budget, lower by one level the raised
+  group whose current step has the lowest priority (random order for the random baseline). Every
+  assignment a trial evaluates has gone through it, so no trial ever exceeds the budget.
+- `raise_probabilities()`: P(raise g) = min(0.95, lambda * (priority_g / max priority)^temperature),
+  lambda set (bisection) so that the expected extra cost equals the budget's slack: the
+  sensitivity-biased draws of the prior-guided study before TPE takes over.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Mapping, Sequence
+
+from pipeline.errors import PipelineError
+from pipeline.search.space import Levels, SearchSpace
+
+EPS = 1e-30
+
+
+class Priors:
+    """Per-(group, level) gains from one sensitivity method."""
+
+    def __init__(self, space: SearchSpace, sensitivity: Mapping, method: str):
+        self.space, self.method = space, method
+        sites = sensitivity["sites"]
+        self.gain: dict[str, list[float]] = {}
+        for g in space.groups:
+            gains = []
+            for lvl in range(g.levels - 1):
+                total = 0.0
+                for m in g.members:
+                    if m not in sites:
+                        raise PipelineError(f"the sensitivity scores have no site {m}: they were computed for another model or recipe (rerun sensitivity)")
+                    scores = sites[m]["scores"].get(method)
+                    if scores is None:
+                        available = sorted({k for e in sites.values() for k in e["scores"]})
+                        raise PipelineError(f"search.prior={method}: the sensitivity scores have no '{method}' for {m} (available: {', '.join(available)})")
+                    lo, hi = str(g.width(m, lvl)), str(g.width(m, lvl + 1))
+                    if lo not in scores or hi not in scores:
+                        raise PipelineError(f"sensitivity scores for {m} cover widths {sorted(int(k) for k in scores)}, not {g.width(m, lvl)} and {g.width(m, lvl + 1)}: rerun sensitivity with these widths")
+                    total += scores[lo] - scores[hi]
+                gains.append(total)
+            self.gain[g.name] = gains
+
+    def priority(self, group: str, level: int) -> float:
+        """Gain per unit cost of raising `group` from `level` (0 if no gain; -inf at the top level)."""
+        gains = self.gain[group]
+        if level >= len(gains):
+            return -math.inf
+        return max(gains[level], 0.0) / max(self.space.raise_cost(group, level), EPS)
+
+    def order(self) -> list[str]:
+        """Groups by the priority of their first step, highest first (ties: forward order)."""
+        return sorted((g.name for g in self.space.groups), key=lambda n: -self.priority(n, 0))
+
+
+def greedy_fill(space: SearchSpace, priors: Priors, budget: float, levels: Levels | None = None, by: str = "ratio") -> Levels:
+    """Raise steps in priority order (by='ratio': gain/cost; by='gain': gain alone) while they fit."""
+    levels = dict(levels or space.lowest())
+    cost = space.cost(levels)
+    while True:
+        best, best_value = None, 0.0
+        for g in space.groups:
+            lvl = levels[g.name]
+            if lvl + 1 >= g.levels:
+                continue
+            extra = space.raise_cost(g.name, lvl)
+            if cost + extra > budget + 1e-12:
+                continue
+            value = priors.priority(g.name, lvl) if by == "ratio" else max(priors.gain[g.name][lvl], 0.0)
+            if best is None or value > best_value:
+                best, best_value = g.name, value
+        if best is None:
+            return levels
+        cost += space.raise_cost(best, levels[best])
+        levels[best] += 1
+
+
+def repair(space: SearchSpace, levels: Mapping[str, int], budget: float, priors: Priors | None = None, rng: random.Random | None = None) -> tuple[Levels, int]:
+    """Lower raised groups (lowest priority first, or at random without priors) until the cost fits. Returns (levels, steps lowered)."""
+    levels = {g.name: int(levels.get(g.name, 0)) for g in space.groups}
+    cost = space.cost(levels)
+    lowered = 0
+    while cost > budget + 1e-12:
+        raised = [n for n, lvl in levels.items() if lvl > 0]
+        if not raised:
+            raise PipelineError(f"search.budget={budget} is below the minimum cost {space.min_cost():.4f}")
+        if priors is not None:
+            victim = min(raised, key=lambda n: priors.priority(n, levels[n] - 1))
+        else:
+            victim = (rng or random.Random(0)).choice(raised)
+        cost -= space.raise_cost(victim, levels[victim] - 1)
+        levels[victim] -= 1
+        lowered += 1
+    return levels, lowered
+
+
+def raise_probabilities(space: SearchSpace, priors: Priors, budget: float, temperature: float = 0.5, cap: float = 0.95) -> dict[str, float]:
+    """P(raise group g by one level): proportional to (priority / max)^temperature, expected extra cost = budget slack."""
+    slack = budget - space.min_cost()
+    prio = {g.name: priors.priority(g.name, 0) for g in space.groups if g.levels > 1}
+    top = max(prio.values(), default=0.0)
+    if top <= 0 or slack <= 0:
+        return {n: 0.0 for n in prio}
+    rel = {n: (p / top) ** temperature if p > 0 else 0.0 for n, p in prio.items()}
+    cost = {n: space.raise_cost(n, 0) for n in prio}
+
+    def expected(lam: float) -> float:
+        return sum(min(cap, lam * r) * cost[n] for n, r in rel.items())
+
+    lo, hi = 0.0, 1.0
+    while expected(hi) < slack and hi < 1e12:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if expected(mid) < slack else (lo, mid)
+    return {n: min(cap, hi * r) for n, r in rel.items()}
+
+
+def greedy_seeds(space: SearchSpace, sensitivity: Mapping, methods: Sequence[str], budget: float, count: int) -> list[tuple[str, Levels]]:
+    """Up to `count` distinct greedy fills at the budget: for each method (first = the main prior), by gain/cost, then by gain."""
+    seeds: list[tuple[str, Levels]] = []
+    seen: set[str] = set()
+    for by in ("ratio", "gain"):
+        for method in methods:
+            try:
+                priors = Priors(space, sensitivity, method)
+            except PipelineError:
+                continue
+            levels = greedy_fill(space, priors, budget, by=by)
+            key = space.key(levels)
+            if key not in seen:
+                seen.add(key)
+                seeds.append((f"greedy-{method}-{by}", levels))
+            if len(seeds) >= count:
+                return seeds
+    return seeds

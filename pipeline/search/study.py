@@ -1,0 +1,462 @@
+"""The Optuna study: RDB storage, resumable multi-worker trial loop, samplers, greedy baseline.
+
+Storage: any Optuna RDB URL (default SQLite `mlruns/optuna.db`) with trial heartbeats. A
+worker that dies (SIGKILL) stops beating; after 4 heartbeats any worker marks its trial
+FAIL and re-enqueues the same parameters (RetryHeartbeatStaleTrialCallback), so a rerun of
+the same command keeps every completed trial and finishes the interrupted one.
+
+Counting: a study is done when it holds `trials` COMPLETE trials. Before each trial a worker
+checks COMPLETE + RUNNING; inside the trial, one that finds `trials` others complete or
+started before it is pruned as surplus (state PRUNED, no evaluation), so several workers on
+one storage finish exactly `trials` evaluations between them.
+
+Methods (the budget holds for every trial through `priors.repair`):
+- `prior`: `search.seeds` greedy fills at the budget (one per sensitivity method / ordering)
+  are enqueued first; until `n_startup` trials are complete, new trials are drawn with
+  P(raise g) from `priors.raise_probabilities` (sensitive, cheap groups more often); then
+  multivariate TPE (Optuna's TPESampler, seeded per trial number) proposes. Every draw is
+  repaired in sensitivity order (least gain per cost lowered first) inside the sampler, so the
+  parameters Optuna records are the evaluated, in-budget assignment.
+- `random`: each group's level uniform, repaired in random order.
+- `greedy`: measured forward selection in sensitivity order: from all-lowest, each step
+  measures raising each of the next `greedy_width` groups (priority order) that fit, keeps the
+  best; with one evaluation left, the remaining budget is filled in priority order and that
+  final assignment is measured. Steps are enqueued trials, so it resumes and shares like the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from pipeline import PROJECT_ROOT
+from pipeline.errors import PipelineError
+from pipeline.search.goal import better, direction_of
+from pipeline.search.priors import Priors, greedy_fill, raise_probabilities, repair
+from pipeline.search.space import Levels, SearchSpace
+
+log = logging.getLogger(__name__)
+
+METHODS = ("prior", "random", "greedy")
+MAX_REDRAWS = 8
+
+
+def default_storage() -> str:
+    return f"sqlite:///{PROJECT_ROOT / 'mlruns' / 'optuna.db'}"
+
+
+def _quiet_optuna() -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message=".*Heartbeat of storage.*")
+
+
+def open_storage(url: str, heartbeat_s: int = 5):
+    """An RDBStorage with heartbeats; one clear error if the URL cannot be opened."""
+    _quiet_optuna()
+    from pathlib import Path
+
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": 120}}
+    for attempt in range(6):  # two workers creating one new database race on its schema: the loser retries
+        try:
+            storage = RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=max(1, int(heartbeat_s)),
+                grace_period=4 * max(1, int(heartbeat_s)),
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+            )
+            break
+        except Exception as e:  # sqlalchemy errors, bad URLs, missing drivers
+            racing = any(m in str(e) for m in ("IntegrityError", "already exists", "database is locked"))
+            if attempt == 5 or not racing:
+                raise PipelineError(f"search.storage={url}: cannot open the Optuna storage: {str(e).splitlines()[0][:200]}") from None
+            time.sleep(0.3 + random.random())
+    if url.startswith("sqlite"):
+        _sqlite_wal(storage)
+    return storage
+
+
+def _sqlite_wal(storage) -> None:
+    """WAL journal + synchronous=NORMAL: commits without an fsync each, readers never block the writer (multi-process safe on a local disk)."""
+    from sqlalchemy import event
+
+    def on_connect(dbapi_connection, _record) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    event.listen(storage.engine, "connect", on_connect)
+    storage.engine.dispose()  # pooled connections made before the listener reconnect with it
+
+
+def open_study(storage, name: str, direction: str, sampler, fingerprint: str):
+    """Create the study, or load it if it exists with the same fingerprint. Returns (study, created)."""
+    import optuna
+
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, direction=direction, sampler=sampler)
+        study.set_user_attr("fingerprint", fingerprint)
+        return study, True
+    except optuna.exceptions.DuplicatedStudyError:
+        pass
+    study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    for _ in range(20):  # the creator sets the fingerprint right after creating
+        found = study.user_attrs.get("fingerprint")
+        if found is not None:
+            break
+        time.sleep(0.5)
+    if found is not None and found != fingerprint:
+        raise PipelineError(f"study '{name}' in the storage was made for another search (model, recipe, space, objective or budget differ): choose another search.study_name")
+    if study.direction.name.lower() != direction:
+        raise PipelineError(f"study '{name}' {study.direction.name.lower()}s, but search.objective needs {direction}")
+    return study, False
+
+
+# -- sampler -------------------------------------------------------------------------------
+
+
+def _trial_seed(seed: int, number: int) -> int:
+    return (seed * 1_000_003 + number * 7919 + 12345) % (2**31 - 1)
+
+
+def make_sampler(space: SearchSpace, budget: float, method: str, priors: Priors | None, probs: Mapping[str, float] | None, seed: int, n_startup: int):
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+    from optuna.samplers import BaseSampler, TPESampler
+    from optuna.trial import TrialState
+
+    class BudgetSampler(BaseSampler):
+        """Joint (relative) sampling of every group's level, repaired to the budget before Optuna records it."""
+
+        def __init__(self) -> None:
+            self.dists = {g.name: CategoricalDistribution(list(range(g.levels))) for g in space.groups if g.levels > 1}
+
+        def infer_relative_search_space(self, study, trial):
+            return dict(self.dists)
+
+        def _draw(self, name: str, rng: random.Random) -> int:
+            g = space.by_name[name]
+            if method == "prior" and probs is not None:
+                return rng.randrange(1, g.levels) if rng.random() < probs.get(name, 0.0) else 0
+            return rng.randrange(g.levels)
+
+        def sample_relative(self, study, trial, search_space):
+            if not search_space:
+                return {}
+            rng = random.Random(_trial_seed(seed, trial.number))
+            trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))
+            taken = {space.key(t.params or t.system_attrs.get("fixed_params", {})) for t in trials if t.number != trial.number}
+            complete = sum(1 for t in trials if t.state == TrialState.COMPLETE)
+            for attempt in range(MAX_REDRAWS):  # a proposal that repeats a measured assignment is drawn again
+                params: dict[str, Any] = {}
+                source = "prior-draw" if method == "prior" else method
+                if method == "prior" and complete >= n_startup:
+                    tpe = TPESampler(seed=_trial_seed(seed, trial.number) + attempt, n_startup_trials=0, multivariate=True, constant_liar=True)
+                    params = tpe.sample_relative(study, trial, search_space)
+                    source = "tpe"
+                if not params:
+                    params = {n: self._draw(n, rng) for n in search_space}
+                levels, lowered = repair(space, params, budget, priors if method != "random" else None, rng)
+                if space.key(levels) not in taken:
+                    break
+            trial_source[trial.number] = source
+            trial_lowered[trial.number] = lowered
+            return {n: levels[n] for n in search_space}
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            if param_name in space.by_name:
+                return self._draw(param_name, random.Random(_trial_seed(seed, trial.number) + hash(param_name) % 1000))
+            return optuna.samplers.RandomSampler().sample_independent(study, trial, param_name, param_distribution)
+
+    trial_source: dict[int, str] = {}
+    trial_lowered: dict[int, int] = {}
+    sampler = BudgetSampler()
+    sampler.trial_source, sampler.trial_lowered = trial_source, trial_lowered
+    return sampler
+
+
+# -- trial loop -----------------------------------------------------------------------------
+
+
+@dataclass
+class TrialRecord:
+    method: str
+    number: int
+    value: float
+    cost: float
+    metrics: dict[str, float]
+    levels: Levels
+    source: str
+    duplicate_of: int | None = None
+    trial_s: float = 0.0
+
+
+@dataclass
+class MethodRun:
+    """What one method's study produced (all of its complete trials, whoever ran them)."""
+
+    method: str
+    study_name: str
+    records: list[TrialRecord] = field(default_factory=list)
+    evaluated_here: int = 0
+    seconds: float = 0.0
+
+    def best(self, objective: str) -> TrialRecord | None:
+        best = None
+        for r in self.records:
+            if best is None or better(objective, r.value, best.value) or (r.value == best.value and r.cost < best.cost):
+                best = r
+        return best
+
+    @property
+    def evaluations(self) -> int:
+        return sum(1 for r in self.records if r.duplicate_of is None)
+
+
+class TrialObjective:
+    """The function Optuna calls: levels -> repaired assignment -> metrics (or a cached duplicate)."""
+
+    def __init__(self, space: SearchSpace, evaluate: Callable[[dict[str, int]], dict[str, float]], budget: float, objective: str, method: str, priors: Priors | None, n_trials: int, sampler, on_trial: Callable[..., None] | None = None, study_name: str = "", queued_only: bool = False, seed: int = 0):
+        self.space, self.evaluate, self.budget, self.objective = space, evaluate, budget, objective
+        self.method, self.priors, self.n_trials, self.sampler = method, priors, n_trials, sampler
+        self.on_trial, self.study_name, self.queued_only, self.seed = on_trial, study_name, queued_only, seed
+        self.evaluated = 0
+
+    def __call__(self, trial) -> float:
+        import optuna
+        from optuna.trial import TrialState
+
+        t0 = time.perf_counter()
+        study = trial.study
+        source = trial.user_attrs.get("source")
+        if self.queued_only and source is None:
+            raise optuna.TrialPruned("greedy: no queued step for this trial")
+        if _surplus(study, trial.number, self.n_trials):
+            raise optuna.TrialPruned("surplus: the study already has its trials")
+        fixed = dict(getattr(trial, "_fixed_params", {}) or {})  # enqueued (seeds, greedy steps, retries)
+        proposed = {} if len(fixed) >= len(self.space.groups) else trial.relative_params  # the sampler's joint draw, already repaired
+        raw = {g.name: int(fixed.get(g.name, proposed.get(g.name, 0))) for g in self.space.groups if g.levels > 1}
+        levels, lowered = repair(self.space, raw, self.budget, self.priors if self.method != "random" else None, random.Random(_trial_seed(self.seed, trial.number)))
+        write_params(trial, {n: v for n, v in levels.items() if n in raw}, self.space)
+        lowered += getattr(self.sampler, "trial_lowered", {}).pop(trial.number, 0)
+        source = source or getattr(self.sampler, "trial_source", {}).pop(trial.number, self.method)
+        cost = self.space.cost(levels)
+        assert cost <= self.budget + 1e-9, (cost, self.budget)
+        key = self.space.key(levels)
+        duplicate = next((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if (t.user_attrs.get("result") or {}).get("key") == key), None)
+        if duplicate is not None:
+            metrics = dict(duplicate.user_attrs["result"]["metrics"])
+        else:
+            metrics = self.evaluate(self.space.widths(levels))
+            self.evaluated += 1
+        record = TrialRecord(self.method, trial.number, metrics[self.objective], cost, metrics, levels, source, duplicate.number if duplicate else None, 0.0)
+        if self.on_trial is not None:
+            record.trial_s = time.perf_counter() - t0
+            self.on_trial(record, self.space, self.study_name)
+        record.trial_s = time.perf_counter() - t0
+        trial.set_user_attr("result", {"key": key, "levels": levels, "cost": cost, "metrics": metrics, "source": source, "lowered": lowered, "duplicate_of": record.duplicate_of, "trial_s": record.trial_s})
+        return metrics[self.objective]
+
+
+def write_params(trial, levels: Mapping[str, int], space: SearchSpace) -> None:
+    """Record every group's level as the trial's parameters in ONE storage transaction.
+
+    `trial.suggest_categorical` commits once per parameter (a few ms each on SQLite, i.e. about
+    a second per trial for ~160 groups); this writes the same rows (Optuna's own RDB models)
+    in one commit and updates the trial's cached view, so later suggests are no-ops. Storages
+    other than RDB, or an Optuna without these internals, fall back to suggest_categorical.
+    """
+    from optuna.distributions import CategoricalDistribution, distribution_to_json
+
+    todo = {n: int(v) for n, v in levels.items() if n not in trial.params}
+    dists = {n: CategoricalDistribution(list(range(space.by_name[n].levels))) for n in todo}
+    try:
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import RDBStorage, _create_scoped_session
+
+        backend = getattr(trial.storage, "_backend", trial.storage)
+        if not isinstance(backend, RDBStorage):
+            raise TypeError
+        with _create_scoped_session(backend.scoped_session, True) as session:
+            row = models.TrialModel.find_or_raise_by_id(trial._trial_id, session)
+            backend.check_trial_is_updatable(trial._trial_id, row.state)
+            for name, value in todo.items():
+                session.add(models.TrialParamModel(trial_id=trial._trial_id, param_name=name, param_value=dists[name].to_internal_repr(value), distribution_json=distribution_to_json(dists[name])))
+        cached = trial._cached_frozen_trial
+        cached.params.update(todo)
+        cached.distributions.update(dists)
+    except (ImportError, AttributeError, TypeError):
+        for name, value in todo.items():
+            trial._fixed_params[name] = value
+            trial.suggest_categorical(name, dists[name].choices)
+
+
+def _surplus(study, number: int, n_trials: int | None) -> bool:
+    if n_trials is None:
+        return False
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    ahead = sum(1 for t in trials if t.state == TrialState.COMPLETE or (t.state == TrialState.RUNNING and t.number < number))
+    return ahead >= n_trials
+
+
+def _counts(study) -> tuple[int, int, int]:
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    fail_stale_trials(study)
+    trials = study.get_trials(deepcopy=False)
+    return tuple(sum(1 for t in trials if t.state == s) for s in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))  # type: ignore[return-value]
+
+
+def run_trials(study, objective: TrialObjective, n_trials: int, poll_s: float = 1.0) -> None:
+    """Run trials in this process until the study holds `n_trials` complete ones (shared with other workers)."""
+    while True:
+        complete, running, waiting = _counts(study)
+        if complete >= n_trials:
+            return
+        if complete + running >= n_trials:
+            time.sleep(poll_s)  # others are finishing the last trials (or a dead worker's trial goes stale)
+            continue
+        study.optimize(objective, n_trials=1, catch=(), gc_after_trial=False)
+
+
+def run_queue(study, objective: TrialObjective, poll_s: float = 1.0) -> None:
+    """Run enqueued trials until none is waiting or running."""
+    while True:
+        complete, running, waiting = _counts(study)
+        if waiting:
+            study.optimize(objective, n_trials=1, catch=(), gc_after_trial=False)
+        elif running:
+            time.sleep(poll_s)
+        else:
+            return
+
+
+def enqueue(study, levels: Levels, source: str) -> None:
+    study.enqueue_trial({k: int(v) for k, v in levels.items()}, user_attrs={"source": source}, skip_if_exists=True)
+
+
+def seed_study(study, seeds: list[tuple[str, Levels]]) -> None:
+    """Enqueue the greedy seeds once per study (the creator does it; a loader only if they are missing)."""
+    if study.user_attrs.get("seeded"):
+        return
+    for source, levels in seeds:
+        enqueue(study, levels, source)
+    study.set_user_attr("seeded", True)
+
+
+def greedy_plan(space: SearchSpace, priors: Priors, budget: float, n: int, width: int, results: Mapping[str, float], objective: str) -> tuple[list[tuple[str, Levels]], bool]:
+    """Next greedy assignments to measure given the measured `results` (key -> value); (plan, done)."""
+    base = space.lowest()
+    order = priors.order()
+    used, step = 0, 0
+    while True:
+        cost = space.cost(base)
+        cands = []
+        for name in sorted(order, key=lambda g: -priors.priority(g, base[g])):
+            g = space.by_name[name]
+            lvl = base[name]
+            if lvl + 1 < g.levels and cost + space.raise_cost(name, lvl) <= budget + 1e-12:
+                cands.append({**base, name: lvl + 1})
+                if len(cands) >= width:
+                    break
+        k = min(len(cands), n - used - 1)
+        if k <= 0:
+            final = greedy_fill(space, priors, budget, base)
+            key = space.key(final)
+            return ([] if key in results else [("greedy-final", final)]), key in results
+        cands = cands[:k]
+        missing = [(f"greedy-step{step}", c) for c in cands if space.key(c) not in results]
+        if missing:
+            return missing, False
+        best = cands[0]
+        for c in cands[1:]:
+            if better(objective, results[space.key(c)], results[space.key(best)]):
+                best = c
+        base, used, step = best, used + k, step + 1
+
+
+def run_greedy(study, objective: TrialObjective, space: SearchSpace, priors: Priors, budget: float, n: int, width: int, objective_name: str, poll_s: float = 1.0) -> None:
+    from optuna.trial import TrialState
+
+    while True:
+        results = {t.user_attrs["result"]["key"]: t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "result" in t.user_attrs}
+        plan, done = greedy_plan(space, priors, budget, n, max(1, width), results, objective_name)
+        if done or not plan:
+            if not plan:
+                run_queue(study, objective, poll_s)
+            if done:
+                return
+            continue
+        for source, levels in plan:
+            enqueue(study, levels, source)
+        run_queue(study, objective, poll_s)
+
+
+def records_of(study, method: str, objective: str) -> list[TrialRecord]:
+    from optuna.trial import TrialState
+
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        r = t.user_attrs.get("result")
+        if not r:
+            continue
+        out.append(TrialRecord(method, t.number, float(t.value), float(r["cost"]), dict(r["metrics"]), {k: int(v) for k, v in r["levels"].items()}, r.get("source", method), r.get("duplicate_of"), float(r.get("trial_s", 0.0))))
+    return out
+
+
+def run_method(
+    method: str,
+    storage,
+    study_name: str,
+    fingerprint: str,
+    space: SearchSpace,
+    evaluate: Callable[[dict[str, int]], dict[str, float]],
+    budget: float,
+    objective: str,
+    trials: int,
+    sensitivity: Mapping | None,
+    prior_method: str,
+    seeds: int,
+    n_startup: int,
+    temperature: float,
+    greedy_width: int,
+    seed: int,
+    on_trial: Callable[..., None] | None = None,
+) -> MethodRun:
+    """Open (or resume) the method's study and run it to `trials` complete trials."""
+    from pipeline.search.priors import greedy_seeds
+
+    t0 = time.perf_counter()
+    priors = Priors(space, sensitivity, prior_method) if sensitivity is not None and method != "random" else None
+    if method in ("prior", "greedy") and priors is None:
+        raise PipelineError(f"search.method={method} needs sensitivity scores")
+    probs = raise_probabilities(space, priors, budget, temperature) if method == "prior" else None
+    sampler = make_sampler(space, budget, method, priors, probs, seed, n_startup)
+    study, created = open_study(storage, study_name, direction_of(objective), sampler, fingerprint)
+    obj = TrialObjective(space, evaluate, budget, objective, method, priors, trials if method != "greedy" else None, sampler, on_trial, study_name, queued_only=method == "greedy", seed=seed)
+    if method == "prior":
+        others = [m for m in ("noise_kl", "hessian", "noise_loss", "isolated_kl") if m != prior_method]
+        seed_study(study, greedy_seeds(space, sensitivity, [prior_method, *others], budget, seeds) if seeds > 0 else [])
+    if method == "greedy":
+        run_greedy(study, obj, space, priors, budget, trials, greedy_width, objective)
+    else:
+        run_trials(study, obj, trials)
+    run = MethodRun(method, study_name, records_of(study, method, objective), obj.evaluated, time.perf_counter() - t0)
+    log.info("search %s: %d complete trials (%d evaluated here) in %.1f s", method, len(run.records), obj.evaluated, run.seconds)
+    return run

@@ -1,0 +1,39 @@
+"""A search worker process (`search.workers > 1`): rebuilds the setup and runs the same studies.
+
+Started with the `spawn` method by the search stage; it shares the Optuna storage with the
+stage's own process (and with any other command running the same study), logs its trials
+below the stage's MLflow run, and exits 0 when the studies are complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def worker_main(payload: dict[str, Any], index: int) -> None:
+    import torch
+    from omegaconf import OmegaConf
+
+    from pipeline.artifacts import read_json
+    from pipeline.config import TrackingConfig
+    from pipeline.errors import PipelineError
+    from pipeline.models import load_model
+    from pipeline.stages.search import prepare, run_methods
+    from pipeline.tracking import Tracker
+
+    logging.basicConfig(level=logging.INFO, format=f"[search worker {index}] %(message)s")
+    torch.set_num_threads(max(1, int(payload.get("threads") or 1)))
+    cfg = OmegaConf.create(payload["cfg"])
+    try:
+        fp32 = load_model(cfg.model)
+        sensitivity = read_json(payload["sensitivity"]) if payload.get("sensitivity") else None
+        setup = prepare(cfg, fp32, torch.device(payload["device"]), Path(payload["calib_dir"]), sensitivity)
+        tracking = TrackingConfig(**{k: v for k, v in dict(cfg.tracking).items() if k in TrackingConfig.__dataclass_fields__})
+        tracker = Tracker.attach(tracking, payload.get("run_id"))
+        run_methods(cfg, fp32, setup, payload["storage"], tracker)
+    except PipelineError as e:
+        print(f"error: search worker {index}: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -1,0 +1,1 @@
+"""Per-site sensitivity: Hutchinson Hessian traces, HAWQ-V2 scores, noise injection, rank statistics."""

@@ -1,0 +1,368 @@
+"""Per-site sensitivity scores of a calibrated SiteGraph.
+
+Every score estimates how much the task loss (cross-entropy with the labels, nats) or the
+logit KL vs FP32 (nats) grows when ONE site is quantized at a width `b`, everything else FP32.
+
+- `hessian`: second-order, from Hutchinson traces (double backward through the FP32 model
+  with the task loss on calibration batches; one joint Rademacher HVP per sample estimates
+  every site's block trace at once):
+    weights: the HAWQ-V2 score  Omega(b) = Tr(H_W)/n * ||Q_b(W) - W||^2  (Q_b(W): the effective
+             weight the quantized model uses, per-channel folding included);
+    activations: the same quantity with the expected noise energy spread per channel,
+             Omega(b) = sum_c diag(H)_c * step_c(b)^2 / 12  (diag summed per channel, from
+             E[v * Hv]; = Tr(H)/n * E||Q_b(a) - a||^2 for a per-tensor scale); log2 (softmax)
+             sites: sum_i diag(H)_i * x_i^2 * (ln 2)^2 / 12 (relative rounding in the log domain).
+  The expected loss increase is about Omega / 2.
+- `noise_kl`, `noise_loss`: noise injection. Noise with the variance of the site's rounding
+  noise at `noise_bits` (uniform U(-step/2, step/2), or Gaussian with variance step^2/12, with
+  the per-channel calibrated step) is added to one site at a time on fixed batches; the
+  increase of the task loss and the logit KL vs FP32 are measured. Weights get the same with
+  the effective weight's per-element step. log2 sites get multiplicative noise 2^u,
+  u ~ U(-1/2, 1/2). Other widths are extrapolated by the ratio of mean squared steps (the
+  rounding-noise variance; for weights the ratio of ||Q_b(W) - W||^2), exact to first order.
+- `isolated_kl`, `isolated_loss`, `isolated_agreement`: the site really quantized alone (the
+  profiler's isolated mode) on the same batches, at every width it can take (clipping included:
+  a range that clips at 8 bits clips at 16 too). At `noise_bits` it is the reference the other
+  methods are ranked against.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from pipeline.profile.metrics import argmax_agreement, logit_kl
+from pipeline.quant.calibration import CalibState, bind, quantize_weight
+from pipeline.quant.recipe import SiteSpec
+from pipeline.quant.sites import Site, SiteGraph
+from pipeline.sensitivity.hutchinson import hutchinson_trace
+from pipeline.sensitivity.probe import SuffixRunner, replace_forward, replace_weight, weight_of
+
+log = logging.getLogger(__name__)
+
+LOG2_NOISE = math.log(2) ** 2 / 12  # E[(u ln 2)^2], u ~ U(-1/2, 1/2): relative noise energy of log2 rounding
+METHODS = ("noise_kl", "noise_loss", "hessian", "isolated_kl", "isolated_loss")
+
+
+@dataclass
+class SensitivitySettings:
+    hutchinson_iters: int = 50
+    hutchinson_tol: float = 0.01
+    hutchinson_min_iters: int = 8
+    activation_hessian: bool = True
+    noise_bits: int = 8
+    noise: str = "uniform"
+    noise_clip: bool = False
+    weights: bool = True
+    isolated: bool = True
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "SensitivitySettings":
+        return cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
+
+
+def scoreable(graph: SiteGraph, specs: Mapping[str, SiteSpec]) -> list[str]:
+    """Sites with a width to choose: enabled uniform or log2 sites (int_softmax depends on its scores site)."""
+    return [n for n in graph.names() if specs[n].enabled and specs[n].quantizer in ("uniform", "log2")]
+
+
+def act_widths(state: CalibState, name: str, spec: SiteSpec, wanted: Sequence[int]) -> list[int]:
+    """Widths an activation site can take: calibrated ones (uniform) or any wanted one (log2: no qparams)."""
+    if spec.quantizer == "log2":
+        return sorted(set(wanted))
+    return list(state.index["sites"].get(name, {}).get("bits", []))
+
+
+class SensitivityProbe:
+    """Holds the FP32 SiteGraph (all sites `fp`), the recipe's weights per width, and fixed batches."""
+
+    def __init__(self, graph: SiteGraph, specs: Mapping[str, SiteSpec], state: CalibState, weight_widths: Sequence[int], act_wanted: Sequence[int], device: torch.device):
+        self.graph, self.specs, self.state, self.device = graph, dict(specs), state, device
+        self.names = scoreable(graph, specs)
+        self.weights = [n for n in self.names if graph[n].role == "weight"]
+        self.acts = [n for n in self.names if graph[n].role != "weight"]
+        # Effective weights Q_b(W) at every width, folded with the producers' recipe-width scales.
+        graph.to(device)
+        bind(graph, specs, state)
+        self.qweights: dict[str, dict[int, Tensor]] = {}
+        self.wscales: dict[str, dict[int, Tensor]] = {}
+        self.folds: dict[str, Tensor | None] = {}
+        for name in self.weights:
+            module = graph.module(name.rsplit(".", 1)[0])
+            producer = graph.consumers.get(name.rsplit(".", 1)[0])
+            fold = graph[producer].scale if producer and graph[producer].mode == "quant" and graph[producer].per_channel else None
+            self.folds[name] = None if fold is None else fold.detach().clone()
+            self.qweights[name], self.wscales[name] = {}, {}
+            for b in sorted(set(weight_widths) | {specs[name].bits}):
+                scale, _ = quantize_weight(graph, name, specs[name], b, specs)
+                self.qweights[name][b] = module.qweight.detach().clone()
+                self.wscales[name][b] = scale.detach().clone()
+        self.act_bits = {n: act_widths(state, n, specs[n], act_wanted) for n in self.acts}
+        graph.set_mode("fp")
+        for name in self.weights:
+            graph.module(name.rsplit(".", 1)[0]).qweight = None
+
+    # -- per-site noise models -------------------------------------------------------------
+    def weight_error_energy(self, name: str, b: int) -> float:
+        w = weight_of(self.graph, name).detach()
+        return float((self.qweights[name][b] - w).double().square().sum())
+
+    def act_step_sq(self, name: str, b: int) -> Tensor:
+        """step^2 per channel (or one element) of a uniform activation site at width b."""
+        scale, _ = self.state.qparams(name, b)
+        return scale.double().square()
+
+    def noise_factor(self, name: str, b: int, nb: int) -> float:
+        """Rounding-noise energy at width b relative to width nb (for extrapolating noise scores)."""
+        site = self.graph[name]
+        if site.role == "weight":
+            base = self.weight_error_energy(name, nb)
+            return self.weight_error_energy(name, b) / base if base > 0 else 0.0
+        if self.specs[name].quantizer == "log2":
+            return 1.0
+        return float(self.act_step_sq(name, b).mean() / self.act_step_sq(name, nb).mean().clamp_min(1e-300))
+
+
+def _broadcast(t: Tensor, x: Tensor, axis: int) -> Tensor:
+    if t.numel() == 1:
+        return t.reshape(()).to(x.device, x.dtype)
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return t.reshape(shape).to(x.device, x.dtype)
+
+
+def _unit_noise(shape: torch.Size, kind: str, gen: torch.Generator) -> Tensor:
+    if kind == "uniform":
+        return torch.rand(shape, generator=gen) - 0.5
+    if kind == "gaussian":
+        return torch.randn(shape, generator=gen) * (1 / 12) ** 0.5
+    raise ValueError(f"unknown noise '{kind}' (uniform or gaussian)")
+
+
+def act_noise_fn(probe: SensitivityProbe, name: str, b: int, settings: SensitivitySettings, gen: torch.Generator):
+    """x -> x + rounding-like noise of site `name` at width b (the site's FP32 input is x)."""
+    site: Site = probe.graph[name]
+    spec = probe.specs[name]
+    if spec.quantizer == "log2":
+        def log2_noise(x: Tensor) -> Tensor:
+            u = _unit_noise(x.shape, settings.noise, gen).to(x.device, x.dtype)
+            y = x * torch.exp2(u)
+            if settings.noise_clip:
+                y = y.masked_fill(x < 2.0 ** -(2**b - 1), 0.0).clamp_max(1.0)
+            return y
+        return log2_noise
+    scale, zp = probe.state.qparams(name, b)
+    from pipeline.quant.quantizers import qrange
+
+    qmin, qmax = qrange(b, spec.signed)
+
+    def uniform_noise(x: Tensor) -> Tensor:
+        step = _broadcast(scale.float(), x, site.axis)
+        y = x + _unit_noise(x.shape, settings.noise, gen).to(x.device, x.dtype) * step
+        if settings.noise_clip:
+            z = _broadcast(zp.float(), x, site.axis)
+            y = torch.maximum(torch.minimum(y, (qmax - z) * step), (qmin - z) * step)
+        return y
+    return uniform_noise
+
+
+def weight_noise(probe: SensitivityProbe, name: str, b: int, settings: SensitivitySettings, gen: torch.Generator) -> Tensor:
+    """W + noise with the effective weight's per-element step at width b: step_c (per output channel), / s_j when folded."""
+    w = weight_of(probe.graph, name).detach()
+    scale = probe.wscales[name][b].float().to(w.device)
+    step = scale.reshape(-1, *([1] * (w.dim() - 1))) if scale.numel() > 1 else scale.reshape(())
+    fold = probe.folds[name]
+    if fold is not None:
+        step = step / fold.to(w.device).reshape(1, -1)
+    noisy = w + _unit_noise(w.shape, settings.noise, gen).to(w.device) * step
+    if settings.noise_clip:
+        noisy = torch.maximum(torch.minimum(noisy, w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True)), -w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True))
+    return noisy
+
+
+# -- passes ------------------------------------------------------------------------------------
+
+
+def _site_gen(seed: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+
+@torch.inference_mode()
+def output_change(runner: SuffixRunner, start: int | None, fp_logits: list[Tensor], labels: list[Tensor], fp_loss: float) -> dict[str, float]:
+    logits = torch.cat([runner.run(i, start).float().cpu() for i in range(len(runner.batches))])
+    ref = torch.cat(fp_logits)
+    y = torch.cat(labels)
+    return {
+        "kl": logit_kl(ref, logits),
+        "loss": F.cross_entropy(logits.double(), y).item() - fp_loss,
+        "agreement": argmax_agreement(ref, logits),
+    }
+
+
+def noise_injection(probe: SensitivityProbe, runner: SuffixRunner, fp_logits: list[Tensor], labels: list[Tensor], settings: SensitivitySettings, names: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+    """{site: {kl, loss, agreement}} with noise of width `noise_bits` at one site at a time."""
+    fp_loss = F.cross_entropy(torch.cat(fp_logits).double(), torch.cat(labels)).item()
+    out: dict[str, dict[str, float]] = {}
+    nb = settings.noise_bits
+    for index, name in enumerate(tqdm(names if names is not None else probe.names, desc="noise injection", unit="site", leave=False)):
+        site = probe.graph[name]
+        gen = _site_gen(settings.seed, index)
+        start = runner.start(name)
+        if site.role == "weight":
+            if not settings.weights:
+                continue
+            with replace_weight(probe.graph, name, weight_noise(probe, name, nb, settings, gen)):
+                out[name] = output_change(runner, start, fp_logits, labels, fp_loss)
+        else:
+            if nb not in probe.act_bits[name]:
+                continue
+            with replace_forward(site, act_noise_fn(probe, name, nb, settings, gen)):
+                out[name] = output_change(runner, start, fp_logits, labels, fp_loss)
+    return out
+
+
+def isolated_quantization(probe: SensitivityProbe, runner: SuffixRunner, fp_logits: list[Tensor], labels: list[Tensor], bits: int, names: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+    """{site: {kl, loss, agreement}} with one site really quantized at `bits` (everything else FP32)."""
+    fp_loss = F.cross_entropy(torch.cat(fp_logits).double(), torch.cat(labels)).item()
+    out: dict[str, dict[str, float]] = {}
+    for name in tqdm(names if names is not None else probe.names, desc="isolated quantization", unit="site", leave=False):
+        site = probe.graph[name]
+        spec = probe.specs[name]
+        start = runner.start(name)
+        if site.role == "weight":
+            if bits not in probe.qweights[name]:
+                continue
+            with replace_weight(probe.graph, name, probe.qweights[name][bits]):
+                out[name] = output_change(runner, start, fp_logits, labels, fp_loss)
+            continue
+        if bits not in probe.act_bits[name]:
+            continue
+        if spec.quantizer == "uniform":
+            site.bind(spec, bits, *probe.state.qparams(name, bits))
+        else:
+            site.bind(spec, bits, None, None)
+        site.mode = "quant"
+        try:
+            out[name] = output_change(runner, start, fp_logits, labels, fp_loss)
+        finally:
+            site.mode = "fp"
+    return out
+
+
+def hessian_traces(probe: SensitivityProbe, batches: list[Tensor], labels: list[Tensor], settings: SensitivitySettings) -> dict[str, Any]:
+    """Hutchinson over every weight site's parameter and (optionally) every activation site, averaged over batches.
+
+    Returns {"weights": {site: trace}, "acts": {site: {"trace", "diag" (per channel or (1,)), "x2_diag" (log2 sites)}},
+    "iters": [...], "converged": [...], "seconds": s}.
+    """
+    graph, device = probe.graph, probe.device
+    t0 = time.perf_counter()
+    model = graph.model
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wparams = [weight_of(graph, n) for n in probe.weights]
+    for p in wparams:
+        p.requires_grad_(True)
+    acc_w = {n: 0.0 for n in probe.weights}
+    acc_a: dict[str, dict[str, Tensor | float]] = {}
+    iters, converged = [], []
+    gen = torch.Generator().manual_seed(settings.seed + 7)
+    try:
+        for bi, (images, y) in enumerate(zip(batches, labels)):
+            images, y = images.to(device), y.to(device)
+            acts = probe.acts if settings.activation_hessian else []
+            # Shapes (and, for log2 sites, the values) of each activation site on this batch.
+            seen: dict[str, Tensor | torch.Size] = {}
+            log2 = {n for n in acts if probe.specs[n].quantizer == "log2"}
+            graph.set_tap(lambda s, x, out: seen.__setitem__(s.name, x.detach() if s.name in log2 else x.shape), acts)
+            with torch.no_grad():
+                model(images)
+            graph.set_tap(None, acts)
+            acts = [n for n in acts if n in seen]
+            deltas = [torch.zeros(seen[n].shape if n in log2 else seen[n], device=device, requires_grad=True) for n in acts]
+            reducers: list[Any] = [None] * len(wparams)
+            for n in acts:
+                site = graph[n]
+                if n in log2:
+                    x2 = seen[n].square()
+                    reducers.append(lambda p, x2=x2: (p * x2).sum().reshape(1))
+                elif probe.specs[n].per_channel:
+                    reducers.append(lambda p, axis=site.axis: p.movedim(axis, -1).reshape(-1, p.shape[axis]).sum(0))
+                else:
+                    reducers.append(lambda p: p.sum().reshape(1))
+            contexts = [replace_forward(graph[n], lambda x, d=d: x + d) for n, d in zip(acts, deltas)]
+            for c in contexts:
+                c.__enter__()
+            try:
+                result = hutchinson_trace(
+                    lambda: F.cross_entropy(model(images), y),
+                    [*wparams, *deltas],
+                    iters=settings.hutchinson_iters,
+                    tol=settings.hutchinson_tol,
+                    generator=gen,
+                    min_iters=settings.hutchinson_min_iters,
+                    diag_reduce=reducers,
+                )
+            finally:
+                for c in reversed(contexts):
+                    c.__exit__(None, None, None)
+            iters.append(result.iters)
+            converged.append(result.converged)
+            for n, t in zip(probe.weights, result.traces[: len(wparams)]):
+                acc_w[n] += t / len(batches)
+            for n, t, d in zip(acts, result.traces[len(wparams):], result.diag[len(wparams):]):
+                entry = acc_a.setdefault(n, {"trace": 0.0, "diag": torch.zeros_like(d, dtype=torch.float64)})
+                entry["trace"] += t / len(batches)
+                entry["diag"] = entry["diag"] + d.double().cpu() / len(batches)
+            del deltas, seen, result
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+        graph.set_tap(None)
+    return {"weights": acc_w, "acts": acc_a, "iters": iters, "converged": converged, "seconds": time.perf_counter() - t0}
+
+
+def hessian_scores(probe: SensitivityProbe, traces: Mapping[str, Any]) -> dict[str, dict[int, float]]:
+    """Omega(b) per site and width (see the module docstring)."""
+    out: dict[str, dict[int, float]] = {}
+    for name, trace in traces["weights"].items():
+        n = weight_of(probe.graph, name).numel()
+        out[name] = {b: trace / n * probe.weight_error_energy(name, b) for b in probe.qweights[name]}
+    for name, entry in traces["acts"].items():
+        diag = entry["diag"]
+        if probe.specs[name].quantizer == "log2":
+            out[name] = {b: float(diag.sum()) * LOG2_NOISE for b in probe.act_bits[name]}
+            continue
+        scores = {}
+        for b in probe.act_bits[name]:
+            step_sq = probe.act_step_sq(name, b)
+            scores[b] = float((diag * step_sq).sum() / 12) if diag.numel() == step_sq.numel() else float(diag.sum() * step_sq.mean() / 12)
+        out[name] = scores
+    return out
+
+
+# -- ranking statistics --------------------------------------------------------------------------
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman rank correlation of paired values (None with fewer than 3 pairs or a constant side)."""
+    if len(a) < 3:
+        return None
+    from scipy.stats import spearmanr
+
+    rho = spearmanr(a, b).statistic
+    return None if rho is None or not math.isfinite(float(rho)) else float(rho)
+
+
+def top_k(values: Mapping[str, float], k: int) -> list[str]:
+    return [n for n, _ in sorted(values.items(), key=lambda kv: -kv[1])[:k]]

@@ -1,0 +1,332 @@
+"""Search: per-site (or per tied group) widths under a cost budget, with Optuna (`search.*`).
+
+Reads `calibrate/` (every candidate width is calibrated: a trial only assembles qparams and
+runs one forward pass over the search subset, drawn from the calibration split and disjoint
+from the calibration images, against cached FP32 logits) and `sensitivity/sensitivity.json`
+(this run, `from_run` or `search.sensitivity`; computed here when absent). Runs the
+configured method(s) on an Optuna RDB study (resumable; several workers may share it; see
+pipeline.search.study), logs one nested MLflow run per trial (metrics + `assignment.json`),
+re-evaluates the best assignment (and all-lowest / all-highest references) once on the
+evaluation split, and writes into `search/`: `results.json`, `trials.csv`, `space.json`,
+`best_assignment.json`, `recipe.yaml` (also `quant/<name>.yaml`, usable as `quant=<name>`
+with `hydra.searchpath=[file://<run>/search]`) and `plots/pareto.png`.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.artifacts import read_json, write_json
+from pipeline.errors import PipelineError
+from pipeline.quant.calibration import CalibState
+from pipeline.quant.recipe import SiteSpec, resolve_recipe
+from pipeline.quant.sites import SiteGraph, attach_sites
+from pipeline.search.objective import OBJECTIVES, Evaluator, metrics_of
+from pipeline.search.space import TIES, SearchSpace, build_space, space_hash
+from pipeline.search.study import METHODS, MethodRun, TrialRecord, default_storage, open_storage, run_method
+
+log = logging.getLogger(__name__)
+
+PRIORS = ("noise_kl", "noise_loss", "hessian", "isolated_kl")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Reject bad `search.*` values before any run is opened (the budget is checked against the space before any trial)."""
+    s = cfg.search
+    if s.objective not in OBJECTIVES:
+        raise PipelineError(f"search.objective: unknown objective '{s.objective}' (choose one of {', '.join(OBJECTIVES)})")
+    if s.method not in (*METHODS, "all"):
+        raise PipelineError(f"search.method: unknown method '{s.method}' (choose one of {', '.join(METHODS)}, all)")
+    if s.prior not in PRIORS:
+        raise PipelineError(f"search.prior: unknown sensitivity score '{s.prior}' (choose one of {', '.join(PRIORS)})")
+    for tie in s.ties:
+        if tie not in TIES:
+            raise PipelineError(f"search.ties: unknown tie '{tie}' (choose from {', '.join(TIES)})")
+    for key in ("trials", "workers", "greedy_width", "heartbeat_s"):
+        if int(s[key]) < 1:
+            raise PipelineError(f"search.{key} must be >= 1, got {s[key]}")
+    if not s.budget > 0:
+        raise PipelineError(f"search.budget must be > 0, got {s.budget}")
+    if s.weight_cost_weight < 0 or s.act_cost_weight < 0:
+        raise PipelineError("search.weight_cost_weight and search.act_cost_weight must be >= 0")
+    if not cfg.quant.enabled:
+        raise PipelineError("search needs a quantization recipe as its base (quant=recommended, naive, ...), not quant=none")
+
+
+@dataclass
+class SearchSetup:
+    """Everything a worker needs to run trials: the model graph, space, evaluator and sensitivity."""
+
+    graph: SiteGraph
+    specs: dict[str, SiteSpec]
+    state: CalibState
+    space: SearchSpace
+    evaluator: Evaluator
+    sensitivity: dict | None
+    search_key: str
+
+
+def prepare(cfg: DictConfig, fp32, device: torch.device, calib_dir: Path, sensitivity: dict | None) -> SearchSetup:
+    from pipeline.data import make_subset
+    from pipeline.inference import fp32_logits
+    from pipeline.stages.quantize import check_calibrated
+
+    state = CalibState.load(calib_dir)
+    graph = attach_sites(fp32.model)
+    specs = resolve_recipe(cfg.quant, graph)
+    check_calibrated(specs, state)
+    subset = make_subset(cfg.data, fp32, "search")
+    ref, labels, _ = fp32_logits(fp32.model, fp32.fingerprint, subset, device, cfg.cache_dir)
+    batches = [x for x, _ in subset.loader]  # decoded once
+    s = cfg.search
+    space = build_space(graph, specs, state, list(s.act_bits), list(s.weight_bits), list(s.ties), batches[0], float(s.weight_cost_weight), float(s.act_cost_weight))
+    evaluator = Evaluator(graph, specs, state, batches, ref, labels, device)
+    return SearchSetup(graph, specs, state, space, evaluator, sensitivity, subset.key)
+
+
+def fingerprint(cfg: DictConfig, fp32, setup: SearchSetup, method: str) -> dict[str, Any]:
+    s = cfg.search
+    recipe = space_hash({n: spec.calibration_key() | {"bits": spec.bits, "enabled": spec.enabled} for n, spec in setup.specs.items()})
+    return {
+        "model": fp32.fingerprint,
+        "recipe": recipe,
+        "space": space_hash(setup.space.fingerprint()),
+        "objective": s.objective,
+        "budget": float(s.budget),
+        "search_subset": setup.search_key,
+        "method": method,
+        "prior": s.prior if method != "random" else None,
+    }
+
+
+def study_name(cfg: DictConfig, fp32, payload: Mapping[str, Any], method: str, methods: list[str]) -> str:
+    s = cfg.search
+    if s.study_name:
+        return s.study_name if len(methods) == 1 else f"{s.study_name}-{method}"
+    return f"{fp32.name}-{cfg.quant.name}-b{float(s.budget):g}-{method}-{space_hash(payload)}"
+
+
+def methods_of(cfg: DictConfig) -> list[str]:
+    return list(METHODS) if cfg.search.method == "all" else [cfg.search.method]
+
+
+def run_methods(cfg: DictConfig, fp32, setup: SearchSetup, storage_url: str, tracker=None) -> dict[str, MethodRun]:
+    """Run every configured method's study in this process (the main one or a worker)."""
+    s = cfg.search
+    storage = open_storage(storage_url, int(s.heartbeat_s))
+    on_trial = trial_logger(tracker, s.objective) if tracker is not None else None
+    runs = {}
+    methods = methods_of(cfg)
+    for method in methods:
+        payload = fingerprint(cfg, fp32, setup, method)
+        name = study_name(cfg, fp32, payload, method, methods)
+        runs[method] = run_method(
+            method, storage, name, space_hash(payload), setup.space, setup.evaluator.evaluate, float(s.budget), s.objective, int(s.trials),
+            setup.sensitivity, s.prior, int(s.seeds), int(s.n_startup), float(s.prior_temperature), int(s.greedy_width), int(s.seed), on_trial,
+        )
+    return runs
+
+
+def trial_logger(tracker, objective: str):
+    """One nested MLflow run per evaluated trial: metrics, tags, and the assignment as `assignment.json`."""
+
+    def log_trial(record: TrialRecord, space: SearchSpace, study: str) -> None:
+        widths = space.widths(record.levels)
+        raised = space.raised(record.levels)
+        metrics = {objective: record.value, **{k: v for k, v in record.metrics.items()}, "cost": record.cost, "raised_groups": len(raised), "raised_sites": sum(1 for g in raised for _ in space.by_name[g].members), "trial_s": record.trial_s}
+        tags = {"method": record.method, "study": study, "trial": str(record.number), "source": record.source}
+        if record.duplicate_of is not None:
+            tags["duplicate_of"] = str(record.duplicate_of)
+        assignment = {"study": study, "trial": record.number, "method": record.method, "cost": record.cost, "objective": objective, "value": record.value, "raised": raised, "levels": record.levels, "widths": widths}
+        tracker.child_run(f"{record.method}-trial-{record.number:03d}", metrics, tags, {"assignment.json": assignment}, step=record.number)
+
+    return log_trial
+
+
+def load_sensitivity(ctx, out_dir: Path) -> tuple[dict | None, Path | None]:
+    """The sensitivity scores: search.sensitivity, this run / from_run, or computed now (into search/sensitivity/)."""
+    cfg = ctx.cfg
+    explicit = cfg.search.get("sensitivity")
+    path = Path(explicit) if explicit else ctx.find("sensitivity", "sensitivity.json", required=False)
+    if explicit and not path.is_file():
+        raise PipelineError(f"search.sensitivity={explicit}: file not found")
+    if path is None:
+        if cfg.search.method == "random":
+            return None, None
+        from pipeline.stages.sensitivity import compute
+
+        log.info("search: no sensitivity scores found; computing them first")
+        compute(ctx, out_dir / "sensitivity")
+        path = out_dir / "sensitivity" / "sensitivity.json"
+    data = read_json(path)
+    meta = data.get("meta", {})
+    if meta.get("model") != ctx.fp32.fingerprint:
+        raise PipelineError(f"sensitivity scores in {path} belong to another model ({meta.get('model_name')}, not {ctx.fp32.name}): rerun the sensitivity stage")
+    if meta.get("recipe") != cfg.quant.name:
+        log.warning("sensitivity scores in %s were computed with recipe %s, the search uses %s", path, meta.get("recipe"), cfg.quant.name)
+    return data, path
+
+
+def spawn_workers(ctx, calib_dir: Path, sensitivity_path: Path | None, storage_url: str, count: int) -> list[multiprocessing.Process]:
+    from pipeline.search.worker import worker_main
+
+    if count <= 0:
+        return []
+    payload = {
+        "cfg": OmegaConf.to_container(ctx.cfg, resolve=True, enum_to_str=True),
+        "calib_dir": str(calib_dir),
+        "sensitivity": str(sensitivity_path) if sensitivity_path else None,
+        "storage": storage_url,
+        "run_id": ctx.tracker.active_id if ctx.tracker.enabled else None,
+        "device": str(ctx.device),
+        "threads": torch.get_num_threads(),
+    }
+    mp = multiprocessing.get_context("spawn")
+    procs = [mp.Process(target=worker_main, args=(payload, i + 1), daemon=False) for i in range(count)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def test_metrics(ctx, setup: SearchSetup, assignments: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, float]]:
+    """top-1, argmax agreement and logit KL vs FP32 of each assignment on the evaluation split."""
+    from pipeline.data import make_subset
+    from pipeline.inference import fp32_logits, predict
+
+    subset = make_subset(ctx.cfg.data, ctx.fp32, "eval")
+    ref, labels, _ = fp32_logits(ctx.fp32.model, ctx.fp32.fingerprint, subset, ctx.device, ctx.cfg.cache_dir)
+    out = {}
+    for name, widths in assignments.items():
+        setup.evaluator.assembler.apply(widths)
+        logits, _ = predict(setup.graph.model, subset, ctx.device, desc=f"test {name}")
+        out[name] = {**metrics_of(ref, logits, labels), "images": int(labels.numel())}
+    return out
+
+
+def run(ctx) -> dict[str, Any]:
+    from pipeline.search.report import export_recipe, pareto_png, write_trials_csv
+    from pipeline.stages.sensitivity import load_state
+
+    cfg = ctx.cfg
+    s = cfg.search
+    check_config(cfg)
+    _, calib_dir = load_state(ctx)
+    sensitivity, sens_path = load_sensitivity(ctx, ctx.out_dir)
+    setup = prepare(cfg, ctx.fp32, ctx.device, calib_dir, sensitivity)
+    space = setup.space
+    if float(s.budget) < space.min_cost() - 1e-12:
+        raise PipelineError(f"search.budget={float(s.budget):g} is below the minimum possible cost {space.min_cost():.4f} (every site at its lowest width)")
+    storage_url = s.storage or default_storage()
+    write_json(ctx.out_dir / "space.json", {**space.describe(), "budget": float(s.budget), "groups": [{"name": g.name, "members": g.members, "widths": g.widths, "cost": g.step_cost} for g in space.groups]})
+    t0 = time.perf_counter()
+    workers = spawn_workers(ctx, calib_dir, sens_path, storage_url, int(s.workers) - 1)
+    try:
+        runs = run_methods(cfg, ctx.fp32, setup, storage_url, ctx.tracker)
+    finally:
+        for p in workers:
+            p.join()
+    bad = [p.exitcode for p in workers if p.exitcode != 0]
+    if bad:
+        raise PipelineError(f"{len(bad)} search worker process(es) failed (exit codes {bad})")
+    search_s = time.perf_counter() - t0
+
+    objective = s.objective
+    records = [r for run in runs.values() for r in run.records]
+    bests = {m: run.best(objective) for m, run in runs.items() if run.best(objective) is not None}
+    main = methods_of(cfg)[0]
+    overall = bests.get(main) if len(runs) == 1 else _best_of(bests.values(), objective)
+    references = {"all_low": space.lowest(), "all_high": space.highest()}
+    ref_search = {name: setup.evaluator.evaluate(space.widths(levels)) for name, levels in references.items()}
+    tests: dict[str, dict[str, float]] = {}
+    if s.test and bests:
+        assignments = {f"best_{m}": space.widths(r.levels) for m, r in bests.items()}
+        assignments.update({name: space.widths(levels) for name, levels in references.items()})
+        tests = test_metrics(ctx, setup, assignments)
+
+    # Files
+    write_trials_csv(ctx.out_dir / "trials.csv", records)
+    png = pareto_png(records, objective, float(s.budget), {f"{n} ({space.cost(l):.2f})": (space.cost(l), ref_search[n][objective]) for n, l in references.items()}, overall)
+    (ctx.out_dir / "plots").mkdir(exist_ok=True)
+    (ctx.out_dir / "plots" / "pareto.png").write_bytes(png)
+    results: dict[str, Any] = {
+        "objective": objective,
+        "budget": float(s.budget),
+        "storage": storage_url,
+        "space": space.describe(),
+        "methods": {},
+        "references": {n: {"cost": space.cost(l), "search": ref_search[n], "test": tests.get(n)} for n, l in references.items()},
+        "search_s": search_s,
+    }
+    for m, run in runs.items():
+        best = bests.get(m)
+        results["methods"][m] = {
+            "study": run.study_name,
+            "trials": len(run.records),
+            "evaluations": run.evaluations,
+            "evaluated_here": run.evaluated_here,
+            "seconds": run.seconds,
+            "best": None if best is None else {"trial": best.number, "value": best.value, "cost": best.cost, "source": best.source, "search": best.metrics, "raised": space.raised(best.levels), "test": tests.get(f"best_{m}")},
+            "mean_trial_s": sum(r.trial_s for r in run.records) / max(1, len(run.records)),
+            "mean_eval_s": sum(r.metrics.get("eval_s", 0.0) for r in run.records if r.duplicate_of is None) / max(1, run.evaluations),
+        }
+    metrics: dict[str, Any] = {"search_trials": len(records), "search_groups": len(space.groups), "search_min_cost": space.min_cost()}
+    if overall is not None:
+        widths = space.widths(overall.levels)
+        results["best"] = {"method": overall.method, "trial": overall.number, "value": overall.value, "cost": overall.cost, "raised": space.raised(overall.levels), "roles_raised": _roles_raised(setup.graph, space, overall.levels), "test": tests.get(f"best_{overall.method}")}
+        write_json(ctx.out_dir / "best_assignment.json", {"method": overall.method, "trial": overall.number, "cost": overall.cost, "levels": overall.levels, "widths": widths})
+        recipe_name = f"search_{cfg.quant.name}_{overall.method}_{space_hash({'w': widths})}"
+        base_bits = {n: spec.bits for n, spec in setup.specs.items()}
+        comment = f"{ctx.fp32.name}, base {cfg.quant.name}, budget {float(s.budget):g}, {objective}={overall.value:.6g}, cost {overall.cost:.4f}"
+        export_recipe(ctx.out_dir / "recipe.yaml", cfg.quant, base_bits, widths, recipe_name, comment)
+        export_recipe(ctx.out_dir / "quant" / f"{recipe_name}.yaml", cfg.quant, base_bits, widths, recipe_name, comment)
+        results["recipe"] = recipe_name
+        metrics.update({f"search_best_{objective}": overall.value, "search_best_cost": overall.cost, "search_best_raised_groups": len(space.raised(overall.levels))})
+        if f"best_{overall.method}" in tests:
+            t = tests[f"best_{overall.method}"]
+            metrics.update({"search_test_top1": t["top1"], "search_test_agreement": t["agreement"], "search_test_kl": t["kl"]})
+    for m, entry in results["methods"].items():
+        best = entry["best"]
+        metrics[f"search/{m}/trials"] = entry["trials"]
+        metrics[f"search/{m}/evaluations"] = entry["evaluations"]
+        metrics[f"search/{m}/mean_trial_s"] = entry["mean_trial_s"]
+        if best is not None:
+            metrics[f"search/{m}/best"] = best["value"]
+            metrics[f"search/{m}/best_cost"] = best["cost"]
+            for k, v in (best["test"] or {}).items():
+                if k in ("top1", "agreement", "kl"):
+                    metrics[f"search/{m}/test_{k}"] = v
+    for n, entry in results["references"].items():
+        metrics[f"search/{n}/{objective}"] = entry["search"][objective]
+        for k, v in (entry["test"] or {}).items():
+            if k in ("top1", "agreement", "kl"):
+                metrics[f"search/{n}/test_{k}"] = v
+    write_json(ctx.out_dir / "results.json", results)
+    ctx.summary["search_results"] = results
+    return metrics
+
+
+def _best_of(records, objective: str) -> TrialRecord | None:
+    from pipeline.search.objective import better
+
+    best = None
+    for r in records:
+        if best is None or better(objective, r.value, best.value) or (r.value == best.value and r.cost < best.cost):
+            best = r
+    return best
+
+
+def _roles_raised(graph: SiteGraph, space: SearchSpace, levels: Mapping[str, int]) -> dict[str, int]:
+    """Sites raised above their lowest width, counted per role."""
+    out: dict[str, int] = {}
+    for g in space.raised(levels):
+        for m in space.by_name[g].members:
+            out[graph[m].role] = out.get(graph[m].role, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))

@@ -1,0 +1,163 @@
+"""Sensitivity: which sites deserve more bits? Scores per site and width from the calibration state.
+
+Reads `calibrate/` (qparams at every candidate width), rebuilds the recipe on a fresh site
+graph and measures, on fixed batches from the calibration split (`sensitivity.*`):
+Hutchinson Hessian traces (weights and activations, one joint HVP per sample) with the
+HAWQ-V2 score, noise injection (loss and logit KL increase), and each site quantized alone
+(the isolated drop the others are ranked against). Writes `sensitivity/sensitivity.json`,
+`sensitivity.csv` and `plots/*.png`; logs Spearman rho / top-5 overlaps and per-block
+series `sens_<method>/<role>` to MLflow. If the evaluate stage ran the profiler's isolated
+mode (this run or `from_run`), its logit KL is ranked against too.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from omegaconf import DictConfig
+
+from pipeline.artifacts import read_json
+from pipeline.errors import PipelineError
+from pipeline.quant.calibration import CalibState
+from pipeline.quant.recipe import resolve_recipe
+from pipeline.quant.sites import attach_sites
+from pipeline.runner import StageContext
+
+log = logging.getLogger(__name__)
+
+NOISES = ("uniform", "gaussian")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Reject bad `sensitivity.*` values before any work."""
+    s = cfg.sensitivity
+    if s.noise not in NOISES:
+        raise PipelineError(f"sensitivity.noise: unknown noise '{s.noise}' (choose one of {', '.join(NOISES)})")
+    for key in ("batches", "batch_size", "noise_batches"):
+        if int(s[key]) < 1:
+            raise PipelineError(f"sensitivity.{key} must be >= 1, got {s[key]}")
+    if not 2 <= int(s.noise_bits) <= 16:
+        raise PipelineError(f"sensitivity.noise_bits={s.noise_bits} is outside 2..16")
+    if s.hutchinson_iters < 0 or s.hutchinson_tol < 0:
+        raise PipelineError("sensitivity.hutchinson_iters and sensitivity.hutchinson_tol must be >= 0")
+
+
+def labelled_batches(loader: Iterable, images: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first `images` (image, label) pairs of `loader`, re-batched to `batch_size` (CPU tensors)."""
+    xs, ys, n = [], [], 0
+    for x, y in loader:
+        xs.append(x)
+        ys.append(y)
+        n += int(x.shape[0])
+        if n >= images:
+            break
+    if not xs:
+        raise PipelineError("the calibration split gave no images for sensitivity")
+    x, y = torch.cat(xs)[:images], torch.cat(ys)[:images]
+    return list(zip(x.split(batch_size), y.split(batch_size)))
+
+
+def load_state(ctx: StageContext) -> tuple[CalibState, Path]:
+    calib_dir = ctx.find("calibrate", "index.json").parent
+    state = CalibState.load(calib_dir)
+    if state.index["meta"].get("model") != ctx.fp32.fingerprint:
+        raise PipelineError(f"calibration state in {calib_dir} belongs to another model ({state.index['meta'].get('model_name')})")
+    return state, calib_dir
+
+
+def wanted_widths(cfg: DictConfig) -> tuple[list[int], list[int]]:
+    """(weight widths, activation widths) to score: sensitivity.widths, the search's candidates and the recipe's."""
+    weights = sorted({*cfg.sensitivity.widths, *cfg.search.weight_bits, *cfg.quant.candidate_bits})
+    acts = sorted({*cfg.search.act_bits, *cfg.quant.candidate_bits})
+    return weights, acts
+
+
+def profiler_isolated(ctx: StageContext) -> dict[str, float] | None:
+    """Logit KL per site from the profiler's isolated mode (evaluate/profile/isolated.json), if it ran."""
+    path = ctx.find("evaluate", "profile/isolated.json", required=False)
+    if path is None:
+        return None
+    try:
+        rows = read_json(path).get("sites", [])
+        return {r["site"]: r.get("logit_kl") for r in rows if isinstance(r.get("logit_kl"), (int, float))}
+    except (OSError, ValueError, AttributeError):
+        log.warning("could not read %s; ranking without it", path)
+        return None
+
+
+def compute(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
+    """Compute the scores into `out_dir` (sensitivity.json, .csv, plots); returns the result dict."""
+    from pipeline.data import make_subset
+    from pipeline.sensitivity.compute import SensitivitySettings
+    from pipeline.sensitivity.run import compute_sensitivity, write_report
+    from pipeline.stages.quantize import check_calibrated
+
+    cfg = ctx.cfg
+    check_config(cfg)
+    if not cfg.quant.enabled:
+        raise PipelineError("sensitivity needs a quantization recipe (quant=recommended, naive, ...), not quant=none")
+    state, _ = load_state(ctx)
+    graph = attach_sites(ctx.fp32.model)
+    specs = resolve_recipe(cfg.quant, graph)
+    check_calibrated(specs, state)
+    s = cfg.sensitivity
+    subset = make_subset(cfg.data, ctx.fp32, "calib")
+    need = max(s.batches, s.noise_batches) * s.batch_size
+    batches = labelled_batches(subset.loader, need, s.batch_size)
+    weight_widths, act_widths = wanted_widths(cfg)
+    meta = {"model": ctx.fp32.fingerprint, "model_name": ctx.fp32.name, "recipe": cfg.quant.name, "calib_subset": subset.key}
+    result = compute_sensitivity(
+        graph,
+        specs,
+        state,
+        batches[: s.batches],
+        batches[: s.noise_batches],
+        SensitivitySettings.from_config(s),
+        weight_widths,
+        act_widths,
+        ctx.device,
+        meta=meta,
+        profiler_isolated=profiler_isolated(ctx),
+    )
+    write_report(out_dir, result)
+    return result
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    from pipeline.sensitivity.run import summary_metrics
+
+    result = compute(ctx, ctx.out_dir)
+    log_series(ctx.tracker, result)
+    metrics = summary_metrics(result)
+    ranking = result["ranking"]
+    rho = ranking["spearman"].get("noise_kl~isolated_kl/act")
+    log.info(
+        "sensitivity: Spearman rho(noise KL, isolated KL) over activation sites = %s, top-5 overlap %s/5",
+        f"{rho:.3f}" if rho is not None else "n/a",
+        ranking["top5_overlap"].get("noise_kl~isolated_kl/act"),
+    )
+    return metrics
+
+
+def log_series(tracker, result: Mapping[str, Any]) -> None:
+    """MLflow series `sens_<method>/<role>[/<leaf>]` at noise_bits with step = block index."""
+    from pipeline.sensitivity.run import measured_at
+
+    per_block: dict[tuple[str, int], int] = {}
+    for entry in result["sites"].values():
+        if entry["block"] is not None:
+            per_block[(entry["role"], entry["block"])] = per_block.get((entry["role"], entry["block"]), 0) + 1
+    by_step: dict[int, dict[str, float]] = {}
+    for method in ("noise_kl", "noise_loss", "hessian", "isolated_kl"):
+        for name, value in measured_at(result, method).items():
+            entry = result["sites"][name]
+            if entry["block"] is None:
+                continue
+            leaf = name.split(".", 2)[2].replace(".", "_")
+            key = f"sens_{method}/{entry['role']}" + (f"/{leaf}" if per_block[(entry["role"], entry["block"])] > 1 else "")
+            by_step.setdefault(entry["block"], {})[key] = value
+    for step in sorted(by_step):
+        tracker.log_metrics(by_step[step], step=step)

@@ -1,0 +1,306 @@
+"""The per-site profiler: codes, streaming statistics, flags, trace, dump, errors, and one run end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors import safe_open
+
+from pipeline.artifacts import read_tensors
+from pipeline.errors import PipelineError
+from pipeline.profile.codes import code_counts, code_steps, column_values, count_axis, level_counts
+from pipeline.profile.dump import Capture, check_trace, resolve_dump, trace_site, write_dump
+from pipeline.profile.flags import Thresholds, flag_counts, flag_rows, site_flags
+from pipeline.profile.metrics import bit_utilization, compute_site_metrics, histogram_kl, saturation_from_values, sqnr_db
+from pipeline.profile.profiler import observe_site
+from pipeline.profile.series import series_keys
+from pipeline.profile.stats import SiteStats
+from pipeline.quant.quantizers import fake_log2_quantize, fake_quantize, log2_quantize, quantize, round_to_int
+from pipeline.quant.recipe import SiteSpec
+from pipeline.quant.calibration import bind
+from pipeline.quant.sites import Site, attach_sites
+from pipeline.runner import run_pipeline
+from tests.conftest import compose
+from tests.test_calibration import tiny_model
+
+CPU = torch.device("cpu")
+
+# -- constructed sites ------------------------------------------------------------------
+
+
+def uniform_site(scale, zero_point, bits: int = 8, name: str = "blocks.0.attn.sv", role: str = "sv_attn", axis: int = -1) -> Site:
+    site = Site(name, role, axis=axis)
+    site.bind(SiteSpec(bits=bits), bits, torch.tensor(scale, dtype=torch.float32), torch.tensor(zero_point, dtype=torch.float32))
+    site.mode = "quant"
+    return site
+
+
+def log2_site(bits: int = 4) -> Site:
+    site = Site("blocks.0.attn.softmax", "intSoft")
+    site.bind(SiteSpec(quantizer="log2"), bits, None, None)
+    site.mode = "quant"
+    return site
+
+
+# scale 0.1, zero point 10, codes 0..255: -2 -> -10 (clipped low), 30 -> 310 (clipped high), 0 and 0.04 -> 10,
+# 0.05 -> 0.5 steps, a tie that half_up rounds to 1 -> 11, 1.0 -> 20.
+X = torch.tensor([-2.0, 30.0, 0.0, 0.04, 0.05, 1.0])
+CODES = [0, 255, 10, 10, 11, 20]
+
+
+def test_codes_follow_quantize_with_known_clipping():
+    site = uniform_site(0.1, 10.0)
+    steps = code_steps(site, X)
+    assert steps.codes.tolist() == CODES and steps.codes.dtype == torch.uint8
+    assert steps.shifted.tolist() == [-10.0, 310.0, 10.0, 10.0, 11.0, 20.0]
+    assert torch.equal(steps.codes, quantize(X, site.scale, site.zero_point, 8, False))
+    assert torch.equal(steps.dequantized, fake_quantize(X, site.scale, site.zero_point, 0, 255))
+    counts = code_counts(site, X)  # [clipped low, codes 0..255, clipped high]
+    assert counts.shape == (1, 258)
+    assert counts[0, 0] == 1 and counts[0, -1] == 1 and counts[0, 11] == 2 and counts[0, 12] == 1 and counts[0, 21] == 1
+    assert counts.sum() == 6
+    assert level_counts(counts)[0, [0, 10, 11, 20, 255]].tolist() == [1, 2, 1, 1, 1]
+
+
+def test_per_channel_codes_and_counts():
+    site = uniform_site([0.1, 0.2, 0.5], [0.0, 5.0, 10.0])
+    x = torch.tensor([[0.3, -1.2, 100.0], [-0.3, 0.7, 1.2]])
+    steps = code_steps(site, x)
+    assert torch.equal(steps.codes, quantize(x, site.scale, site.zero_point, 8, False, axis=-1))
+    assert steps.codes.tolist() == [[3, 0, 210], [0, 9, 12]]  # 0.7/0.2 = 3.5 rounds half up to 4, + 5
+    counts = code_counts(site, x, count_axis(site, x))
+    assert counts.shape == (3, 258) and counts.sum(1).tolist() == [2, 2, 2]
+    assert counts[0, 0] == 1 and counts[1, 0] == 1  # -0.3 and -1.2 clip low in channels 0 and 1
+    values = column_values(site)
+    assert values.shape == (3, 258)
+    assert values[2, 1 + 12].item() == pytest.approx(1.0)  # code 12 of channel 2: (12 - 10) * 0.5
+
+
+def test_log2_codes_flush_to_zero_as_clipped_high():
+    site = log2_site(bits=4)  # codes 0..15
+    p = torch.tensor([1.0, 0.5, 0.25, 0.3, 2.0**-20, 0.0])
+    codes, zero_mask = log2_quantize(p, 4)
+    steps = code_steps(site, p)
+    assert torch.equal(steps.codes, codes) and steps.codes.tolist() == [0, 1, 2, 2, 15, 15]
+    assert torch.equal(steps.dequantized, fake_log2_quantize(p, 4))
+    assert torch.equal(steps.shifted > 15, zero_mask)
+    counts = code_counts(site, p)
+    assert counts[0, 0] == 0 and counts[0, -1] == 2  # two flushed to zero
+    values = column_values(site)[0]
+    assert values[0] == 1.0 and values[1 + 2] == 0.25 and values[-1] == 0.0
+
+
+def test_saturation_and_utilization_match_the_metric_functions():
+    site = uniform_site(0.1, 10.0)
+    stats = SiteStats()
+    y = fake_quantize(X, site.scale, site.zero_point, 0, 255)
+    observe_site(stats, site, X, X, y)
+    r = stats.result(8)
+    pre_clamp = round_to_int(X / site.scale) + site.zero_point
+    low, high = saturation_from_values(pre_clamp, 0, 255)
+    assert (low, high) == pytest.approx((100 / 6, 100 / 6))
+    assert (r["sat_low_pct"], r["sat_high_pct"]) == pytest.approx((low, high))
+    levels, effective, fraction = bit_utilization(quantize(X, site.scale, site.zero_point, 8, False), 8)
+    assert (r["levels_used"], r["levels_total"]) == (levels, 256) == (5, 256)
+    assert r["effective_bits"] == pytest.approx(effective) and effective == pytest.approx(math.log2(5))
+    assert r["level_pct"] == pytest.approx(100 * fraction)
+
+
+def test_streaming_stats_match_the_metric_functions():
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 17, 32, generator=g) * torch.linspace(0.1, 3, 32) for _ in range(2)]
+    site = uniform_site(0.02, 128.0)
+    stats, plan = SiteStats(), None
+    tests = [fake_quantize(b, site.scale, site.zero_point, 0, 255) for b in batches]
+    for ref, test in zip(batches, tests):
+        plan = observe_site(stats, site, ref, ref, test, plan)
+    r = stats.result(8)
+    ref, test = torch.cat(batches), torch.cat(tests)
+    expected = compute_site_metrics(ref, test)
+    assert r["sqnr_db"] == pytest.approx(sqnr_db(ref, test), rel=1e-5)
+    assert r["mse"] == pytest.approx(expected.mse, rel=1e-5)
+    assert r["cos_mean"] == pytest.approx(expected.cos_mean, rel=1e-6)
+    assert r["cos_min"] == pytest.approx(expected.cos_min, rel=1e-6)
+    one = SiteStats()  # one batch: same range as histogram_kl, so the same KL
+    observe_site(one, site, batches[0], batches[0], tests[0])
+    assert one.result(8)["hist_kl"] == pytest.approx(histogram_kl(batches[0], tests[0]), rel=1e-3)
+
+
+def test_softmax_rows_get_top_k_agreement():
+    stats = SiteStats()
+    # row 0: the argmax moves (2 -> 0) and index 2 leaves the top 5 (index 3 enters); row 1 is unchanged
+    ref = torch.tensor([[0.1, 0.2, 0.3, 0.05, 0.04, 0.15, 0.16], [0.5, 0.2, 0.1, 0.09, 0.06, 0.03, 0.02]])
+    test = torch.tensor([[0.3, 0.2, 0.01, 0.05, 0.04, 0.15, 0.16], [0.5, 0.2, 0.1, 0.09, 0.06, 0.03, 0.02]])
+    stats.add_pair(ref, test)
+    stats.add_rows(ref, test)
+    r = stats.result()
+    assert r["top1_agreement"] == 0.5 and r["top5_hit_rate"] == pytest.approx((4 / 5 + 1) / 2)
+
+
+# -- flags ------------------------------------------------------------------------------
+
+
+def row(**metrics):
+    base = {"quantizer": "uniform", "sqnr_db": 30.0, "cos_mean": 0.999, "sat_pct": 0.0, "level_pct": 80.0, "channel_level_pct": 50.0}
+    return {**base, **metrics}
+
+
+@pytest.mark.parametrize(
+    "metrics, flags",
+    [
+        ({}, []),
+        ({"cos_mean": 0.98}, ["cosine"]),
+        ({"sat_pct": 6.0}, ["clipping"]),
+        ({"sat_pct": 0.005, "channel_level_pct": 3.0}, ["wasted"]),  # no clipping and a typical channel uses 3 % of the levels
+        ({"sat_pct": 0.005, "channel_level_pct": None, "level_pct": 3.0}, ["wasted"]),  # no per-channel counts: the whole tensor
+        ({"sat_pct": 0.5, "channel_level_pct": 3.0}, []),  # clips a little: neither too wide nor too tight
+        ({"quantizer": "log2", "channel_level_pct": 3.0}, []),  # a log2 grid is fixed, not calibrated
+        ({"sqnr_db": 9.0, "cos_mean": 0.95, "sat_pct": 7.0}, ["cosine", "clipping", "low_sqnr"]),
+        ({"sqnr_db": None, "cos_mean": None, "sat_pct": None}, []),
+    ],
+)
+def test_flag_rules(metrics, flags):
+    assert site_flags(row(**metrics), Thresholds()) == flags
+
+
+def test_flag_thresholds_come_from_config():
+    cfg = compose(["profile.sqnr_min_db=40", "profile.cos_min=0.5", "profile.wasted_levels_pct=60"]).profile
+    th = Thresholds.from_config(cfg)
+    assert (th.sqnr_min_db, th.cos_min, th.wasted_levels_pct, th.saturation_max_pct) == (40.0, 0.5, 60.0, 5.0)
+    rows = flag_rows([row(cos_mean=0.9), row(sqnr_db=50.0, channel_level_pct=70.0)], th)
+    assert [r["flags"] for r in rows] == [["wasted", "low_sqnr"], []]
+    assert flag_counts(rows) == {"flagged": 1, "cosine": 0, "clipping": 0, "wasted": 1, "low_sqnr": 1}
+
+
+def test_mlflow_keys_name_the_leaf_when_a_block_has_several_sites_of_a_role():
+    sites = {"blocks.0.attn.sv": ("sv_attn", 0), "blocks.0.norm1": ("norm_out", 0), "blocks.0.norm2": ("norm_out", 0), "head.in": ("head_in", None)}
+    assert series_keys(sites, "cos") == {"blocks.0.attn.sv": "cos/sv_attn", "blocks.0.norm1": "cos/norm_out/norm1", "blocks.0.norm2": "cos/norm_out/norm2"}
+
+
+# -- trace, dump, errors ----------------------------------------------------------------
+
+
+def test_trace_shows_every_step_and_the_worst_element_first():
+    site = uniform_site(0.1, 10.0)
+    y = fake_quantize(X, site.scale, site.zero_point, 0, 255)
+    text = trace_site(site, Capture(X, X, y), elements=4)
+    lines = text.splitlines()
+    assert "scale=0.1 zero_point=10" in lines[1]
+    for step in ("x/scale", "rounded", "+zp", "code", "dequantized", "error"):
+        assert step in lines[2]
+    worst = lines[3].split()
+    assert worst[:8] == ["(1,)", "30", "30", "300", "300", "310", "255", "24.5"]  # 30 clips to code 255 = 24.5
+    assert "worst error #1; clipped high" in lines[3]
+    assert len(lines) == 3 + 4 and "clipped low" in text and "largest |x|" not in text  # 30 is already traced
+
+
+def test_dump_writes_fp32_codes_dequantized_and_qparams(tmp_path):
+    site = uniform_site([0.1, 0.2, 0.5], [0.0, 5.0, 10.0])
+    x = torch.randn(2, 5, 3)
+    y = fake_quantize(x, site.scale, site.zero_point, 0, 255, axis=-1)
+    path = write_dump(tmp_path, site, Capture(x + 0.01, x, y))
+    assert path.name == "blocks.0.attn.sv.safetensors"
+    t = read_tensors(path)
+    assert set(t) == {"fp32", "input", "codes", "dequantized", "output", "scale", "zero_point"}
+    assert torch.equal(t["codes"], quantize(x, site.scale, site.zero_point, 8, False, axis=-1))
+    assert torch.equal(t["dequantized"], y) and torch.equal(t["fp32"], x + 0.01)
+    assert t["scale"].tolist() == pytest.approx([0.1, 0.2, 0.5]) and t["zero_point"].tolist() == [0.0, 5.0, 10.0]
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["granularity"] == "per_channel" and f.metadata()["bits"] == "8"
+
+
+def test_bad_dump_glob_and_trace_site_end_with_one_clear_line():
+    graph = attach_sites(tiny_model())
+    graph.set_mode("quant", ["blocks.0.attn.sv"])
+    assert resolve_dump(["blocks.*.attn.sv"], graph) == ["blocks.0.attn.sv"]  # only quantized sites are dumped
+    cases = [
+        (lambda: resolve_dump(["blocks.*.attn.out"], graph), r"profile.dump: glob 'blocks.\*.attn.out' matches no site"),
+        (lambda: resolve_dump(["blocks.1.mlp.act"], graph), "matches only sites that are not quantized"),
+        (lambda: check_trace("blocks.0.attn.svv", graph), "profile.trace: unknown site 'blocks.0.attn.svv'"),
+        (lambda: check_trace("blocks.1.mlp.act", graph), "profile.trace: site 'blocks.1.mlp.act' is not quantized"),
+    ]
+    for call, message in cases:
+        with pytest.raises(PipelineError, match=message) as err:
+            call()
+        assert "\n" not in str(err.value)
+
+
+# -- end to end -------------------------------------------------------------------------
+
+
+def test_evaluate_profiles_every_site_into_tables_html_plots_and_mlflow(tmp_path, tiny_overrides, mlflow_uri, capsys):
+    overrides = [
+        *tiny_overrides, "quant=naive", "stages=[calibrate,quantize,evaluate]", "tracking.run_name=profiled",
+        "data.eval_size=16", "data.calib_size=16", "profile.images=8",
+        "profile.dump=[blocks.1.attn.sv,blocks.0.mlp.fc1.weight]", "profile.trace=blocks.1.mlp.act", "profile.worst_k=2",
+    ]
+    summary = run_pipeline(compose(overrides), tmp_path / "run")
+    folder = tmp_path / "run/evaluate/profile"
+    table = json.loads((folder / "cumulative.json").read_text())
+    assert table["mode"] == "cumulative" and table["images"] == 8
+    by_site = {r["site"]: r for r in table["sites"]}
+    metrics = ("sqnr_db", "cos_mean", "cos_min", "mse", "hist_kl", "sat_low_pct", "sat_high_pct", "levels_used", "effective_bits", "channel_level_pct", "scale_min", "zero_point_min")
+    for name in ("blocks.0.attn.sv", "blocks.1.attn.sv", "blocks.0.mlp.act", "blocks.1.mlp.act"):
+        assert all(by_site[name][m] is not None for m in metrics), name
+    assert by_site["blocks.1.attn.softmax"]["top1_agreement"] is not None and by_site["blocks.0.mlp.fc1.weight"]["role"] == "weight"
+    assert [r["rank"] for r in table["sites"]] == list(range(1, len(table["sites"]) + 1))
+    sqnrs = [r["sqnr_db"] for r in table["sites"]]
+    assert sqnrs == sorted(sqnrs)  # worst first
+    assert (folder / "cumulative.csv").read_text().startswith("rank,site,role,block")
+    for plot in ("sqnr_by_block", "cos_by_block", "saturation_by_block", "utilization_by_block", "channel_utilization_by_block"):
+        assert (folder / "plots" / f"{plot}.png").stat().st_size > 1000, plot
+    assert len(list((folder / "plots").glob("hist_*.png"))) == 2
+    page = (folder / "profile.html").read_text()
+    assert page.count("data:image/png;base64,") == 7 and "http" not in page
+    assert {p.name for p in (folder / "dump").iterdir()} == {"blocks.1.attn.sv.safetensors", "blocks.0.mlp.fc1.weight.safetensors"}
+    assert read_tensors(folder / "dump/blocks.1.attn.sv.safetensors")["codes"].shape[0] == 4  # dump_samples
+    assert "trace blocks.1.mlp.act" in (folder / "trace.txt").read_text() and "trace blocks.1.mlp.act" in capsys.readouterr().out
+    assert summary["profile_s"] > 0 and summary["profile/flagged"] >= 0 and "profile/sqnr_mean/sv_attn" in summary
+
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("vit-ptq")
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.info.run_name == "profiled")
+    evaluate = next(r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id and r.info.run_name == "evaluate")
+    for key in ("sqnr/sv_attn", "cos/mlp_act", "sat/sv_attn", "levels/norm_out/norm1", "sqnr/weight/mlp_fc1_weight"):
+        assert sorted(m.step for m in client.get_metric_history(evaluate.info.run_id, key)) == [0, 1], key
+    assert "profile/flagged" in evaluate.data.metrics and "profile_s" in evaluate.data.metrics
+    assert "evaluate/profile/profile.html" in {a.path for a in client.list_artifacts(evaluate.info.run_id, "evaluate/profile")}
+
+
+def test_bad_profile_request_fails_before_any_stage_runs(tmp_path, tiny_overrides):
+    cfg = compose([*tiny_overrides, "quant=naive", "stages=[calibrate,quantize,evaluate]", "profile.trace=blocks.0.attn.svv"])
+    with pytest.raises(PipelineError, match="profile.trace: unknown site 'blocks.0.attn.svv'; did you mean blocks.0.attn.sv"):
+        run_pipeline(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_isolated_mode_quantizes_one_site_at_a_time_and_restores_the_modes(tmp_path):
+    from pipeline.profile.profiler import cumulative_pass, isolated_pass, weight_pass
+    from pipeline.profile.report import write_report
+    from tests.test_calibration import batches, calibrated
+
+    model, graph, specs, state = calibrated("naive")
+    bind(graph, specs, state)
+    modes = {n: s.mode for n, s in graph.sites.items()}
+    images = [b[0] for b in batches(1, size=4)]
+    fp = cumulative_pass(attach_sites(model), graph, images, CPU)
+    weights = weight_pass(graph)
+    chosen = ["blocks.0.attn.sv", "blocks.1.attn.sv", "blocks.1.mlp.fc2.weight"]
+    result = isolated_pass(graph, images, fp.output["_fp_logits"], CPU, {r["site"]: r for r in weights.rows}, names=chosen)
+    assert {n: s.mode for n, s in graph.sites.items()} == modes and all(s.tap is None for s in graph)
+    rows = {r["site"]: r for r in result.rows}
+    assert list(rows) == chosen and all(r["mode"] == "isolated" for r in rows.values())
+    for r in rows.values():
+        assert r["logit_sqnr_db"] > fp.output["sqnr_db"]  # one site alone hurts the output less than all of them
+        assert 0.0 <= r["logit_agreement"] <= 1.0 and r["sqnr_db"] is not None and r["sat_pct"] is not None
+    # alone, the site sees its FP32 input: its own error only, at least as good as with every site quantized
+    assert rows["blocks.1.attn.sv"]["sqnr_db"] > {r["site"]: r for r in fp.rows}["blocks.1.attn.sv"]["sqnr_db"]
+    assert rows["blocks.1.mlp.fc2.weight"]["sqnr_db"] == pytest.approx({r["site"]: r for r in weights.rows}["blocks.1.mlp.fc2.weight"]["sqnr_db"])
+    paths = write_report(tmp_path, flag_rows(weights.rows + fp.rows, Thresholds()), fp.output, {}, Thresholds(), isolated=result.rows, worst_k=0)
+    assert {"isolated.csv", "isolated.json"} <= {p.name for p in paths}
+    assert json.loads((tmp_path / "isolated.json").read_text())["sites"][0]["rank"] == 1

@@ -1,0 +1,322 @@
+"""Mixed-precision search: cost model, ties, repair, priors, storage/resume/workers, the stage end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import PROJECT_ROOT
+from pipeline.errors import PipelineError
+from pipeline.quant.calibration import bind, calibrate
+from pipeline.quant.recipe import resolve_recipe
+from pipeline.quant.sites import attach_sites
+from pipeline.search.objective import Evaluator
+from pipeline.search.priors import Priors, greedy_fill, raise_probabilities, repair
+from pipeline.search.space import build_space
+from tests import fake_search
+from tests.conftest import compose
+from tests.test_sensitivity import labelled, tiny_outlier_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_outlier_model()
+    graph = attach_sites(model)
+    specs = resolve_recipe(compose(["quant=recommended"]).quant, graph)
+    state = calibrate(graph, specs, labelled(2, 8, seed=5), CPU, [8, 16])
+    return model, graph, specs, state
+
+
+def space_of(tiny, act=(8, 16), weight=(8, 16), ties=(), **kw):
+    model, graph, specs, state = tiny
+    return build_space(graph, specs, state, list(act), list(weight), list(ties), torch.zeros(1, 3, 32, 32), **kw)
+
+
+# -- cost model and space ----------------------------------------------------------------------
+
+
+def test_cost_is_normalised_to_all_int8(tiny):
+    space = space_of(tiny)
+    assert space.cost(space.lowest()) == pytest.approx(1.0)
+    assert space.cost(space.highest()) == pytest.approx(2.0)
+    w4 = space_of(tiny, weight=(4, 8))
+    weight_share = sum(w4.site_cost(n, 8) for n, k in w4.kinds.items() if k == "weight")
+    assert 0.5 < weight_share < 1.0  # the tiny model: few tokens, weights dominate
+    assert w4.min_cost() == pytest.approx(1.0 - weight_share / 2)  # 4-bit weights cost half
+    assert w4.cost({g.name: 1 if "weight" in g.name else 0 for g in w4.groups}) == pytest.approx(1.0)
+    heavy = space_of(tiny, weight_cost_weight=3.0)
+    assert heavy.cost(heavy.lowest()) == pytest.approx(1.0)
+    assert sum(heavy.site_cost(n, 8) for n, k in heavy.kinds.items() if k == "weight") > weight_share
+
+
+def test_activation_elements_are_per_image(tiny):
+    space = space_of(tiny)
+    assert space.elements["blocks.0.attn.sv"] == 17 * 192  # 16 patches + class token, 192 channels
+    assert space.elements["blocks.0.attn.scores"] == 3 * 17 * 17
+    assert space.elements["blocks.0.mlp.fc1.weight"] == 768 * 192
+
+
+def test_ties_group_sites(tiny):
+    plain = space_of(tiny)
+    qkv = space_of(tiny, ties=["qkv"])
+    assert len(plain.groups) - len(qkv.groups) == 2 * 2  # two blocks: q, k, v -> one group each
+    assert qkv.by_name["blocks.1.attn.{q,k,v}"].members == ["blocks.1.attn.q", "blocks.1.attn.k", "blocks.1.attn.v"]
+    wi = space_of(tiny, act=(8, 16), weight=(4, 8), ties=["qkv", "weight_with_input"])
+    group = next(g for g in wi.groups if "blocks.0.attn.qkv.weight" in g.members)
+    assert set(group.members) == {"blocks.0.norm1", "blocks.0.attn.qkv.weight"}
+    assert group.widths == {"blocks.0.norm1": [8, 16], "blocks.0.attn.qkv.weight": [4, 8]}
+    assert any(set(g.members) == {"head.in", "head.weight"} for g in wi.groups)
+    with pytest.raises(PipelineError, match="as many candidate widths"):
+        space_of(tiny, act=(8, 16), weight=(4, 8, 16), ties=["weight_with_input"])
+    with pytest.raises(PipelineError, match="unknown tie 'kqv'"):
+        space_of(tiny, ties=["kqv"])
+
+
+def test_uncalibrated_width_is_a_clear_error(tiny):
+    with pytest.raises(PipelineError, match="calibrated for bits \\[8, 16\\], not \\[12\\]"):
+        space_of(tiny, act=(8, 12))
+
+
+# -- repair, greedy, priors --------------------------------------------------------------------
+
+
+def test_repair_never_exceeds_the_budget_and_keeps_feasible_assignments():
+    space = fake_search.fake_space()
+    priors = Priors(space, fake_search.fake_sensitivity(space), "noise_kl")
+    rng = random.Random(0)
+    for budget in (1.0, 1.05, 1.3, 1.7, 2.0):
+        for _ in range(200):
+            levels = {g.name: rng.randrange(2) for g in space.groups}
+            for p in (priors, None):
+                fixed, lowered = repair(space, levels, budget, p, rng)
+                assert space.cost(fixed) <= budget + 1e-12
+                assert all(fixed[n] <= levels[n] for n in levels)
+                if space.cost(levels) <= budget:
+                    assert fixed == levels and lowered == 0
+    with pytest.raises(PipelineError, match="below the minimum cost"):
+        repair(space, space.highest(), 0.9, priors)
+
+
+def test_repair_lowers_the_least_useful_groups_first():
+    space = fake_search.fake_space()
+    priors = Priors(space, fake_search.fake_sensitivity(space), "noise_kl")
+    fixed, _ = repair(space, space.highest(), 1.3, priors)
+    kept = [n for n, lvl in fixed.items() if lvl]
+    dropped = [n for n, lvl in fixed.items() if not lvl]
+    assert min(priors.priority(n, 0) for n in kept) >= max(priors.priority(n, 0) for n in dropped) - 1e-12 or space.cost(fixed) <= 1.3
+
+
+def test_greedy_fill_is_maximal_and_in_budget():
+    space = fake_search.fake_space()
+    priors = Priors(space, fake_search.fake_sensitivity(space), "noise_kl")
+    levels = greedy_fill(space, priors, 1.3)
+    cost = space.cost(levels)
+    assert cost <= 1.3
+    assert all(cost + space.raise_cost(n, 0) > 1.3 for n, lvl in levels.items() if lvl == 0)
+    assert levels["s0"] == 1  # the most sensitive group per cost goes first
+
+
+def test_raise_probabilities_meet_the_budget_in_expectation():
+    space = fake_search.fake_space()
+    priors = Priors(space, fake_search.fake_sensitivity(space), "noise_kl")
+    probs = raise_probabilities(space, priors, 1.3, temperature=0.5)
+    expected = sum(p * space.raise_cost(n, 0) for n, p in probs.items())
+    assert expected == pytest.approx(1.3 - space.min_cost(), rel=1e-6)
+    assert probs["s0"] > probs["s11"]
+
+
+def test_priors_reject_scores_without_the_width():
+    space = fake_search.fake_space()
+    sens = fake_search.fake_sensitivity(space)
+    del sens["sites"]["s3"]["scores"]["noise_kl"]["16"]
+    with pytest.raises(PipelineError, match="cover widths \\[8\\], not 8 and 16"):
+        Priors(space, sens, "noise_kl")
+
+
+# -- the assembled model ----------------------------------------------------------------------
+
+
+def test_assembled_assignment_equals_bind_and_caches_weights(tiny):
+    model, _, specs, state = tiny
+    space = space_of(tiny, ties=["qkv"])
+    x = labelled(1, 8, seed=4)[0][0]
+    with torch.no_grad():
+        ref = model(x)
+    ev = Evaluator(attach_sites(model), specs, state, [x], ref, torch.zeros(8, dtype=torch.long), CPU)
+    rng = random.Random(1)
+    for _ in range(3):
+        widths = space.widths({g.name: rng.randrange(2) for g in space.groups})
+        got = ev.logits(widths)
+        check = attach_sites(model)
+        bind(check, specs, state, widths)
+        with torch.no_grad():
+            torch.testing.assert_close(got, check.model(x), rtol=0, atol=0)
+    low = ev.evaluate(space.widths(space.lowest()))
+    assert set(low) >= {"kl", "agreement", "top1", "loss", "eval_s"}
+
+
+# -- studies: storage, resume, workers, baselines -------------------------------------------------
+
+
+def test_each_method_stays_in_budget_and_prior_beats_random(tmp_path):
+    url = f"sqlite:///{tmp_path}/o.db"
+    runs = {m: fake_search.run(url, f"s-{m}", m, 8) for m in ("prior", "random", "greedy")}
+    for m, run in runs.items():
+        assert len(run.records) <= 8 and all(r.cost <= fake_search.BUDGET + 1e-12 for r in run.records), m
+    assert len(runs["prior"].records) == 8 and len(runs["random"].records) == 8
+    assert {r.source for r in runs["prior"].records} >= {"greedy-noise_kl-ratio", "prior-draw"}
+    assert runs["prior"].best("kl").value < runs["random"].best("kl").value
+    assert runs["greedy"].records[-1].source == "greedy-final"
+
+
+def test_resume_keeps_completed_trials_and_continues_to_a_larger_count(tmp_path):
+    url = f"sqlite:///{tmp_path}/o.db"
+    first = fake_search.run(url, "resume", "prior", 5)
+    assert len(first.records) == 5 and first.evaluated_here == 5
+    again = fake_search.run(url, "resume", "prior", 5)  # the same command: nothing to do
+    assert len(again.records) == 5 and again.evaluated_here == 0
+    more = fake_search.run(url, "resume", "prior", 7)
+    assert len(more.records) == 7 and len({r.number for r in more.records} - {r.number for r in first.records}) == 2
+    assert {r.number for r in first.records} <= {r.number for r in more.records}
+
+
+def _worker(tmp_path: Path, url: str, study: str, trials: int, delay: float, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "tests.fake_search", url, study, "random", str(trials), str(delay), str(log)], cwd=PROJECT_ROOT, env=env, stderr=subprocess.PIPE, text=True)
+
+
+def _log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_two_workers_on_one_sqlite_storage_share_the_trials(tmp_path):
+    url = f"sqlite:///{tmp_path}/o.db"
+    log = tmp_path / "log.jsonl"
+    procs = [_worker(tmp_path, url, "shared", 10, 0.3, log) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    entries = _log(log)
+    numbers = [e["trial"] for e in entries]
+    assert len(numbers) == 10 and len(set(numbers)) == 10  # N trials in total, none run twice
+    assert len({e["pid"] for e in entries}) == 2  # both workers did some
+    import optuna
+
+    study = optuna.load_study(study_name="shared", storage=url)
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 10
+
+
+def test_sigkill_midway_then_rerun_keeps_completed_trials(tmp_path):
+    url = f"sqlite:///{tmp_path}/o.db"
+    log = tmp_path / "log.jsonl"
+    proc = _worker(tmp_path, url, "killed", 6, 0.6, log)
+    deadline = time.time() + 90
+    while len(_log(log)) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # What survives a SIGKILL is what the storage committed (the log may be ahead of the storage).
+    import optuna
+
+    stored = optuna.load_study(study_name="killed", storage=url).get_trials(deepcopy=False)
+    done_before = {t.number for t in stored if t.state == optuna.trial.TrialState.COMPLETE}
+    assert 2 <= len(done_before) < 6
+    rerun = fake_search.run(url, "killed", "random", 6)  # the same command again
+    assert len(rerun.records) == 6
+    assert done_before <= {r.number for r in rerun.records}  # kept, not redone
+    assert rerun.evaluated_here == 6 - len(done_before)
+
+
+# -- the stage ----------------------------------------------------------------------------------
+
+
+def search_overrides(tiny_overrides, tmp_path, *extra):
+    return [
+        *tiny_overrides, "quant=recommended", "threads=1", "data.calib_size=16", "data.search_size=16", "data.eval_size=16", "data.batch_size=16",
+        "sensitivity.batch_size=4", "sensitivity.batches=1", "sensitivity.noise_batches=1", "sensitivity.hutchinson_iters=2", "sensitivity.hutchinson_min_iters=1", "sensitivity.isolated=false",
+        f"search.storage=sqlite:///{tmp_path}/optuna.db", "search.trials=4", "search.n_startup=3", "search.seeds=2", *extra,
+    ]
+
+
+def test_stage_end_to_end_with_sensitivity_computed_first(tmp_path, tiny_overrides, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+    from omegaconf import OmegaConf
+
+    from pipeline.config import QuantConfig
+    from pipeline.runner import run_pipeline
+
+    cfg = compose(search_overrides(tiny_overrides, tmp_path, "stages=[calibrate,search]", "search.budget=1.15", "tracking.run_name=search-e2e"))
+    summary = run_pipeline(cfg, tmp_path / "run")
+    folder = tmp_path / "run/search"
+    assert (folder / "sensitivity/sensitivity.json").is_file()  # computed first
+    results = json.loads((folder / "results.json").read_text())
+    assert results["methods"]["prior"]["trials"] == 4 and results["best"]["cost"] <= 1.15
+    assert summary["search_results"]["best"]["test"]["images"] == 16 and "search_test_agreement" in summary
+    assert (folder / "plots/pareto.png").stat().st_size > 1000
+    # The exported recipe reproduces the best assignment, through `quant=<name>` and as a plain file.
+    best = json.loads((folder / "best_assignment.json").read_text())
+    graph = attach_sites(tiny_outlier_model())
+    composed = compose([f"hydra.searchpath=[file://{folder}]", f"quant={results['recipe']}"]).quant
+    plain = OmegaConf.merge(OmegaConf.structured(QuantConfig), OmegaConf.load(folder / "recipe.yaml"))
+    for quant in (composed, plain):
+        specs = resolve_recipe(quant, graph)
+        assert {n: specs[n].bits for n in best["widths"]} == best["widths"]
+    # One nested MLflow run per trial, with the assignment as an artifact.
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("vit-ptq")
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.info.run_name == "search-e2e")
+    stage = next(r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id and r.info.run_name == "search")
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == stage.info.run_id]
+    assert len(trials) == 4 and all("kl" in r.data.metrics and "cost" in r.data.metrics for r in trials)
+    assert [a.path for a in client.list_artifacts(trials[0].info.run_id)] == ["assignment.json"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["search.objective=accuracy"], "search.objective: unknown objective 'accuracy'"),
+        (["search.method=bayes"], "search.method: unknown method 'bayes'"),
+    ],
+)
+def test_bad_search_config_fails_before_any_run(tmp_path, tiny_overrides, extra, message):
+    from pipeline.runner import run_pipeline
+
+    with pytest.raises(PipelineError, match=message):
+        run_pipeline(compose(search_overrides(tiny_overrides, tmp_path, "stages=[calibrate,search]", *extra)), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_budget_below_minimum_and_foreign_sensitivity_fail_before_any_trial(tmp_path, tiny_overrides):
+    from pipeline.runner import run_pipeline
+
+    run_pipeline(compose(search_overrides(tiny_overrides, tmp_path, "stages=[calibrate]")), tmp_path / "calib")
+    base = search_overrides(tiny_overrides, tmp_path, "stages=[search]", f"from_run={tmp_path / 'calib'}", "search.method=random")
+    with pytest.raises(PipelineError, match="search.budget=0.9 is below the minimum possible cost 1.0000"):
+        run_pipeline(compose([*base, "search.budget=0.9"]), tmp_path / "low")
+    with pytest.raises(PipelineError, match="search.budget=0.5 is below the minimum possible cost 0\\."):
+        run_pipeline(compose([*base, "search.budget=0.5", "search.weight_bits=[4,8]"]), tmp_path / "low4")
+    assert not (tmp_path / "optuna.db").exists()  # no study, no trial
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps({"meta": {"model": "0123abcd", "model_name": "vit_other"}, "sites": {}}))
+    with pytest.raises(PipelineError, match="belong to another model \\(vit_other"):
+        run_pipeline(compose([*base, "search.method=prior", f"search.sensitivity={foreign}"]), tmp_path / "foreign")

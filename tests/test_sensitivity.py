@@ -1,0 +1,154 @@
+"""Sensitivity: Hutchinson on a known Hessian, noise injection ranking, HAWQ scores, the stage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+
+from pipeline.quant.calibration import calibrate
+from pipeline.quant.recipe import resolve_recipe
+from pipeline.quant.sites import attach_sites
+from pipeline.sensitivity.compute import SensitivitySettings
+from pipeline.sensitivity.hutchinson import hutchinson_trace
+from pipeline.sensitivity.probe import SuffixRunner
+from pipeline.sensitivity.run import compute_sensitivity, measured_at
+from tests.conftest import compose
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors on a shared 2-core machine: one intra-op thread is several times faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def spd(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    eig = torch.rand(n, generator=g, dtype=torch.float64) * 4 + 0.5
+    return q @ torch.diag(eig) @ q.T
+
+
+def test_hutchinson_trace_of_a_quadratic_within_5_percent_at_200_samples():
+    a = spd(60)
+    x = torch.randn(60, dtype=torch.float64, requires_grad=True)
+    result = hutchinson_trace(lambda: 0.5 * x @ a @ x, [x], iters=200, tol=0.0, generator=torch.Generator().manual_seed(1))
+    assert result.iters == 200 and not result.converged
+    assert result.total == pytest.approx(float(torch.trace(a)), rel=0.05)
+
+
+def test_hutchinson_block_traces_and_diagonal_of_two_tensors():
+    a = spd(40, seed=3)
+    x = torch.randn(25, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(15, dtype=torch.float64, requires_grad=True)
+
+    def loss():
+        z = torch.cat([x, y])
+        return 0.5 * z @ a @ z
+
+    result = hutchinson_trace(loss, [x, y], iters=400, tol=0.0, generator=torch.Generator().manual_seed(2), diag_reduce=[lambda p: p, None])
+    assert result.traces[0] == pytest.approx(float(torch.trace(a[:25, :25])), rel=0.05)
+    assert result.traces[1] == pytest.approx(float(torch.trace(a[25:, 25:])), rel=0.05)
+    assert result.diag[1] is None and result.diag[0].shape == (25,)
+    torch.testing.assert_close(result.diag[0].double().mean(), a.diagonal()[:25].mean(), rtol=0.05, atol=0)
+
+
+def test_hutchinson_stops_early_at_tolerance():
+    a = torch.eye(30, dtype=torch.float64) * 2  # Rademacher: v.Av = 2 * 30 exactly, every sample
+    x = torch.zeros(30, dtype=torch.float64, requires_grad=True)
+    result = hutchinson_trace(lambda: 0.5 * x @ a @ x, [x], iters=100, tol=1e-6, min_iters=3)
+    assert result.converged and result.iters == 3 and result.total == pytest.approx(60.0)
+
+
+def tiny_outlier_model():
+    """A 2-block ViT whose block-1 GELU output has one huge channel (compensated in fc2): that site is fragile at per-tensor INT8."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10, depth=2).eval()
+    with torch.no_grad():
+        mlp = model.blocks[1].mlp
+        c = 400.0
+        mlp.fc1.bias[7] += c  # GELU(z + c) = z + c for large c
+        mlp.fc2.bias -= mlp.fc2.weight[:, 7] * c
+    return model
+
+
+def labelled(n: int = 2, size: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 3, 32, 32, generator=g), torch.randint(0, 10, (size,), generator=g)) for _ in range(n)]
+
+
+def sensitivity_of(model, recipe: str = "naive", **settings):
+    graph = attach_sites(model)
+    specs = resolve_recipe(compose([f"quant={recipe}"]).quant, graph)
+    state = calibrate(graph, specs, labelled(3, 8, seed=5), CPU, [8, 16])
+    batches = labelled(1, 8, seed=9)
+    s = SensitivitySettings(hutchinson_iters=4, hutchinson_min_iters=2, **settings)
+    return compute_sensitivity(attach_sites(model), specs, state, batches, batches, s, [4, 8, 16], [8, 16], CPU, meta={"model": "tiny"})
+
+
+def test_suffix_runner_matches_the_full_forward():
+    model = tiny_outlier_model()
+    graph = attach_sites(model)
+    graph.set_mode("fp")
+    x = labelled(1)[0][0]
+    runner = SuffixRunner(graph, [x], CPU)
+    logits = runner.cache()
+    with torch.inference_mode():
+        for name in ("patch_embed.proj.weight", "blocks.0.in", "blocks.1.attn.sv", "norm", "head.weight"):
+            torch.testing.assert_close(runner.run(0, runner.start(name)), logits[0])
+        torch.testing.assert_close(logits[0], model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_noise_injection_ranks_the_artificially_sensitive_site_first():
+    result = sensitivity_of(tiny_outlier_model())
+    noise = measured_at(result, "noise_kl", "act")
+    isolated = measured_at(result, "isolated_kl", "act")
+    assert max(noise, key=noise.get) == "blocks.1.mlp.act"
+    assert max(isolated, key=isolated.get) == "blocks.1.mlp.act"
+    assert result["ranking"]["spearman"]["noise_kl~isolated_kl/act"] > 0.5
+    assert "blocks.1.mlp.act" in result["ranking"]["top5"]["noise_kl/act"]
+
+
+def test_scores_per_site_and_width():
+    result = sensitivity_of(tiny_outlier_model(), "recommended")
+    w = result["sites"]["blocks.0.mlp.fc1.weight"]
+    assert w["kind"] == "weight" and w["widths"] == [4, 8, 16] and w["elements"] == 192 * 768
+    for method in ("noise_kl", "noise_loss", "hessian", "isolated_kl"):
+        s = w["scores"][method]
+        assert set(s) == {"4", "8", "16"}
+        assert abs(s["4"]) > abs(s["8"]) > abs(s["16"])  # coarser weights, larger predicted drop
+    a = result["sites"]["blocks.0.attn.sv"]
+    assert a["widths"] == [8, 16] and a["hessian_trace"] is not None
+    assert a["scores"]["noise_kl"]["16"] < a["scores"]["noise_kl"]["8"] / 1000  # (2^8)^2 less noise energy
+    soft = result["sites"]["blocks.0.attn.softmax"]  # log2: more bits add range, not resolution
+    assert soft["quantizer"] == "log2" and soft["scores"]["noise_kl"]["8"] == soft["scores"]["noise_kl"]["16"]
+    assert result["meta"]["hutchinson"]["iters"] and result["meta"]["suffix_passes"]
+
+
+def test_stage_writes_json_csv_plots_and_metrics(tmp_path, tiny_overrides):
+    from pipeline.runner import run_pipeline
+
+    overrides = [*tiny_overrides, "quant=recommended", "stages=[calibrate,sensitivity]", "data.calib_size=16", "data.batch_size=8", "sensitivity.batch_size=8", "sensitivity.batches=1", "sensitivity.noise_batches=1", "sensitivity.hutchinson_iters=3", "sensitivity.hutchinson_min_iters=2", "threads=1"]
+    summary = run_pipeline(compose(overrides), tmp_path / "run")
+    folder = tmp_path / "run/sensitivity"
+    data = json.loads((folder / "sensitivity.json").read_text())
+    assert data["meta"]["recipe"] == "recommended" and len(data["sites"]) == summary["sensitivity_sites"]
+    assert (folder / "sensitivity.csv").read_text().startswith("site,role,block,kind")
+    assert (folder / "plots/scores_by_site.png").stat().st_size > 1000
+    assert "spearman/noise_kl~isolated_kl/act" in summary
+
+
+def test_bad_noise_kind_is_one_clear_error(tmp_path, tiny_overrides):
+    from pipeline.errors import PipelineError
+    from pipeline.runner import run_pipeline
+
+    with pytest.raises(PipelineError, match="sensitivity.noise: unknown noise 'pink'"):
+        run_pipeline(compose([*tiny_overrides, "quant=naive", "stages=[calibrate,sensitivity]", "sensitivity.noise=pink"]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
