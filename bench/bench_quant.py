@@ -13,7 +13,6 @@ calibration images. Writes bench/results/quant.json. Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -23,6 +22,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.common import write_result  # noqa: E402
 
 from pipeline.config import register_configs, register_resolvers  # noqa: E402
 from pipeline.data import make_subset  # noqa: E402
@@ -94,10 +95,7 @@ def main() -> None:
         },
         "targets": {"quantized_eval_vs_fp32": 2.0, "calibrate_vs_fp32_pass": 3.0},
     }
-    result["pass"] = {k: result["ratios"][k] <= v for k, v in result["targets"].items()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -172,6 +172,9 @@ def main() -> None:
     parser.add_argument("--speed-trials", type=int, default=6, help="interleaved trial / forward pairs for the speed ratio (0: skip)")
     args = parser.parse_args()
 
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     register_resolvers()
     register_configs()
     from pipeline.runner import run_pipeline
@@ -189,14 +192,20 @@ def main() -> None:
     }
     if "speed" in previous:
         report["speed"] = previous["speed"]
-    run_dirs: dict[str, Path] = {k: Path(v["run_dir"]) for k, v in report["regimes"].items()}
+    run_dirs: dict[str, Path] = {k: Path(v.get("calib_dir", v["run_dir"])) for k, v in report["regimes"].items()}  # folders holding calibrate/
     for name in [r for r in args.regimes.split(",") if r]:
         spec = REGIMES[name]
         run_dir = ROOT / "mlruns" / "outputs" / "bench_search" / f"{args.tag}-{name}"
+        calib_dir = run_dir
         stages = "[calibrate,sensitivity,search]"
         extra = []
         if "from" in spec and spec["from"] in run_dirs:
             stages, extra = "[search]", [f"from_run={run_dirs[spec['from']]}"]
+            calib_dir = run_dirs[spec["from"]]
+        elif (run_dir / "calibrate").is_dir() and (run_dir / "sensitivity").is_dir() and not (run_dir / "search").is_dir():
+            # An interrupted earlier attempt with this tag: reuse its stages; the studies resume from the storage.
+            stages, extra = "[search]", [f"from_run={run_dir}"]
+            run_dir = run_dir.with_name(run_dir.name + "-resumed")
         overrides = [
             f"model={spec['model']}", f"quant={spec['quant']}", f"stages={stages}", *extra,
             f"data.search_size={args.search_size}", f"data.eval_size={args.eval_size}", "data.num_workers=0", f"threads={args.threads}", "device=cpu",
@@ -210,9 +219,9 @@ def main() -> None:
         summary = run_pipeline(cfg, run_dir)
         wall = time.perf_counter() - t0
         torch.set_num_threads(args.threads)
-        fwd = forward_seconds(run_dir if "from" not in spec else run_dirs[spec["from"]], cfg)
-        report["regimes"][name] = regime_row(name, spec, run_dir, summary, wall, fwd)
-        run_dirs[name] = run_dir
+        fwd = forward_seconds(calib_dir, cfg)
+        report["regimes"][name] = {**regime_row(name, spec, run_dir, summary, wall, fwd), "calib_dir": str(calib_dir)}
+        run_dirs[name] = calib_dir
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report["regimes"][name], indent=2), flush=True)

@@ -29,12 +29,7 @@ from tests.test_sensitivity import labelled, tiny_outlier_model
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -228,17 +223,23 @@ def test_two_workers_on_one_sqlite_storage_share_the_trials(tmp_path):
 def test_sigkill_midway_then_rerun_keeps_completed_trials(tmp_path):
     url = f"sqlite:///{tmp_path}/o.db"
     log = tmp_path / "log.jsonl"
-    proc = _worker(tmp_path, url, "killed", 6, 0.6, log)
-    deadline = time.time() + 90
-    while len(_log(log)) < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    # What survives a SIGKILL is what the storage committed (the log may be ahead of the storage).
     import optuna
 
-    stored = optuna.load_study(study_name="killed", storage=url).get_trials(deepcopy=False)
-    done_before = {t.number for t in stored if t.state == optuna.trial.TrialState.COMPLETE}
+    def committed() -> set[int]:
+        """Trials the storage holds as COMPLETE: what survives a SIGKILL (the log may run ahead)."""
+        try:
+            trials = optuna.load_study(study_name="killed", storage=url).get_trials(deepcopy=False)
+        except KeyError:  # the study does not exist yet
+            return set()
+        return {t.number for t in trials if t.state == optuna.trial.TrialState.COMPLETE}
+
+    proc = _worker(tmp_path, url, "killed", 6, 0.6, log)
+    deadline = time.time() + 90
+    while len(committed()) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = committed()
     assert 2 <= len(done_before) < 6
     rerun = fake_search.run(url, "killed", "random", 6)  # the same command again
     assert len(rerun.records) == 6

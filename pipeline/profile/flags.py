@@ -85,3 +85,13 @@ def _lt(value: Any, threshold: float) -> bool:
 
 def _gt(value: Any, threshold: float) -> bool:
     return value is not None and value > threshold
+
+
+def flags_by_role(rows: list[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+    """{role: {flag: number of sites of that role with the flag}} for the roles that have any flag."""
+    out: dict[str, dict[str, int]] = {}
+    for r in rows:
+        for flag in r.get("flags") or ():
+            counts = out.setdefault(r["role"], dict.fromkeys(FLAGS, 0))
+            counts[flag] += 1
+    return out

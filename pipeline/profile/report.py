@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from pipeline.artifacts import atomic_path, write_json, write_text
-from pipeline.profile.flags import FLAGS, Thresholds, flag_counts
+from pipeline.profile.flags import FLAGS, Thresholds, flag_counts, flags_by_role
 from pipeline.quant.sites import ROLES
 
 COLUMNS = (
@@ -122,14 +122,20 @@ def block_series(rows: Sequence[Mapping[str, Any]], key: str) -> dict[str, dict[
 
 
 def plot_by_block(rows: Sequence[Mapping[str, Any]], key: str, title: str, ylabel: str, threshold: float | None = None) -> bytes | None:
-    """PNG: one panel per role, one line per site of a block, metric `key` against the block index."""
+    """PNG: one panel per role, one line per site of a block, metric `key` against the block index.
+
+    A dashed red line marks the flag threshold. Few ticks and shared axis labels keep the
+    rendering cheap (text layout dominates matplotlib's cost).
+    """
     series = block_series(rows, key)
     if not series:
         return None
     ncols = min(4, len(series))
     nrows = math.ceil(len(series) / ncols)
-    fig = Figure(figsize=(4.2 * ncols, 2.8 * nrows))
+    fig = Figure(figsize=(4.2 * ncols, 2.6 * nrows))
     fig.suptitle(title)
+    fig.supxlabel("block", fontsize=9)
+    fig.supylabel(ylabel, fontsize=9)
     for i, (role, leaves) in enumerate(series.items()):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         for leaf, (blocks, values) in sorted(leaves.items()):
@@ -137,21 +143,19 @@ def plot_by_block(rows: Sequence[Mapping[str, Any]], key: str, title: str, ylabe
         if threshold is not None:
             ax.axhline(threshold, color="red", linestyle="--", linewidth=0.8)
         ax.set_title(role, fontsize=10)
-        ax.set_xlabel("block", fontsize=8)
         every = [b for blocks, _ in leaves.values() for b in blocks]
-        first, last = min(every), max(every)
-        ax.set_xlim(first - 0.5, last + 0.5)
-        if last - first < 16:
-            ax.set_xticks(range(first, last + 1))
+        ax.set_xlim(min(every) - 0.5, max(every) + 0.5)
+        if len(set(every)) == 1:
+            ax.set_xticks(every[:1])
         else:
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(ylabel, fontsize=8)
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=4))
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         if len(leaves) > 1:
             ax.legend(fontsize=6)
     # fixed margins: tight_layout would cost an extra draw of every panel
-    fig.subplots_adjust(left=0.3 / ncols, right=0.98, bottom=0.5 / (2.8 * nrows), top=1 - 0.55 / (2.8 * nrows), wspace=0.3, hspace=0.75)
+    fig.subplots_adjust(left=0.25 / ncols, right=0.98, bottom=0.45 / (2.6 * nrows), top=1 - 0.7 / (2.6 * nrows), wspace=0.25, hspace=0.5)
     return _png(fig)
 
 
@@ -243,6 +247,11 @@ def render_html(title: str, meta: Mapping[str, Any], rows: Sequence[Mapping[str,
     parts = [f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"]
     parts.append(f"<h1>Per-site profile: {html.escape(title)}</h1>")
     parts.append(_kv_table({**meta, "sites": len(rows), "flagged sites": counts["flagged"], **{f"flag {f}": counts[f] for f in FLAGS}}))
+    by_role = flags_by_role(list(rows))
+    if by_role:
+        head = "".join(f"<th>{f}</th>" for f in FLAGS)
+        body = "".join(f"<tr><td class=\"l\">{html.escape(role)}</td>" + "".join(f"<td>{c[f]}</td>" for f in FLAGS) + "</tr>" for role, c in sorted(by_role.items(), key=lambda kv: ROLES.index(kv[0]) if kv[0] in ROLES else len(ROLES)))
+        parts.append(f"<h2>Flagged sites by role</h2><table><thead><tr><th>role</th>{head}</tr></thead><tbody>{body}</tbody></table>")
     parts.append("<h2>Flag thresholds</h2>" + _kv_table({
         "cosine: mean token cosine <": thresholds.cos_min,
         "clipping: % clipped >": thresholds.saturation_max_pct,
@@ -274,7 +283,8 @@ def write_report(folder: Path, rows: Sequence[Mapping[str, Any]], output: Mappin
     table = ranked(rows)
     meta = {"images": images, "thresholds": thresholds.__dict__}
     paths = [write_csv(folder / "cumulative.csv", table, COLUMNS)]
-    paths.append(write_json(folder / "cumulative.json", {"mode": "cumulative", **meta, "output": {k: _json_value(v) for k, v in output.items()}, **table_json(table, COLUMNS, {})}))
+    summary = {"flags": flag_counts(list(table)), "flags_by_role": flags_by_role(list(table)), "output": {k: _json_value(v) for k, v in output.items()}}
+    paths.append(write_json(folder / "cumulative.json", {"mode": "cumulative", **meta, **summary, **table_json(table, COLUMNS, {})}))
     iso_table = None
     if isolated is not None:
         iso_table = ranked(isolated, "logit_sqnr_db")
