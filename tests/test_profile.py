@@ -232,7 +232,7 @@ def test_bad_dump_glob_and_trace_site_end_with_one_clear_line():
 # -- end to end -------------------------------------------------------------------------
 
 
-def test_evaluate_profiles_every_site_into_tables_html_plots_and_mlflow(tmp_path, tiny_overrides, mlflow_uri, capsys):
+def test_evaluate_profiles_every_site_into_tables_html_plots_and_mlflow(tmp_path, tiny_overrides, mlflow_uri, capsys, one_thread):
     overrides = [
         *tiny_overrides, "quant=naive", "stages=[calibrate,quantize,evaluate]", "tracking.run_name=profiled",
         "data.eval_size=16", "data.calib_size=16", "profile.images=8",
@@ -279,7 +279,7 @@ def test_bad_profile_request_fails_before_any_stage_runs(tmp_path, tiny_override
     assert not (tmp_path / "run").exists()
 
 
-def test_isolated_mode_quantizes_one_site_at_a_time_and_restores_the_modes(tmp_path):
+def test_isolated_mode_quantizes_one_site_at_a_time_and_restores_the_modes(one_thread):
     from pipeline.profile.profiler import cumulative_pass, isolated_pass, weight_pass
     from pipeline.profile.report import ranked
     from tests.test_calibration import batches, calibrated
