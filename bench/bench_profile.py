@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--model", default="vit_tiny_cifar10")
     parser.add_argument("--repeats", type=int, default=5, help="best of N for the forward and the cumulative profile (interleaved)")
     parser.add_argument("--isolated-sites", type=int, default=0, help="time the isolated mode on K evenly spaced sites and extrapolate (0 = all sites)")
+    parser.add_argument("--batch-size", type=int, default=0, help="images per profiling forward (0 = profile.batch_size)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = one per CPU)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(ROOT / "bench/results/profile.json"))
@@ -82,7 +83,8 @@ def main() -> None:
     bind(graph, specs, state)
     graph.to(device)
     fp_graph = attach_sites(fp32.model).to(device)
-    batches = profile_batches(make_subset(cfg.data, fp32, "eval").loader, args.images, int(cfg.profile.batch_size))
+    batch_size = args.batch_size or int(cfg.profile.batch_size)
+    batches = profile_batches(make_subset(cfg.data, fp32, "eval").loader, args.images, batch_size)
 
     quantized_forward(graph, batches, device)  # warm-up
     fp_graph.set_mode("fp")
@@ -120,7 +122,7 @@ def main() -> None:
         "model": args.model,
         "recipe": args.recipe,
         "images": args.images,
-        "batch_size": int(cfg.profile.batch_size),
+        "batch_size": batch_size,
         "device": str(device),
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),

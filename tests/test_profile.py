@@ -28,6 +28,7 @@ from tests.conftest import compose
 from tests.test_calibration import tiny_model
 
 CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # -- constructed sites ------------------------------------------------------------------
 
@@ -198,6 +199,17 @@ def test_trace_shows_every_step_and_the_worst_element_first():
     assert len(lines) == 3 + 4 and "clipped low" in text and "largest |x|" not in text  # 30 is already traced
 
 
+def test_log2_trace_shows_the_flush_to_zero():
+    site = log2_site(bits=4)
+    p = torch.tensor([1.0, 0.3, 2.0**-20, 0.25])
+    text = trace_site(site, Capture(None, p, fake_log2_quantize(p, 4)), elements=4)
+    lines = text.splitlines()
+    assert lines[2].split()[:5] == ["index", "fp32", "x", "-log2", "x"] and "+zp" not in lines[2]
+    assert lines[3].split()[0] == "(1,)" and "worst error #1" in lines[3]  # 0.3 -> 2^-2: the largest error
+    flushed = next(line for line in lines if line.split()[0] == "(2,)")
+    assert flushed.split()[2:6] == ["20", "20", "15", "0"] and "flushed to 0" in flushed  # -log2, rounded, code, dequantized (no fp32 column here)
+
+
 def test_dump_writes_fp32_codes_dequantized_and_qparams(tmp_path):
     site = uniform_site([0.1, 0.2, 0.5], [0.0, 5.0, 10.0])
     x = torch.randn(2, 5, 3)
@@ -232,9 +244,9 @@ def test_bad_dump_glob_and_trace_site_end_with_one_clear_line():
 # -- end to end -------------------------------------------------------------------------
 
 
-def test_evaluate_profiles_every_site_into_tables_html_plots_and_mlflow(tmp_path, tiny_overrides, mlflow_uri, capsys, one_thread):
+def test_evaluate_profiles_every_site_into_tables_html_plots_and_mlflow(tmp_path, tiny_overrides, mlflow_uri, capsys):
     overrides = [
-        *tiny_overrides, "quant=naive", "stages=[calibrate,quantize,evaluate]", "tracking.run_name=profiled",
+        *tiny_overrides, "quant=naive", "stages=[calibrate,quantize,evaluate]", "tracking.run_name=profiled", "threads=1",
         "data.eval_size=16", "data.calib_size=16", "profile.images=8",
         "profile.dump=[blocks.1.attn.sv,blocks.0.mlp.fc1.weight]", "profile.trace=blocks.1.mlp.act", "profile.worst_k=1",
     ]
@@ -273,13 +285,13 @@ def test_evaluate_profiles_every_site_into_tables_html_plots_and_mlflow(tmp_path
 
 
 def test_bad_profile_request_fails_before_any_stage_runs(tmp_path, tiny_overrides):
-    cfg = compose([*tiny_overrides, "quant=naive", "stages=[calibrate,quantize,evaluate]", "profile.trace=blocks.0.attn.svv"])
+    cfg = compose([*tiny_overrides, "quant=naive", "stages=[calibrate,quantize,evaluate]", "threads=1", "profile.trace=blocks.0.attn.svv"])
     with pytest.raises(PipelineError, match="profile.trace: unknown site 'blocks.0.attn.svv'; did you mean blocks.0.attn.sv"):
         run_pipeline(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
-def test_isolated_mode_quantizes_one_site_at_a_time_and_restores_the_modes(one_thread):
+def test_isolated_mode_quantizes_one_site_at_a_time_and_restores_the_modes():
     from pipeline.profile.profiler import cumulative_pass, isolated_pass, weight_pass
     from pipeline.profile.report import ranked
     from tests.test_calibration import batches, calibrated

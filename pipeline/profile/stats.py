@@ -179,6 +179,8 @@ class SiteStats:
 
     def _levels_histogram(self) -> Tensor:
         codes = self._codes.view(self._code_shape)
+        if self._values.shape[0] == 1:  # the same values in every row: count per column first
+            codes = codes.sum(0, keepdim=True)
         values = self._values.expand_as(codes)
         return torch.zeros(self.bins, dtype=codes.dtype, device=codes.device).index_add_(0, self._bin_index(values).flatten(), codes.flatten())
 
