@@ -133,8 +133,9 @@ def regime_row(name: str, spec: dict, run_dir: Path, summary: dict, wall: float,
             "test_agreement": test.get("agreement"),
             "test_kl": test.get("kl"),
             "raised_groups": len(best.get("raised") or []),
+            "evaluated_here": entry["evaluated_here"],
             "wall_s": entry["seconds"],
-            "wall_per_trial_s": entry["seconds"] / max(1, entry["evaluated_here"]),
+            "wall_per_trial_s": entry["seconds"] / entry["evaluated_here"] if entry["evaluated_here"] else None,  # None: resumed, nothing left to run
             "mean_trial_s": entry["mean_trial_s"],
             "mean_eval_s": entry["mean_eval_s"],
         }
@@ -152,12 +153,32 @@ def regime_row(name: str, spec: dict, run_dir: Path, summary: dict, wall: float,
         "prior_beats_random_and_greedy": bool(prior.get("best_kl_search") is not None and others and all(prior["best_kl_search"] < o for o in others)),
         "wall_s": wall,
         "quantized_forward_s": fwd,
-        "trial_cost_ratio": (prior.get("wall_per_trial_s") or 0.0) / fwd if fwd else None,
-        "trial_cost_ratio_in_objective": (prior.get("mean_trial_s") or 0.0) / fwd if fwd else None,
+        "trial_cost_ratio": prior["wall_per_trial_s"] / fwd if fwd and prior.get("wall_per_trial_s") else None,  # rough: the search ran earlier than this forward pass; see "speed"
     }
     if "sensitivity_sites" in summary or any(k.startswith("spearman/") for k in summary):
         row["sensitivity"] = {k: v for k, v in summary.items() if k.startswith(("spearman/", "top5_overlap/", "hutchinson_iters", "sensitivity_"))}
     return row
+
+
+def markdown(report: dict) -> str:
+    """The README table: per regime and method, the search objective and the test metrics."""
+    lines = [
+        "| regime | method | KL search (x1e-3) | cost | test top-1 | test agreement | test KL (x1e-3) | groups raised |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in sorted(report.get("regimes", {}).items()):
+        label = f"{name}: {r['model']}, `{r['quant']}`, W{r['weight_bits']} A{r['act_bits']}, budget {r['budget']}"
+        for m in ("prior", "random", "greedy"):
+            e = r["methods"].get(m)
+            if not e:
+                continue
+            best = "**" if m == "prior" and r.get("prior_beats_random_and_greedy") else ""
+            lines.append(f"| {label} | {m} | {best}{e['best_kl_search'] * 1e3:.3f}{best} | {e['best_cost']:.3f} | {e['test_top1']:.3f} | {e['test_agreement']:.3f} | {e['test_kl'] * 1e3:.3f} | {e['raised_groups']} |")
+            label = ""
+        for ref, ref_name in (("all_low", "all lowest"), ("all_high", "all highest")):
+            e = r["references"][ref]
+            lines.append(f"| | {ref_name} | {e['kl_search'] * 1e3:.3f} | {e['cost']:.3f} | {e['test_top1']:.3f} | {e['test_agreement']:.3f} | {e['test_kl'] * 1e3:.3f} | |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -170,7 +191,12 @@ def main() -> None:
     parser.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"))
     parser.add_argument("--out", default=str(ROOT / "bench/results/search.json"))
     parser.add_argument("--speed-trials", type=int, default=6, help="interleaved trial / forward pairs for the speed ratio (0: skip)")
+    parser.add_argument("--table", action="store_true", help="print the README table of --out and exit")
+    parser.add_argument("--reuse-tag", default=None, help="reuse the calibrate/ and sensitivity/ folders of an earlier bench tag (search only)")
     args = parser.parse_args()
+    if args.table:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return
 
     import logging
 
@@ -188,7 +214,8 @@ def main() -> None:
         "threads": args.threads,
         "machine": platform.processor() or platform.machine(),
         "tag": args.tag,
-        "regimes": dict(previous.get("regimes", {})) if previous.get("trials_per_method") == args.trials else {},
+        "reuse_tag": args.reuse_tag,
+        "regimes": dict(previous.get("regimes", {})) if previous.get("trials_per_method") == args.trials and previous.get("tag") == args.tag else {},
     }
     if "speed" in previous:
         report["speed"] = previous["speed"]
@@ -202,6 +229,10 @@ def main() -> None:
         if "from" in spec and spec["from"] in run_dirs:
             stages, extra = "[search]", [f"from_run={run_dirs[spec['from']]}"]
             calib_dir = run_dirs[spec["from"]]
+        elif args.reuse_tag and (reuse := run_dir.with_name(f"{args.reuse_tag}-{name}")).joinpath("sensitivity").is_dir():
+            # Calibration and sensitivity of an earlier bench run (same model, recipe, data): only the search runs.
+            stages, extra = "[search]", [f"from_run={reuse}"]
+            calib_dir = reuse
         elif (run_dir / "calibrate").is_dir() and (run_dir / "sensitivity").is_dir() and not (run_dir / "search").is_dir():
             # An interrupted earlier attempt with this tag: reuse its stages; the studies resume from the storage.
             stages, extra = "[search]", [f"from_run={run_dir}"]
@@ -220,7 +251,12 @@ def main() -> None:
         wall = time.perf_counter() - t0
         torch.set_num_threads(args.threads)
         fwd = forward_seconds(calib_dir, cfg)
-        report["regimes"][name] = {**regime_row(name, spec, run_dir, summary, wall, fwd), "calib_dir": str(calib_dir)}
+        row = {**regime_row(name, spec, run_dir, summary, wall, fwd), "calib_dir": str(calib_dir)}
+        sens = calib_dir / "sensitivity" / "sensitivity.json"
+        if sens.is_file():
+            data = json.loads(sens.read_text())
+            row["sensitivity"] = {"file": str(sens), **data["ranking"], "hutchinson": data["meta"]["hutchinson"], "seconds": data["meta"]["seconds"], "noise_images": data["meta"]["noise_images"], "hessian_images": data["meta"]["hessian_images"]}
+        report["regimes"][name] = row
         run_dirs[name] = calib_dir
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")

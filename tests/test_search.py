@@ -130,6 +130,18 @@ def test_greedy_fill_is_maximal_and_in_budget():
     assert levels["s0"] == 1  # the most sensitive group per cost goes first
 
 
+def test_local_moves_stay_in_budget_and_change_the_assignment():
+    from pipeline.search.priors import local_move
+
+    space = fake_search.fake_space()
+    priors = Priors(space, fake_search.fake_sensitivity(space), "noise_kl")
+    start = greedy_fill(space, priors, 1.3)
+    rng = random.Random(3)
+    moved = [local_move(space, priors, start, 1.3, rng) for _ in range(50)]
+    assert all(space.cost(m) <= 1.3 + 1e-12 for m in moved)
+    assert sum(m != start for m in moved) > 25
+
+
 def test_raise_probabilities_meet_the_budget_in_expectation():
     space = fake_search.fake_space()
     priors = Priors(space, fake_search.fake_sensitivity(space), "noise_kl")
@@ -178,7 +190,7 @@ def test_each_method_stays_in_budget_and_prior_beats_random(tmp_path):
     for m, run in runs.items():
         assert len(run.records) <= 8 and all(r.cost <= fake_search.BUDGET + 1e-12 for r in run.records), m
     assert len(runs["prior"].records) == 8 and len(runs["random"].records) == 8
-    assert {r.source for r in runs["prior"].records} >= {"greedy-noise_kl-ratio", "prior-draw"}
+    assert {r.source for r in runs["prior"].records} >= {"greedy-noise_kl-ratio", "prior-draw", "local"}
     assert runs["prior"].best("kl").value < runs["random"].best("kl").value
     assert runs["greedy"].records[-1].source == "greedy-final"
 

@@ -12,6 +12,9 @@ Priority = gain / extra cost ("nats saved per unit of budget").
 - `raise_probabilities()`: P(raise g) = min(0.95, lambda * (priority_g / max priority)^temperature),
   lambda set (bisection) so that the expected extra cost equals the budget's slack: the
   sensitivity-biased draws of the prior-guided study before TPE takes over.
+- `local_move(levels)`: a sensitivity-biased swap around an assignment (the incumbent): lower
+  1-3 raised groups (rank-weighted toward the lowest priority), then refill the budget with
+  groups drawn with weight (priority / max)^temperature, never re-raising the ones just lowered.
 """
 
 from __future__ import annotations
@@ -144,3 +147,27 @@ def greedy_seeds(space: SearchSpace, sensitivity: Mapping, methods: Sequence[str
             if len(seeds) >= count:
                 return seeds
     return seeds
+
+
+def local_move(space: SearchSpace, priors: Priors, levels: Mapping[str, int], budget: float, rng: random.Random, temperature: float = 0.5) -> Levels:
+    """A swap move around `levels` biased by the priors (see the module docstring); stays within the budget."""
+    levels = {g.name: int(levels.get(g.name, 0)) for g in space.groups}
+    raised = sorted((n for n, lvl in levels.items() if lvl > 0), key=lambda n: priors.priority(n, levels[n] - 1))
+    dropped: set[str] = set()
+    for _ in range(min(rng.choice((1, 1, 2, 3)), len(raised))):
+        weights = [len(raised) - i for i in range(len(raised))]  # the least useful raise is the likeliest to go
+        victim = rng.choices(raised, weights=weights)[0]
+        raised.remove(victim)
+        levels[victim] -= 1
+        dropped.add(victim)
+    cost = space.cost(levels)
+    top = max((priors.priority(g.name, 0) for g in space.groups), default=0.0) or 1.0
+    while True:
+        fits = [g.name for g in space.groups if g.name not in dropped and levels[g.name] + 1 < g.levels and cost + space.raise_cost(g.name, levels[g.name]) <= budget + 1e-12]
+        if not fits:
+            return levels
+        weights = [max(priors.priority(n, levels[n]), 0.0) / top for n in fits]
+        weights = [w**temperature + 1e-3 for w in weights]
+        pick = rng.choices(fits, weights=weights)[0]
+        cost += space.raise_cost(pick, levels[pick])
+        levels[pick] += 1

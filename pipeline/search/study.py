@@ -14,9 +14,10 @@ Methods (the budget holds for every trial through `priors.repair`):
 - `prior`: `search.seeds` greedy fills at the budget (one per sensitivity method / ordering)
   are enqueued first; until `n_startup` trials are complete, new trials are drawn with
   P(raise g) from `priors.raise_probabilities` (sensitive, cheap groups more often); then
-  multivariate TPE (Optuna's TPESampler, seeded per trial number) proposes. Every draw is
-  repaired in sensitivity order (least gain per cost lowered first) inside the sampler, so the
-  parameters Optuna records are the evaluated, in-budget assignment.
+  proposals alternate between a sensitivity-biased swap around the best trial so far
+  (`priors.local_move`) and multivariate TPE (Optuna's TPESampler, seeded per trial number).
+  Every draw is repaired in sensitivity order (least gain per cost lowered first) inside the
+  sampler, so the parameters Optuna records are the evaluated, in-budget assignment.
 - `random`: each group's level uniform, repaired in random order.
 - `greedy`: measured forward selection in sensitivity order: from all-lowest, each step
   measures raising each of the next `greedy_width` groups (priority order) that fit, keeps the
@@ -30,13 +31,14 @@ import logging
 import random
 import time
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from pipeline import PROJECT_ROOT
 from pipeline.errors import PipelineError
 from pipeline.search.goal import better, direction_of
-from pipeline.search.priors import Priors, greedy_fill, raise_probabilities, repair
+from pipeline.search.priors import Priors, greedy_fill, local_move, raise_probabilities, repair
 from pipeline.search.space import Levels, SearchSpace
 
 log = logging.getLogger(__name__)
@@ -132,7 +134,7 @@ def _trial_seed(seed: int, number: int) -> int:
     return (seed * 1_000_003 + number * 7919 + 12345) % (2**31 - 1)
 
 
-def make_sampler(space: SearchSpace, budget: float, method: str, priors: Priors | None, probs: Mapping[str, float] | None, seed: int, n_startup: int):
+def make_sampler(space: SearchSpace, budget: float, method: str, priors: Priors | None, probs: Mapping[str, float] | None, seed: int, n_startup: int, temperature: float = 0.5):
     import optuna
     from optuna.distributions import CategoricalDistribution
     from optuna.samplers import BaseSampler, TPESampler
@@ -160,13 +162,18 @@ def make_sampler(space: SearchSpace, budget: float, method: str, priors: Priors 
             trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))
             taken = {space.key(t.params or t.system_attrs.get("fixed_params", {})) for t in trials if t.number != trial.number}
             complete = sum(1 for t in trials if t.state == TrialState.COMPLETE)
+            incumbent = _incumbent(study) if method == "prior" and complete >= n_startup else None
             for attempt in range(MAX_REDRAWS):  # a proposal that repeats a measured assignment is drawn again
                 params: dict[str, Any] = {}
                 source = "prior-draw" if method == "prior" else method
                 if method == "prior" and complete >= n_startup:
-                    tpe = TPESampler(seed=_trial_seed(seed, trial.number) + attempt, n_startup_trials=0, multivariate=True, constant_liar=True)
-                    params = tpe.sample_relative(study, trial, search_space)
-                    source = "tpe"
+                    if incumbent is not None and (trial.number + attempt) % 2 == 0:
+                        params = local_move(space, priors, incumbent, budget, rng, temperature)
+                        source = "local"
+                    else:
+                        tpe = TPESampler(seed=_trial_seed(seed, trial.number) + attempt, n_startup_trials=0, multivariate=True, constant_liar=True)
+                        params = tpe.sample_relative(study, trial, search_space)
+                        source = "tpe"
                 if not params:
                     params = {n: self._draw(n, rng) for n in search_space}
                 levels, lowered = repair(space, params, budget, priors if method != "random" else None, rng)
@@ -178,8 +185,15 @@ def make_sampler(space: SearchSpace, budget: float, method: str, priors: Priors 
 
         def sample_independent(self, study, trial, param_name, param_distribution):
             if param_name in space.by_name:
-                return self._draw(param_name, random.Random(_trial_seed(seed, trial.number) + hash(param_name) % 1000))
+                return self._draw(param_name, random.Random(_trial_seed(seed, trial.number) + zlib.crc32(param_name.encode())))
             return optuna.samplers.RandomSampler().sample_independent(study, trial, param_name, param_distribution)
+
+    def _incumbent(study) -> dict[str, int] | None:
+        try:
+            best = study.best_trial
+        except ValueError:
+            return None
+        return {k: int(v) for k, v in best.params.items()}
 
     trial_source: dict[int, str] = {}
     trial_lowered: dict[int, int] = {}
@@ -447,7 +461,7 @@ def run_method(
     if method in ("prior", "greedy") and priors is None:
         raise PipelineError(f"search.method={method} needs sensitivity scores")
     probs = raise_probabilities(space, priors, budget, temperature) if method == "prior" else None
-    sampler = make_sampler(space, budget, method, priors, probs, seed, n_startup)
+    sampler = make_sampler(space, budget, method, priors, probs, seed, n_startup, temperature)
     study, created = open_study(storage, study_name, direction_of(objective), sampler, fingerprint)
     obj = TrialObjective(space, evaluate, budget, objective, method, priors, trials if method != "greedy" else None, sampler, on_trial, study_name, queued_only=method == "greedy", seed=seed)
     if method == "prior":
