@@ -79,6 +79,7 @@ class SpecConfig:
     sigma: Optional[float] = None  # ema / percentile smoothing
     warmup: Optional[int] = None  # ema / percentile min/max warm-up batches
     alpha: Optional[float] = None  # percentile
+    frac_bits: Optional[int] = None  # log2 (intSoft): fractional exponent bits, 0 = levels 2^-k, 1 = 2^(-k/2)
 
 
 @dataclass

@@ -85,7 +85,7 @@ def test_wider_activations_track_fp32_closer():
 
 
 def test_per_channel_scales_fold_into_the_consuming_weight():
-    _, graph, specs, state = calibrated("recommended")
+    _, graph, specs, state = calibrated("recommended", "quant.weight.observer=minmax")  # min/max: hand-computable weight scales
     bind(graph, specs, state)
     sv = graph["blocks.0.attn.sv"]
     proj = graph.module("blocks.0.attn.proj")
@@ -114,7 +114,7 @@ def test_disabled_sites_stay_fp32():
 
 
 def test_int_softmax_recipe_runs_close_to_float_softmax():
-    model, graph, specs, state = calibrated("recommended", "quant.roles.intSoft.quantizer=int_softmax", extra={"roles": {"scores": {"symmetric": True, "bits": 16}}})
+    model, graph, specs, state = calibrated("recommended", "quant.roles.intSoft.quantizer=int_softmax", "quant.roles.intSoft.frac_bits=0", extra={"roles": {"scores": {"symmetric": True, "bits": 16}}})
     bind(graph, specs, state)
     x = batches(1)[0][0]
     with torch.no_grad():
@@ -134,3 +134,22 @@ def test_zero_calibration_batches_is_an_error():
     specs = resolve_recipe(compose(["quant=naive"]).quant, graph)
     with pytest.raises(PipelineError, match="zero batches"):
         calibrate(graph, specs, [], CPU, [8])
+
+
+def test_quantizer_sqnr_is_each_sites_own_error():
+    from pipeline.profile.collect import quantizer_sqnr
+
+    _, graph, specs, state = calibrated("naive")
+    bind(graph, specs, state)
+    name = "blocks.1.attn.sv"
+    seen = {}
+    graph.set_tap(lambda site, x, y: seen.setdefault(site.name, (x.clone(), y.clone())), [name])
+    images = [b[0] for b in batches(1)]
+    with torch.no_grad():
+        graph.model(images[0])
+    graph.set_tap(None)
+    x, y = (t.double() for t in seen[name])
+    expected = 10 * torch.log10(x.square().sum() / (x - y).square().sum()).item()
+    own = quantizer_sqnr(graph, images, CPU)
+    assert own[name] == pytest.approx(expected, rel=1e-9)
+    assert set(own) == {n for n, s in graph.sites.items() if s.mode == "quant" and s.role != "weight"}  # weights are not in the data path

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from pipeline.artifacts import read_tensors
 from pipeline.errors import PipelineError
-from pipeline.profile.codes import code_counts, code_steps, column_values, count_axis, level_counts
+from pipeline.profile.codes import code_counts, code_index, code_plan, code_steps, column_values, count_axis, level_counts
 from pipeline.profile.dump import Capture, check_trace, resolve_dump, trace_site, write_dump
 from pipeline.profile.flags import Thresholds, flag_counts, flag_rows, site_flags
 from pipeline.profile.metrics import bit_utilization, compute_site_metrics, histogram_kl, saturation_from_values, sqnr_db
@@ -40,9 +40,9 @@ def uniform_site(scale, zero_point, bits: int = 8, name: str = "blocks.0.attn.sv
     return site
 
 
-def log2_site(bits: int = 4) -> Site:
+def log2_site(bits: int = 4, frac_bits: int = 0) -> Site:
     site = Site("blocks.0.attn.softmax", "intSoft")
-    site.bind(SiteSpec(quantizer="log2"), bits, None, None)
+    site.bind(SiteSpec(quantizer="log2", frac_bits=frac_bits), bits, None, None)
     site.mode = "quant"
     return site
 
@@ -95,6 +95,19 @@ def test_log2_codes_flush_to_zero_as_clipped_high():
     assert values[0] == 1.0 and values[1 + 2] == 0.25 and values[-1] == 0.0
 
 
+def test_log_sqrt2_codes_match_the_quantizer():
+    site = log2_site(bits=4, frac_bits=1)  # levels 2^(-code/2), codes 0..15
+    p = torch.tensor([1.0, 0.6, 0.5, 0.3, 2.0**-7.8, 0.0])
+    codes, zero_mask = log2_quantize(p, 4, frac_bits=1)
+    steps = code_steps(site, p)
+    assert torch.equal(steps.codes, codes) and steps.codes.tolist() == [0, 1, 2, 3, 15, 15]
+    assert torch.equal(steps.dequantized, fake_log2_quantize(p, 4, frac_bits=1))
+    assert torch.equal(steps.shifted > 15, zero_mask)
+    assert code_counts(site, p)[0, -1] == 2  # 2^-7.8 and 0 flushed
+    values = column_values(site)[0]
+    assert values[1 + 1].item() == pytest.approx(2**-0.5) and values[1 + 3].item() == pytest.approx(2**-1.5)
+
+
 def test_saturation_and_utilization_match_the_metric_functions():
     site = uniform_site(0.1, 10.0)
     stats = SiteStats()
@@ -140,6 +153,16 @@ def test_softmax_rows_get_top_k_agreement():
     stats.add_rows(ref, test)
     r = stats.result()
     assert r["top1_agreement"] == 0.5 and r["top5_hit_rate"] == pytest.approx((4 / 5 + 1) / 2)
+
+
+def test_row_limit_takes_evenly_strided_rows():
+    ref = torch.eye(3).repeat(4, 1)  # 12 rows of length 3, argmax 0, 1, 2, 0, ...
+    test = ref.clone()
+    test[1::2] = test[1::2].roll(1, dims=1)  # odd rows change their argmax
+    full, sampled = SiteStats(), SiteStats()
+    full.add_rows(ref, test)
+    sampled.add_rows(ref, test, limit=6)  # stride 2: rows 0, 2, ..., 10, all unchanged
+    assert full.top1 / full.rows == 0.5 and sampled.rows == 6 and sampled.top1 / sampled.rows == 1.0
 
 
 # -- flags ------------------------------------------------------------------------------
@@ -315,3 +338,32 @@ def test_isolated_mode_quantizes_one_site_at_a_time_and_restores_the_modes():
     assert rows["blocks.1.mlp.fc2.weight"]["sqnr_db"] == pytest.approx({r["site"]: r for r in weights.rows}["blocks.1.mlp.fc2.weight"]["sqnr_db"])
     worst = ranked(result.rows, "logit_sqnr_db")[0]
     assert worst["rank"] == 1 and worst["logit_sqnr_db"] == min(r["logit_sqnr_db"] for r in result.rows)
+
+
+@pytest.mark.parametrize("make", [lambda: uniform_site([0.05, 0.2, 0.5], [5, 0, 10]), lambda: log2_site(4, 1)])
+def test_codes_handed_over_by_the_site_match_recomputed_codes(make):
+    site = make()
+    x = torch.rand(2, 7, 3) * (1.0 if site.role == "intSoft" else 40.0) - (0.0 if site.role == "intSoft" else 10.0)
+    y, rounded = site.fake_quant_keep_rounded(x)
+    assert torch.equal(y, site.fake_quant(x))
+    plan = code_plan(site, x, count_axis(site, x))
+    assert torch.equal(code_index(plan, x, rounded.clone()), code_index(plan, x))
+
+
+def test_compare_draws_two_profiles_and_rejects_a_bad_table(tmp_path):
+    from pipeline.profile.compare import main as compare_main
+
+    def table(sqnr: float) -> Path:
+        rows = [{"site": f"blocks.{b}.attn.sv", "role": "sv_attn", "block": b, "sqnr_db": sqnr + b, "sat_pct": 0.0, "channel_level_pct": 50.0} for b in range(3)]
+        path = tmp_path / f"p{sqnr}.json"
+        path.write_text(json.dumps({"sites": rows}))
+        return path
+
+    out = tmp_path / "cmp.png"
+    compare_main([f"naive={table(5.0)}", f"recommended={table(30.0)}", "--roles", "sv_attn", "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="no sites of role"):
+        compare_main([f"a={table(5.0)}", "--roles", "mlp_act", "--out", str(out)])
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit, match="not a profile table"):
+        compare_main([f"a={tmp_path / 'bad.json'}", "--out", str(out)])

@@ -293,6 +293,19 @@ def test_fake_log2_matches_quantize_dequantize():
         assert torch.equal(fake_log2_quantize(p, bits), log2_dequantize(codes, zero_mask))
 
 
+def test_log_sqrt2_levels_with_one_fractional_bit():
+    # code = round(2 * -log2 p), level 2^(-code/2): 0.5 -> 2 -> 0.5; 0.6 -> 1.474 -> 1 -> 2^-0.5;
+    # 2^-1.25 -> 2.5, a tie: half_up 3 -> 2^-1.5, half_even 2 -> 0.5; 4 bits reach 2^-7.5, 2^-7.8 -> 15.6 -> 16: flushed
+    p = t([1.0, 0.5, 0.6, 2**-1.25, 2**-7.5, 2**-7.8])
+    codes, zero_mask = log2_quantize(p, 4, frac_bits=1)
+    assert codes.tolist() == [0, 2, 1, 3, 15, 15]
+    assert zero_mask.tolist() == [False] * 5 + [True]
+    expected = t([1.0, 0.5, 2**-0.5, 2**-1.5, 2**-7.5, 0.0])
+    assert torch.allclose(log2_dequantize(codes, zero_mask, frac_bits=1), expected, rtol=1e-6, atol=0)
+    assert log2_quantize(t([2**-1.25]), 4, "half_even", frac_bits=1)[0].item() == 2
+    assert torch.equal(fake_log2_quantize(p, 4, frac_bits=1), log2_dequantize(codes, zero_mask, frac_bits=1))
+
+
 def test_log2_rejects_negative_and_nan():
     with pytest.raises(ValueError, match="probabilities must be >= 0"):
         log2_quantize(t([0.5, -0.1]), 8)

@@ -73,6 +73,8 @@ def test_disabled_recipe_disables_every_site(graph):
         ({"sites": {"blocks.0.res1": {"granularity": "per_channel"}}}, r"blocks\.0\.res1 \(residual\): per-channel activation scales must fold"),
         ({"roles": {"softmax": {"bits": 4}}}, r"unknown role 'softmax'"),
         ({"sites": {"blocks.0.attn.q": {"quantizer": "log2"}}}, r"only for the softmax output"),
+        ({"roles": {"intSoft": {"frac_bits": 5}}}, r"quant\.roles\.intSoft\.frac_bits=5 is outside 0\.\.4"),
+        ({"roles": {"intSoft": {"quantizer": "int_softmax", "frac_bits": 1}}}, r"frac_bits=1 needs quantizer log2"),
     ],
 )
 def test_bad_recipes_fail_with_one_clear_message(graph, overrides, message):

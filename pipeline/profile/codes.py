@@ -9,6 +9,7 @@ log2 site (intSoft, probabilities p, fixed scale 1, range [0, 2^bits - 1]):
 
     p -> -log2 p -> rounded = round_to_int(-log2 p) -> code = clamp(rounded, 0, 2^bits - 1)
       -> dequantized = 2^-code, and 0 where rounded > 2^bits - 1 (flushed to zero)
+    (with `frac_bits` f: -log2 p is scaled by 2^f and the level is 2^(-code / 2^f))
 
 Clipping is counted in code terms: "low" = the pre-clamp code fell below qmin,
 "high" = above qmax. For log2 codes "high" is the flush to zero (p below the
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pipeline.quant.quantizers import broadcast_to_axis, int_dtype, round_to_int
+from pipeline.quant.quantizers import broadcast_to_axis, exp2_neg, int_dtype, neg_log2, round_to_int
 from pipeline.quant.sites import Site
 
 
@@ -71,6 +72,7 @@ class CodePlan:
 
     log2: bool
     rounding: str
+    frac_bits: int
     scale: Tensor | None
     low: Tensor | float
     high: Tensor | float
@@ -102,19 +104,22 @@ def code_plan(site: Site, t: Tensor, axis: int | None = None) -> CodePlan:
     low, high = (site.qmin - 1) - zero_point, (site.qmax + 1) - zero_point
     if low.numel() == 1:  # a scalar clamp is cheaper than a broadcast one
         low, high = float(low), float(high)
-    return CodePlan(is_log2(site), site.spec.rounding, scale, low, high, offset, rows, width)
+    return CodePlan(is_log2(site), site.spec.rounding, site.spec.frac_bits, scale, low, high, offset, rows, width)
 
 
-def code_index(plan: CodePlan, t: Tensor) -> Tensor:
+def code_index(plan: CodePlan, t: Tensor, rounded: Tensor | None = None) -> Tensor:
     """Histogram index of every element of `t` (int32, t's shape): row offset + column of its pre-clamp code.
 
     Column = clamp(round_to_int(t / s) + zp, qmin - 1, qmax + 1) - qmin + 1 (log2: round_to_int(-log2 t)),
     computed as clamp(rounded, qmin - 1 - zp, qmax + 1 - zp) + zp - qmin + 1 (exact: integers).
-    `t` is not modified.
+    `t` is not modified; `rounded`, when given, is round_to_int(t / s) (log2: of -log2 t) as the
+    site's quantizer computed it (Site.rounded) and is overwritten.
     """
+    if rounded is not None:
+        return rounded.clamp_(plan.low, plan.high).int().add_(plan.offset)
     t = t.float()
     if plan.log2:
-        rounded = round_to_int(torch.log2(t).neg_(), plan.rounding, in_place=True)  # +inf where t == 0
+        rounded = round_to_int(neg_log2(t, plan.frac_bits), plan.rounding, in_place=True)  # +inf where t == 0
     else:
         rounded = round_to_int(t / plan.scale, plan.rounding, in_place=True)
     return rounded.clamp_(plan.low, plan.high).int().add_(plan.offset)
@@ -154,7 +159,7 @@ def column_values(site: Site, device: torch.device | None = None) -> Tensor:
     device = device or (site.scale.device if site.scale is not None else torch.device("cpu"))
     codes = torch.arange(site.qmin, site.qmax + 1, device=device, dtype=torch.float32)
     if is_log2(site):
-        values = codes.neg_().exp2_()
+        values = exp2_neg(codes, site.spec.frac_bits)
         one, zero = torch.ones(1, device=device), torch.zeros(1, device=device)
         return torch.cat([one, values, zero]).unsqueeze(0)
     scale = site.scale.reshape(-1, 1).to(device, torch.float32)
@@ -187,11 +192,11 @@ def code_steps(site: Site, t: Tensor) -> CodeSteps:
     t = t.detach().float()
     signed = bool(site.spec.signed) if not is_log2(site) else False
     if is_log2(site):
-        scaled = torch.log2(t).neg_()
+        scaled = neg_log2(t, site.spec.frac_bits)
         rounded = round_to_int(scaled, site.spec.rounding)
         shifted = rounded
         clamped = shifted.clamp(site.qmin, site.qmax)
-        dequantized = torch.exp2(-clamped).masked_fill_(shifted > site.qmax, 0.0)
+        dequantized = exp2_neg(clamped, site.spec.frac_bits).masked_fill_(shifted > site.qmax, 0.0)
         scale, zero_point = torch.ones_like(t), torch.zeros_like(t)
     else:
         scale, zero_point = (p.expand_as(t) for p in qparams_like(site, t))

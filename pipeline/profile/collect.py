@@ -76,3 +76,35 @@ def _db(signal: torch.Tensor, noise: torch.Tensor) -> float:
     if float(signal) == 0.0:
         return float("-inf")
     return float(10 * torch.log10(signal / noise))
+
+
+class _OwnErrorTap:
+    """A site tap that sums each site's input energy and the energy of its own quantization error (y - x)."""
+
+    def __init__(self) -> None:
+        self.signal: dict[str, torch.Tensor] = {}
+        self.noise: dict[str, torch.Tensor] = {}
+
+    def __call__(self, site: Site, x: torch.Tensor, y: torch.Tensor) -> None:
+        if site.mode != "quant":
+            return
+        x64 = x.double()
+        self.signal[site.name] = self.signal.get(site.name, 0) + x64.square().sum()
+        self.noise[site.name] = self.noise.get(site.name, 0) + (x64 - y.double()).square().sum()
+
+
+@torch.inference_mode()
+def quantizer_sqnr(quant: SiteGraph, batches: Iterable[torch.Tensor], device: torch.device) -> dict[str, float]:
+    """SQNR (dB) of every quantized site's own quantizer: its output vs its input, in the quantized model.
+
+    Unlike `site_sqnr` (vs the FP32 model), upstream error does not count: this is the figure of
+    the site's range and granularity choice on the data it really sees.
+    """
+    tap = _OwnErrorTap()
+    quant.set_tap(tap)
+    try:
+        for images in batches:
+            quant.model(images.to(device))
+    finally:
+        quant.set_tap(None)
+    return {name: _db(tap.signal[name], tap.noise[name]) for name in tap.signal}

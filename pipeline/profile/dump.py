@@ -149,7 +149,8 @@ def trace_site(site: Site, capture: Capture, elements: int = 8) -> str:
     granularity = f"per_channel (axis {site.axis})" if site.per_channel else "per_tensor"
     lines = [f"trace {site.name}: role={site.role} quantizer={site.spec.quantizer} bits={site.bits} {granularity} qmin={site.qmin} qmax={site.qmax} rounding={site.spec.rounding}"]
     if is_log2(site):
-        lines.append("  steps: x (a probability) -> -log2 x -> rounded -> code = clamp(rounded, qmin, qmax) -> dequantized = 2^-code (0 if rounded > qmax: flushed)")
+        f = site.spec.frac_bits
+        lines.append(f"  steps: x (a probability) -> -log2 x{f' * 2^{f}' if f else ''} -> rounded -> code = clamp(rounded, qmin, qmax) -> dequantized = 2^-code{f' / 2^{f}' if f else ''} (0 if rounded > qmax: flushed)")
         if site.spec.quantizer == "int_softmax":
             lines.append("  int_softmax: the integer softmax makes the codes (pipeline.quant.intsoftmax); the steps are read back from its output, x is the float softmax")
     else:

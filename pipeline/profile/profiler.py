@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from pipeline.profile.codes import CodePlan, code_counts, code_index, code_plan, code_source, column_values, count_axis
 from pipeline.profile.dump import Capture
-from pipeline.profile.stats import SiteStats
+from pipeline.profile.stats import ROW_SAMPLES, SiteStats
 from pipeline.quant.sites import Site, SiteGraph
 
 log = logging.getLogger(__name__)
@@ -95,10 +95,11 @@ def observe_site(stats: SiteStats, site: Site, ref: Tensor, x: Tensor, y: Tensor
     """
     source = code_source(site, x, y)
     plan = plan or site_plan(site, source)
-    stats.add_code_index(code_index(plan.codes, source), plan.codes.rows, plan.codes.width, plan.values)
+    rounded = site.rounded if source is x else None  # the quantizer's own rounding, when the tap asked for it
+    stats.add_code_index(code_index(plan.codes, source, rounded), plan.codes.rows, plan.codes.width, plan.values)
     stats.add_pair(ref, y)
     if site.role == "intSoft":
-        stats.add_rows(ref, y)
+        stats.add_rows(ref, y, limit=ROW_SAMPLES)
     return plan
 
 
@@ -169,6 +170,8 @@ class _CaptureStore:
 
 class _CumulativeTap:
     """Quantized-graph tap: compares each quantized site with the FP32 tensor recorded for this batch."""
+
+    wants_rounded = True  # sites hand over their rounded codes (Site.rounded): no second rounding pass
 
     def __init__(self, stats: dict[str, SiteStats], store: _CaptureStore):
         self.stats, self.store = stats, store

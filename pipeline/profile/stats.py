@@ -12,7 +12,8 @@ caller gives the value of every code column (`add_code_index(..., values)`): a
 quantized tensor takes only those values, so no pass over it is needed. The
 FP32 tensor's value histogram (for the KL) is built from an evenly strided
 sample of at most HIST_SAMPLES values per batch (every value of smaller
-tensors); everything else (energies, cosines, code counts) uses every value.
+tensors), and the softmax rows' top-k hit rates from at most ROW_SAMPLES rows
+per batch; everything else (energies, cosines, code counts) uses every value.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from pipeline.profile.metrics import bit_utilization, cosine_from_dots, kl_from_
 HIST_BINS = 256
 HIST_SAMPLES = 2**16
 """The FP32 tensor's value histogram takes at most this many values per batch (an evenly strided sample)."""
+ROW_SAMPLES = 1024
+"""Softmax rows per batch that enter the top-k hit rates (an evenly strided sample); logits use every row."""
 
 
 def memory_order(x: Tensor) -> Tensor:
@@ -156,8 +159,16 @@ class SiteStats:
         # one fused pass; after the clamp to >= 0, truncation is the floor
         return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype)).clamp_(0, self.bins - 1).int()
 
-    def add_rows(self, ref: Tensor, test: Tensor, kl: bool = False) -> None:
-        """Top-1 and (rows longer than 5) top-5 agreement of rows along the last dim; logit KL with `kl`."""
+    def add_rows(self, ref: Tensor, test: Tensor, kl: bool = False, limit: int | None = None) -> None:
+        """Top-1 and (rows longer than 5) top-5 agreement of rows along the last dim; logit KL with `kl`.
+
+        With `limit`, batches of more rows contribute an evenly strided sample of at most `limit` rows
+        (attention maps: thousands of rows per batch, where top-k is the costliest metric).
+        """
+        if limit is not None and ref.numel() // ref.shape[-1] > limit:
+            flat_r, flat_t = ref.reshape(-1, ref.shape[-1]), test.reshape(-1, test.shape[-1])
+            stride = -(-flat_r.shape[0] // limit)
+            ref, test = flat_r[::stride], flat_t[::stride]
         rows = ref.numel() // ref.shape[-1]
         ks = (1, 5) if ref.shape[-1] > 5 else (1,)
         rates = topk_hit_rates(ref, test, ks)

@@ -177,10 +177,29 @@ def fake_quantize_broadcast(
     (1, C, S) against scale of shape (G, C, 1) gives (G, C, S).
     """
     compute_x = x.to(torch.float32) if x.dtype in _LOW_PRECISION_FLOATS else x
-    zp = zero_point.to(compute_x.dtype)
     codes = round_to_int(compute_x / scale, rounding, in_place=True)  # the quotient is the only full-size allocation
-    codes.add_(zp).clamp_(qmin, qmax).sub_(zp).mul_(scale)
-    return codes.to(x.dtype)
+    return _dequantize_rounded_(codes, scale, zero_point, qmin, qmax).to(x.dtype)
+
+
+def _dequantize_rounded_(rounded: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """(clamp(rounded + zp, qmin, qmax) - zp) * scale, in place on `rounded` (= round_to_int(x / scale))."""
+    zp = zero_point.to(rounded.dtype)
+    return rounded.add_(zp).clamp_(qmin, qmax).sub_(zp).mul_(scale)
+
+
+def fake_quantize_keep_rounded(
+    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None = None, rounding: str = "half_up"
+) -> tuple[Tensor, Tensor]:
+    """(fake_quantize(x, ...), round_to_int(x / scale)): the output and the pre-clamp rounded values (float32, x's shape).
+
+    For taps that count codes (the profiler): the rounded values come for free instead of a second x / scale pass.
+    """
+    _check_qmin_qmax(qmin, qmax)
+    scale, zero_point = _broadcast_qparams(x, scale, zero_point, axis)
+    compute_x = x.to(torch.float32) if x.dtype in _LOW_PRECISION_FLOATS else x
+    rounded = round_to_int(compute_x / scale, rounding, in_place=True)
+    zp = zero_point.to(rounded.dtype)
+    return (rounded + zp).clamp_(qmin, qmax).sub_(zp).mul_(scale).to(x.dtype), rounded
 
 
 def fake_quantize(
@@ -232,22 +251,39 @@ def dequantize(codes: Tensor, scale: Tensor, zero_point: Tensor, axis: int | Non
     return (codes.to(torch.float32) - zero_point.to(torch.float32)) * scale.to(torch.float32)
 
 
-def _log2_codes(p: Tensor, bits: int, rounding: str) -> tuple[Tensor, Tensor]:
-    """(float codes clamp(round_to_int(-log2 p), 0, 2^bits - 1), zero_mask round_to_int(-log2 p) > 2^bits - 1)."""
-    _, qmax = qrange(bits, False)
+def neg_log2(p: Tensor, frac_bits: int = 0) -> Tensor:
+    """The unrounded log2 code -log2(p) * 2^frac_bits (float32, p's shape; +inf where p == 0).
+
+    frac_bits = 0 is the plain log2 quantizer (levels 2^-k); frac_bits = 1 the log-sqrt2 quantizer
+    of RepQ-ViT (levels 2^(-k/2): a shift, and a multiply by 1/sqrt2 for odd codes).
+    """
     if not p.is_floating_point() or p.dtype in _LOW_PRECISION_FLOATS:
         p = p.to(torch.float32)
-    exponent = round_to_int(torch.log2(p).neg_(), rounding, in_place=True)  # +inf where p == 0
+    out = torch.log2(p).neg_()
+    return out.mul_(2.0**frac_bits) if frac_bits else out
+
+
+def exp2_neg(codes: Tensor, frac_bits: int = 0) -> Tensor:
+    """The level of each log2 code, 2^(-code / 2^frac_bits), as float32 (codes' shape; codes unchanged)."""
+    out = codes.to(torch.float32).neg()
+    return (out.mul_(2.0**-frac_bits) if frac_bits else out).exp2_()
+
+
+def _log2_codes(p: Tensor, bits: int, rounding: str, frac_bits: int = 0) -> tuple[Tensor, Tensor]:
+    """(float codes clamp(round_to_int(neg_log2 p), 0, 2^bits - 1), zero_mask round_to_int(neg_log2 p) > 2^bits - 1)."""
+    _, qmax = qrange(bits, False)
+    exponent = round_to_int(neg_log2(p, frac_bits), rounding, in_place=True)  # +inf where p == 0
     zero_mask = exponent > qmax
     return exponent.clamp_(0, qmax), zero_mask
 
 
-def log2_quantize(p: Tensor, bits: int, rounding: str = "half_up") -> tuple[Tensor, Tensor]:
+def log2_quantize(p: Tensor, bits: int, rounding: str = "half_up", frac_bits: int = 0) -> tuple[Tensor, Tensor]:
     """Log2 quantizer for post-softmax probabilities (role intSoft); fixed scale 1, no observer.
 
-    code = clamp(round_to_int(-log2 p), 0, 2^bits - 1), standing for the probability 2^(-code).
-    zero_mask marks probabilities below the smallest level, round_to_int(-log2 p) > 2^bits - 1
-    (p == 0 included): they dequantize to 0. Probabilities above 1 get code 0.
+    code = clamp(round_to_int(-log2(p) * 2^frac_bits), 0, 2^bits - 1), standing for the probability
+    2^(-code / 2^frac_bits) (frac_bits = 0: 2^-code, the plain log2 quantizer).
+    zero_mask marks probabilities below the smallest level (rounded code > 2^bits - 1, p == 0
+    included): they dequantize to 0. Probabilities above 1 get code 0.
 
     Args:
         p: probabilities in [0, 1], any shape.
@@ -257,19 +293,33 @@ def log2_quantize(p: Tensor, bits: int, rounding: str = "half_up") -> tuple[Tens
     """
     if not (p >= 0).all():
         raise ValueError(f"probabilities must be >= 0 and not NaN, got min {p.min().item()}")
-    codes, zero_mask = _log2_codes(p, bits, rounding)
+    codes, zero_mask = _log2_codes(p, bits, rounding, frac_bits)
     return codes.to(int_dtype(bits, False)), zero_mask
 
 
-def log2_dequantize(codes: Tensor, zero_mask: Tensor) -> Tensor:
-    """Probabilities 2^(-code) as float32, and 0.0 where zero_mask is set. Codes, zero_mask: same shape."""
-    return torch.exp2(codes.to(torch.float32).neg_()).masked_fill_(zero_mask, 0.0)
+def log2_dequantize(codes: Tensor, zero_mask: Tensor, frac_bits: int = 0) -> Tensor:
+    """Probabilities 2^(-code / 2^frac_bits) as float32, and 0.0 where zero_mask is set. Codes, zero_mask: same shape."""
+    return exp2_neg(codes, frac_bits).masked_fill_(zero_mask, 0.0)
 
 
-def fake_log2_quantize(p: Tensor, bits: int, rounding: str = "half_up") -> Tensor:
-    """log2_dequantize(*log2_quantize(p, bits)) in one float pass; float in, float out (p's dtype).
+def fake_log2_quantize(p: Tensor, bits: int, rounding: str = "half_up", frac_bits: int = 0) -> Tensor:
+    """log2_dequantize(*log2_quantize(p, bits, rounding, frac_bits)) in one float pass; float in, float out (p's dtype).
 
     No input check (hot path): negative or NaN p gives NaN.
     """
-    codes, zero_mask = _log2_codes(p, bits, rounding)
-    return codes.neg_().exp2_().masked_fill_(zero_mask, 0.0).to(p.dtype if p.is_floating_point() else torch.float32)
+    codes, zero_mask = _log2_codes(p, bits, rounding, frac_bits)
+    if frac_bits:
+        codes.mul_(-(2.0**-frac_bits))
+    else:
+        codes.neg_()
+    return codes.exp2_().masked_fill_(zero_mask, 0.0).to(p.dtype if p.is_floating_point() else torch.float32)
+
+
+def fake_log2_quantize_keep_rounded(p: Tensor, bits: int, rounding: str = "half_up", frac_bits: int = 0) -> tuple[Tensor, Tensor]:
+    """(fake_log2_quantize(p, ...), round_to_int(-log2(p) * 2^frac_bits)): output (p's dtype) and pre-clamp codes (float32)."""
+    _, qmax = qrange(bits, False)
+    rounded = round_to_int(neg_log2(p, frac_bits), rounding, in_place=True)
+    levels = rounded.clamp(0, qmax)
+    levels = levels.mul_(-(2.0**-frac_bits)) if frac_bits else levels.neg_()
+    y = levels.exp2_().masked_fill_(rounded > qmax, 0.0)
+    return y.to(p.dtype if p.is_floating_point() else torch.float32), rounded

@@ -19,6 +19,7 @@ from pipeline.quant.sites import ROLES, SiteGraph
 QUANTIZERS = ("uniform", "log2", "int_softmax")
 GRANULARITIES = ("per_tensor", "per_channel")
 LOSSES = ("l1", "l2", "huber")
+MAX_FRAC_BITS = 4
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class SiteSpec:
     sigma: float = 0.01  # ema / percentile
     warmup: int = 5  # ema / percentile min/max warm-up batches
     alpha: float = 0.9999  # percentile
+    frac_bits: int = 0  # log2: fractional bits of the exponent (0: levels 2^-k; 1: 2^(-k/2), log-sqrt2)
 
     @property
     def per_channel(self) -> bool:
@@ -127,6 +129,8 @@ def _check_values(spec: SiteSpec, where: str) -> None:
 
     if not isinstance(spec.bits, int) or not 2 <= spec.bits <= 16:
         raise PipelineError(f"{where}.bits={spec.bits} is outside 2..16")
+    if not isinstance(spec.frac_bits, int) or not 0 <= spec.frac_bits <= MAX_FRAC_BITS:
+        raise PipelineError(f"{where}.frac_bits={spec.frac_bits} is outside 0..{MAX_FRAC_BITS}")
     checks = (
         ("quantizer", spec.quantizer, QUANTIZERS),
         ("observer", spec.observer, tuple(OBSERVERS)),
@@ -142,6 +146,8 @@ def _check_values(spec: SiteSpec, where: str) -> None:
 def _check_site(spec: SiteSpec, name: str, role: str, graph: SiteGraph) -> SiteSpec:
     if spec.quantizer != "uniform" and role != "intSoft":
         raise PipelineError(f"site {name}: quantizer '{spec.quantizer}' is only for the softmax output (role intSoft)")
+    if spec.enabled and spec.frac_bits and spec.quantizer != "log2":
+        raise PipelineError(f"site {name}: frac_bits={spec.frac_bits} needs quantizer log2 (got '{spec.quantizer}', whose levels are 2^-k: set frac_bits=0)")
     if spec.enabled and spec.per_channel and role != "weight" and name not in graph.folds:
         raise PipelineError(
             f"site {name} ({role}): per-channel activation scales must fold into a consuming weight on integer hardware; "

@@ -69,6 +69,7 @@ class Site(nn.Module):
         self.spec = None  # pipeline.quant.recipe.SiteSpec, bound when quantizing
         self.observer: nn.Module | None = None
         self.tap: Tap | None = None
+        self.rounded: torch.Tensor | None = None  # pre-clamp codes of the current input, during a `wants_rounded` tap call
         self.bits = 0
         self.qmin = self.qmax = 0
         self.register_buffer("scale", None, persistent=False)
@@ -100,13 +101,17 @@ class Site(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "quant":
-            y = self.fake_quant(x)
+            if self.tap is not None and getattr(self.tap, "wants_rounded", False):
+                y, self.rounded = self.fake_quant_keep_rounded(x)
+            else:
+                y = self.fake_quant(x)
         else:
             if self.mode == "observe":
                 self._observe(x)
             y = x
         if self.tap is not None:
             self.tap(self, x, y)
+            self.rounded = None
         return y
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +120,16 @@ class Site(nn.Module):
         if self.spec.quantizer == "uniform":
             axis = self.axis if self.per_channel else None
             return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, axis, self.spec.rounding)
-        return fake_log2_quantize(x, self.bits, self.spec.rounding)
+        return fake_log2_quantize(x, self.bits, self.spec.rounding, self.spec.frac_bits)
+
+    def fake_quant_keep_rounded(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fake_quant(x), the pre-clamp rounded codes x / scale or -log2 x, float32): for taps with `wants_rounded`."""
+        from pipeline.quant.quantizers import fake_log2_quantize_keep_rounded, fake_quantize_keep_rounded
+
+        if self.spec.quantizer == "uniform":
+            axis = self.axis if self.per_channel else None
+            return fake_quantize_keep_rounded(x, self.scale, self.zero_point, self.qmin, self.qmax, axis, self.spec.rounding)
+        return fake_log2_quantize_keep_rounded(x, self.bits, self.spec.rounding, self.spec.frac_bits)
 
     def _observe(self, x: torch.Tensor) -> None:
         from pipeline.quant.observers import NonFiniteError

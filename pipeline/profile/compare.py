@@ -1,0 +1,93 @@
+"""Side-by-side picture of two or more profiles (e.g. `quant=naive` vs `quant=recommended`).
+
+Reads each run's `evaluate/profile/cumulative.json` and draws, for the chosen roles
+(columns), one panel per metric (rows) with one line per run against the block index:
+the picture in the README, and a quick look outside the MLflow UI. Usage:
+
+    python -m pipeline.profile.compare naive=<run>/evaluate/profile/cumulative.json \\
+        recommended=<run2>/evaluate/profile/cumulative.json --out compare.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from pipeline.profile.report import _finite, _png
+
+METRICS = {
+    "sqnr_db": "SQNR (dB)",
+    "sat_pct": "clipped (%)",
+    "channel_level_pct": "levels used, median channel (%)",
+}
+
+
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    """The site rows of one profile table (`cumulative.json` or `isolated.json`)."""
+    try:
+        table = json.loads(Path(path).read_text())
+        return list(table["sites"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"error: {path}: not a profile table ({exc.__class__.__name__}: {exc})") from None
+
+
+def compare_png(profiles: Mapping[str, Sequence[Mapping[str, Any]]], roles: Sequence[str] = ("sv_attn", "mlp_act"), metrics: Sequence[str] = tuple(METRICS), title: str = "") -> bytes:
+    """PNG: rows = metrics, columns = roles, one line per profile (label) against the block index."""
+    fig = Figure(figsize=(4.4 * len(roles), 2.4 * len(metrics)))
+    if title:
+        fig.suptitle(title, fontsize=11)
+    for r, metric in enumerate(metrics):
+        for c, role in enumerate(roles):
+            ax = fig.add_subplot(len(metrics), len(roles), r * len(roles) + c + 1)
+            for label, rows in profiles.items():
+                picked = sorted((row for row in rows if row.get("role") == role and row.get("block") is not None), key=lambda row: row["block"])
+                ax.plot([row["block"] for row in picked], [_finite(row.get(metric)) for row in picked], marker="o", markersize=3, linewidth=1.2, label=label)
+            if r == 0:
+                ax.set_title(role, fontsize=10)
+            if c == 0:
+                ax.set_ylabel(METRICS.get(metric, metric), fontsize=8)
+            if r == len(metrics) - 1:
+                ax.set_xlabel("block", fontsize=8)
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+            if r == 0 and c == 0:
+                ax.legend(fontsize=7)
+    fig.subplots_adjust(left=0.1, right=0.98, bottom=0.35 / (2.4 * len(metrics)) + 0.03, top=1 - 0.6 / (2.4 * len(metrics)), wspace=0.25, hspace=0.35)
+    return _png(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("profiles", nargs="+", help="label=path/to/cumulative.json")
+    parser.add_argument("--roles", default="sv_attn,mlp_act")
+    parser.add_argument("--metrics", default=",".join(METRICS))
+    parser.add_argument("--title", default="")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    profiles = {}
+    for item in args.profiles:
+        label, sep, path = item.partition("=")
+        if not sep or not label:
+            raise SystemExit(f"error: '{item}' is not label=path")
+        profiles[label] = load_rows(Path(path))
+    roles = args.roles.split(",")
+    for label, rows in profiles.items():
+        missing = [role for role in roles if not any(row.get("role") == role for row in rows)]
+        if missing:
+            raise SystemExit(f"error: profile '{label}' has no sites of role(s) {', '.join(missing)}")
+    out = Path(args.out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_bytes(compare_png(profiles, roles, args.metrics.split(","), args.title))
+    tmp.replace(out)
+    print(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
