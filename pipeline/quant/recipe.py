@@ -59,8 +59,8 @@ class SiteSpec:
         }.get(self.observer, {})
 
     def calibration_key(self) -> dict[str, Any]:
-        """The fields calibration depends on (bits and enabled are chosen later)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("bits", "enabled")}
+        """The fields calibration depends on (bits and enabled are chosen later; frac_bits is log2-only, never observed)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("bits", "enabled", "frac_bits")}
 
 
 WEIGHT_DEFAULT = SiteSpec(observer="minmax", granularity="per_channel", symmetric=True, signed=True)

@@ -48,7 +48,7 @@ from pipeline.sensitivity.probe import SuffixRunner, replace_forward, replace_we
 
 log = logging.getLogger(__name__)
 
-LOG2_NOISE = math.log(2) ** 2 / 12  # E[(u ln 2)^2], u ~ U(-1/2, 1/2): relative noise energy of log2 rounding
+LOG2_NOISE = math.log(2) ** 2 / 12  # E[(u ln 2)^2], u ~ U(-1/2, 1/2): relative noise energy of log2 rounding (frac_bits 0)
 METHODS = ("noise_kl", "noise_loss", "hessian", "isolated_kl", "isolated_loss")
 
 
@@ -153,11 +153,13 @@ def act_noise_fn(probe: SensitivityProbe, name: str, b: int, settings: Sensitivi
     site: Site = probe.graph[name]
     spec = probe.specs[name]
     if spec.quantizer == "log2":
+        step = 2.0**-spec.frac_bits  # the log2 grid's step (frac_bits fractional exponent bits)
+
         def log2_noise(x: Tensor) -> Tensor:
             u = _unit_noise(x.shape, settings.noise, gen).to(x.device, x.dtype)
-            y = x * torch.exp2(u)
+            y = x * torch.exp2(u * step)
             if settings.noise_clip:
-                y = y.masked_fill(x < 2.0 ** -(2**b - 1), 0.0).clamp_max(1.0)
+                y = y.masked_fill(x < 2.0 ** -((2**b - 1) * step), 0.0).clamp_max(1.0)
             return y
         return log2_noise
     scale, zp = probe.state.qparams(name, b)
@@ -341,7 +343,8 @@ def hessian_scores(probe: SensitivityProbe, traces: Mapping[str, Any]) -> dict[s
     for name, entry in traces["acts"].items():
         diag = entry["diag"]
         if probe.specs[name].quantizer == "log2":
-            out[name] = {b: float(diag.sum()) * LOG2_NOISE for b in probe.act_bits[name]}
+            relative = LOG2_NOISE * 4.0 ** -probe.specs[name].frac_bits  # the log step shrinks by 2^-frac_bits
+            out[name] = {b: float(diag.sum()) * relative for b in probe.act_bits[name]}
             continue
         scores = {}
         for b in probe.act_bits[name]:
