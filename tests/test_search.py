@@ -259,6 +259,21 @@ def test_sigkill_midway_then_rerun_keeps_completed_trials(tmp_path):
     assert rerun.evaluated_here == 6 - len(done_before)
 
 
+def test_a_trial_asked_but_never_run_goes_stale(tmp_path):
+    """A worker killed between ask() and its objective must not leave a RUNNING trial that never goes stale."""
+    import optuna
+
+    from pipeline.search.study import make_sampler, open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path}/s.db", heartbeat_s=1)  # grace period 4 s
+    space = fake_search.fake_space()
+    study = optuna.create_study(study_name="asked", storage=storage, sampler=make_sampler(space, fake_search.BUDGET, "random", None, None, 0, 0))
+    trial = study.ask()  # what a worker does before its heartbeat thread starts; then it dies
+    time.sleep(6)  # > grace period, with the storage clock's 1 s resolution
+    optuna.storages.fail_stale_trials(study)
+    assert study.get_trials(deepcopy=False)[trial.number].state == optuna.trial.TrialState.FAIL
+
+
 # -- the stage ----------------------------------------------------------------------------------
 
 

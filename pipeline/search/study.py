@@ -146,6 +146,15 @@ def make_sampler(space: SearchSpace, budget: float, method: str, priors: Priors 
         def __init__(self) -> None:
             self.dists = {g.name: CategoricalDistribution(list(range(g.levels))) for g in space.groups if g.levels > 1}
 
+        def before_trial(self, study, trial) -> None:
+            # Optuna starts a trial's heartbeat thread only after ask() has sampled: a worker killed
+            # in between would leave a RUNNING trial without heartbeat, which never goes stale and
+            # blocks every other worker. The first heartbeat is therefore recorded here.
+            from optuna.storages._heartbeat import is_heartbeat_enabled
+
+            if is_heartbeat_enabled(study._storage):
+                study._storage.record_heartbeat(trial._trial_id)
+
         def infer_relative_search_space(self, study, trial):
             return dict(self.dists)
 
