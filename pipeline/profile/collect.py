@@ -58,16 +58,28 @@ def paired_outputs(fp: SiteGraph, quant: SiteGraph, batches: Iterable[torch.Tens
 
 def site_sqnr(fp: SiteGraph, quant: SiteGraph, batches: Iterable[torch.Tensor], device: torch.device) -> dict[str, float]:
     """Cumulative SQNR (dB) of every quantized site's output vs the FP32 model's same site."""
-    signal: dict[str, torch.Tensor] = {}
-    noise: dict[str, torch.Tensor] = {}
+    energy = _ErrorEnergy()
     for ref, test, _, _ in paired_outputs(fp, quant, batches, device):
         for name, y in test.items():
-            if quant[name].mode != "quant":
-                continue
-            r = ref[name].double()
-            signal[name] = signal.get(name, 0) + r.square().sum()
-            noise[name] = noise.get(name, 0) + (r - y.double()).square().sum()
-    return {name: _db(signal[name], noise[name]) for name in signal}
+            if quant[name].mode == "quant":
+                energy.add(name, ref[name], y)
+    return energy.sqnr_db()
+
+
+class _ErrorEnergy:
+    """Per-site sums of the reference's energy and of the error's energy (float64), then SQNR (dB)."""
+
+    def __init__(self) -> None:
+        self.signal: dict[str, torch.Tensor] = {}
+        self.noise: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, ref: torch.Tensor, test: torch.Tensor) -> None:
+        r = ref.double()
+        self.signal[name] = self.signal.get(name, 0) + r.square().sum()
+        self.noise[name] = self.noise.get(name, 0) + (r - test.double()).square().sum()
+
+    def sqnr_db(self) -> dict[str, float]:
+        return {name: _db(self.signal[name], self.noise[name]) for name in self.signal}
 
 
 def _db(signal: torch.Tensor, noise: torch.Tensor) -> float:
@@ -78,19 +90,12 @@ def _db(signal: torch.Tensor, noise: torch.Tensor) -> float:
     return float(10 * torch.log10(signal / noise))
 
 
-class _OwnErrorTap:
-    """A site tap that sums each site's input energy and the energy of its own quantization error (y - x)."""
-
-    def __init__(self) -> None:
-        self.signal: dict[str, torch.Tensor] = {}
-        self.noise: dict[str, torch.Tensor] = {}
+class _OwnErrorTap(_ErrorEnergy):
+    """A site tap that sums each quantized site's input energy and the energy of its own error (y - x)."""
 
     def __call__(self, site: Site, x: torch.Tensor, y: torch.Tensor) -> None:
-        if site.mode != "quant":
-            return
-        x64 = x.double()
-        self.signal[site.name] = self.signal.get(site.name, 0) + x64.square().sum()
-        self.noise[site.name] = self.noise.get(site.name, 0) + (x64 - y.double()).square().sum()
+        if site.mode == "quant":
+            self.add(site.name, x, y)
 
 
 @torch.inference_mode()
@@ -107,4 +112,4 @@ def quantizer_sqnr(quant: SiteGraph, batches: Iterable[torch.Tensor], device: to
             quant.model(images.to(device))
     finally:
         quant.set_tap(None)
-    return {name: _db(tap.signal[name], tap.noise[name]) for name in tap.signal}
+    return tap.sqnr_db()

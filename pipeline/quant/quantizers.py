@@ -176,15 +176,21 @@ def fake_quantize_broadcast(
     input and returned in x's dtype. Useful for evaluating many candidate ranges at once, e.g. x of shape
     (1, C, S) against scale of shape (G, C, 1) gives (G, C, S).
     """
+    codes = _rounded_quotient(x, scale, rounding)  # the quotient is the only full-size allocation
+    return _dequantize_rounded(codes, scale, zero_point, qmin, qmax, in_place=True).to(x.dtype)
+
+
+def _rounded_quotient(x: Tensor, scale: Tensor, rounding: str) -> Tensor:
+    """round_to_int(x / scale) as a fresh tensor, in float32 for float16/bfloat16 x."""
     compute_x = x.to(torch.float32) if x.dtype in _LOW_PRECISION_FLOATS else x
-    codes = round_to_int(compute_x / scale, rounding, in_place=True)  # the quotient is the only full-size allocation
-    return _dequantize_rounded_(codes, scale, zero_point, qmin, qmax).to(x.dtype)
+    return round_to_int(compute_x / scale, rounding, in_place=True)
 
 
-def _dequantize_rounded_(rounded: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
-    """(clamp(rounded + zp, qmin, qmax) - zp) * scale, in place on `rounded` (= round_to_int(x / scale))."""
+def _dequantize_rounded(rounded: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, in_place: bool) -> Tensor:
+    """(clamp(rounded + zp, qmin, qmax) - zp) * scale for rounded = round_to_int(x / scale); in place on `rounded` or not."""
     zp = zero_point.to(rounded.dtype)
-    return rounded.add_(zp).clamp_(qmin, qmax).sub_(zp).mul_(scale)
+    shifted = rounded.add_(zp) if in_place else rounded + zp
+    return shifted.clamp_(qmin, qmax).sub_(zp).mul_(scale)
 
 
 def fake_quantize_keep_rounded(
@@ -196,10 +202,8 @@ def fake_quantize_keep_rounded(
     """
     _check_qmin_qmax(qmin, qmax)
     scale, zero_point = _broadcast_qparams(x, scale, zero_point, axis)
-    compute_x = x.to(torch.float32) if x.dtype in _LOW_PRECISION_FLOATS else x
-    rounded = round_to_int(compute_x / scale, rounding, in_place=True)
-    zp = zero_point.to(rounded.dtype)
-    return (rounded + zp).clamp_(qmin, qmax).sub_(zp).mul_(scale).to(x.dtype), rounded
+    rounded = _rounded_quotient(x, scale, rounding)
+    return _dequantize_rounded(rounded, scale, zero_point, qmin, qmax, in_place=False).to(x.dtype), rounded
 
 
 def fake_quantize(
@@ -265,8 +269,12 @@ def neg_log2(p: Tensor, frac_bits: int = 0) -> Tensor:
 
 def exp2_neg(codes: Tensor, frac_bits: int = 0) -> Tensor:
     """The level of each log2 code, 2^(-code / 2^frac_bits), as float32 (codes' shape; codes unchanged)."""
-    out = codes.to(torch.float32).neg()
-    return (out.mul_(2.0**-frac_bits) if frac_bits else out).exp2_()
+    return _exp2_neg_(codes.to(torch.float32, copy=True), frac_bits)
+
+
+def _exp2_neg_(codes: Tensor, frac_bits: int) -> Tensor:
+    """exp2_neg in place on float32 `codes`."""
+    return (codes.mul_(-(2.0**-frac_bits)) if frac_bits else codes.neg_()).exp2_()
 
 
 def _log2_codes(p: Tensor, bits: int, rounding: str, frac_bits: int = 0) -> tuple[Tensor, Tensor]:
@@ -308,18 +316,12 @@ def fake_log2_quantize(p: Tensor, bits: int, rounding: str = "half_up", frac_bit
     No input check (hot path): negative or NaN p gives NaN.
     """
     codes, zero_mask = _log2_codes(p, bits, rounding, frac_bits)
-    if frac_bits:
-        codes.mul_(-(2.0**-frac_bits))
-    else:
-        codes.neg_()
-    return codes.exp2_().masked_fill_(zero_mask, 0.0).to(p.dtype if p.is_floating_point() else torch.float32)
+    return _exp2_neg_(codes, frac_bits).masked_fill_(zero_mask, 0.0).to(p.dtype if p.is_floating_point() else torch.float32)
 
 
 def fake_log2_quantize_keep_rounded(p: Tensor, bits: int, rounding: str = "half_up", frac_bits: int = 0) -> tuple[Tensor, Tensor]:
     """(fake_log2_quantize(p, ...), round_to_int(-log2(p) * 2^frac_bits)): output (p's dtype) and pre-clamp codes (float32)."""
     _, qmax = qrange(bits, False)
     rounded = round_to_int(neg_log2(p, frac_bits), rounding, in_place=True)
-    levels = rounded.clamp(0, qmax)
-    levels = levels.mul_(-(2.0**-frac_bits)) if frac_bits else levels.neg_()
-    y = levels.exp2_().masked_fill_(rounded > qmax, 0.0)
+    y = _exp2_neg_(rounded.clamp(0, qmax), frac_bits).masked_fill_(rounded > qmax, 0.0)
     return y.to(p.dtype if p.is_floating_point() else torch.float32), rounded

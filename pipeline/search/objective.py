@@ -32,14 +32,21 @@ class Assembler:
         self.weights = [n for n in graph.names() if graph[n].role == "weight"]
         self._weights: dict[tuple[str, int, int | None], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
+    def _width(self, name: str, widths: Mapping[str, int]) -> int | None:
+        """The site's width in `widths` (default: its recipe width); None, with the site set to fp, when disabled."""
+        spec = self.specs[name]
+        if not spec.enabled:
+            self.graph[name].mode = "fp"
+            return None
+        return int(widths.get(name, spec.bits))
+
     def apply(self, widths: Mapping[str, int]) -> None:
         graph, specs = self.graph, self.specs
         for name in self.acts:
             site, spec = graph[name], specs[name]
-            if not spec.enabled:
-                site.mode = "fp"
+            bits = self._width(name, widths)
+            if bits is None:
                 continue
-            bits = int(widths.get(name, spec.bits))
             if site.mode != "quant" or site.bits != bits:
                 if spec.quantizer == "uniform":
                     site.bind(spec, bits, *self.state.qparams(name, bits))
@@ -48,10 +55,9 @@ class Assembler:
                 site.mode = "quant"
         for name in self.weights:
             site, spec = graph[name], specs[name]
-            if not spec.enabled:
-                site.mode = "fp"
+            bits = self._width(name, widths)
+            if bits is None:
                 continue
-            bits = int(widths.get(name, spec.bits))
             path = name.rsplit(".", 1)[0]
             producer = graph.consumers.get(path)
             folded = producer is not None and graph[producer].mode == "quant" and graph[producer].per_channel
