@@ -118,6 +118,19 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _merge_rows(rows: list[dict], new: list[dict]) -> list[dict]:
+    """rows with each new row in place of the old row of the same (model, recipe, widths), else appended."""
+    key = lambda r: (r["model"], r["recipe"], r["widths"])  # noqa: E731
+    position = {key(r): i for i, r in enumerate(rows)}
+    merged = list(rows)
+    for r in new:
+        if key(r) in position:
+            merged[position[key(r)]] = r
+        else:
+            merged.append(r)
+    return merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="vit_tiny_cifar10,vit_tiny_cifar10_outliers")
@@ -127,7 +140,7 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=512)
     parser.add_argument("--out", default=str(ROOT / "bench/results/acceptance_quant.json"))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = one per core)")
-    parser.add_argument("--append", action="store_true", help="add rows to an existing results file")
+    parser.add_argument("--append", action="store_true", help="add rows to an existing results file (a new row replaces the old one of the same model, recipe and widths)")
     parser.add_argument("--table", action="store_true", help="print the README tables of --out and exit")
     args = parser.parse_args()
     if args.table:
@@ -145,7 +158,7 @@ def main() -> None:
             widths = WIDTHS.get((kind, recipe), WIDTHS.get((kind, recipe.split()[0]), WIDTHS[(kind, None)]))
             if args.widths:
                 widths = [w for w in ALL_WIDTHS if w[0] in args.widths.split(",")]
-            rows += evaluate_widths(model_name, recipe, widths, args.calib, device, args.eval)
+            rows = _merge_rows(rows, evaluate_widths(model_name, recipe, widths, args.calib, device, args.eval))
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"calib_images": args.calib, "rows": rows}, indent=2) + "\n")
 

@@ -71,7 +71,7 @@ class SpecConfig:
     quantizer: Optional[str] = None  # uniform | log2 | int_softmax
     bits: Optional[int] = None  # 2..16
     observer: Optional[str] = None  # minmax | ema | percentile | omse | kl
-    granularity: Optional[str] = None  # per_tensor | per_channel
+    granularity: Optional[str] = None  # per_tensor | per_channel (folded into the consuming weight) | ptf (power-of-two channel factors; residual, norm_in)
     symmetric: Optional[bool] = None
     signed: Optional[bool] = None
     loss: Optional[str] = None  # omse: l1 | l2 | huber
@@ -80,6 +80,7 @@ class SpecConfig:
     warmup: Optional[int] = None  # ema / percentile min/max warm-up batches
     alpha: Optional[float] = None  # percentile
     frac_bits: Optional[int] = None  # log2 (intSoft): fractional exponent bits, 0 = levels 2^-k, 1 = 2^(-k/2)
+    ptf_shift: Optional[int] = None  # granularity ptf: channel scales s_base * 2^k, k in 0..ptf_shift (default 3)
 
 
 @dataclass

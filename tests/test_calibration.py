@@ -104,6 +104,21 @@ def test_per_channel_scales_fold_into_the_consuming_weight():
     torch.testing.assert_close(torch.nn.functional.linear(sv(x), proj.qweight), integer_path, rtol=1e-4, atol=1e-4)
 
 
+def test_ptf_residual_scales_are_power_of_two_factors_and_shift_exactly():
+    _, graph, specs, state = calibrated("recommended")
+    bind(graph, specs, state)
+    res = graph["blocks.1.res1"]
+    assert specs[res.name].granularity == "ptf" and res.granularity == "ptf" and res.scale.shape == (192,)
+    base = res.scale.max() / 2 ** specs[res.name].ptf_shift
+    shift = torch.log2(res.scale / base)
+    assert torch.equal(shift, shift.round()) and shift.min() >= 0 and shift.max() == 3
+    # The NPU's LayerNorm input: codes of every channel brought to the common scale s_base by a left shift.
+    x = torch.randn(2, 17, 192) * torch.linspace(0.1, 4, 192)
+    codes = torch.clamp(torch.floor(x / res.scale + 0.5) + res.zero_point, res.qmin, res.qmax).to(torch.int32)
+    aligned = (codes - res.zero_point.to(torch.int32)) << shift.to(torch.int32)
+    assert torch.equal(res(x), aligned.float() * base)
+
+
 def test_disabled_sites_stay_fp32():
     model, graph, specs, state = calibrated("recommended")
     off = {n: replace(s, enabled=False) for n, s in specs.items()}

@@ -17,6 +17,7 @@ from pipeline.quant.quantizers import (
     int_dtype,
     log2_dequantize,
     log2_quantize,
+    power_of_two_factor_scales,
     qrange,
     quantize,
     round_to_int,
@@ -162,6 +163,28 @@ def test_per_channel_qparams_shapes():
     assert scale.shape == (3,) and zero_point.shape == (3,)
     assert torch.equal(scale, t([1.0, 2.55, 4.0]) / 127)
     assert torch.equal(zero_point, torch.zeros(3, dtype=torch.int32))
+
+
+def test_power_of_two_factors_by_hand():
+    # s_base = 8 / 2^3 = 1; ceil(log2(s / 1)) clamped to 0..3: 0.3 -> 0, 1 -> 0, 1.5 -> 1, 2 -> 1, 5 -> 3, 8 -> 3
+    scale, shift = power_of_two_factor_scales(t([0.3, 1.0, 1.5, 2.0, 5.0, 8.0]), 3)
+    assert torch.equal(shift, torch.tensor([0, 0, 1, 1, 3, 3], dtype=torch.int32))
+    assert torch.equal(scale, t([1.0, 1.0, 2.0, 2.0, 8.0, 8.0]))
+    scale, shift = power_of_two_factor_scales(t([0.3, 6.0]), 1)  # s_base = 3: 0.3 -> 3 (shift 0), 6 -> 6
+    assert torch.equal(scale, t([3.0, 6.0])) and shift.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="max_shift must be >= 0"):
+        power_of_two_factor_scales(t([1.0]), -1)
+
+
+@PROPERTY
+@given(st.lists(st.floats(1e-6, 1e3), min_size=1, max_size=16), st.integers(0, 6))
+def test_power_of_two_factors_never_narrow_a_channel(scales, max_shift):
+    scale = t(scales)
+    snapped, shift = power_of_two_factor_scales(scale, max_shift)
+    base = scale.max() / 2**max_shift
+    assert (snapped >= scale).all() and snapped.max() == scale.max()
+    assert torch.equal(snapped, base * torch.exp2(shift.float()))  # exactly s_base times a power of two
+    assert ((shift >= 0) & (shift <= max_shift)).all()
 
 
 def test_bad_ranges_raise():

@@ -40,7 +40,16 @@ def test_recommended_resolves_roles_and_kinds(graph):
     assert specs["blocks.3.attn.q"].observer == "percentile" and specs["blocks.3.attn.q"].warmup == 5
     assert specs["blocks.3.attn.sv"].observer == "omse" and specs["blocks.3.attn.sv"].loss == "l1"
     assert specs["blocks.3.attn.softmax"].quantizer == "log2"
+    assert specs["blocks.3.res1"].granularity == "ptf" and specs["blocks.0.in"].granularity == "ptf"
+    assert specs["head.in"].granularity == "per_tensor"
     assert {s.bits for s in specs.values()} == {8}
+
+
+def test_kind_wide_granularity_applies_where_hardware_can_run_it(graph):
+    specs = resolve_recipe(recipe("naive", "quant.act.granularity=ptf"), graph)
+    assert {n for n, s in specs.items() if s.granularity == "ptf"} == {n for n in specs if graph[n].role in ("residual", "norm_in")}
+    specs = resolve_recipe(recipe("naive", "quant.act.granularity=per_channel"), graph)
+    assert {n for n, s in specs.items() if s.granularity == "per_channel" and graph[n].role != "weight"} == set(graph.folds)
 
 
 def test_kind_width_overrides_change_whole_recipe(graph):
@@ -71,6 +80,9 @@ def test_disabled_recipe_disables_every_site(graph):
         (["quant.rounding=stochastic"], r"unknown rounding 'stochastic'"),
         ({"sites": {"blocks.99.*": {"bits": 16}}}, r"glob 'blocks\.99\.\*' matches no site"),
         ({"sites": {"blocks.0.res1": {"granularity": "per_channel"}}}, r"blocks\.0\.res1 \(residual\): per-channel activation scales must fold"),
+        ({"sites": {"blocks.0.attn.sv": {"granularity": "ptf"}}}, r"blocks\.0\.attn\.sv \(sv_attn\): granularity ptf .* roles residual, norm_in"),
+        ({"roles": {"residual": {"ptf_shift": 0}}}, r"quant\.roles\.residual\.ptf_shift=0 is outside 1\.\.8"),
+        (["quant.act.granularity=per_row"], r"unknown granularity 'per_row'"),
         ({"roles": {"softmax": {"bits": 4}}}, r"unknown role 'softmax'"),
         ({"sites": {"blocks.0.attn.q": {"quantizer": "log2"}}}, r"only for the softmax output"),
         ({"roles": {"intSoft": {"frac_bits": 5}}}, r"quant\.roles\.intSoft\.frac_bits=5 is outside 0\.\.4"),

@@ -113,7 +113,7 @@ def write_dump(folder: Path, site: Site, capture: Capture) -> Path:
         "qmin": str(site.qmin),
         "qmax": str(site.qmax),
         "rounding": site.spec.rounding,
-        "granularity": "per_channel" if site.per_channel else "per_tensor",
+        "granularity": site.granularity,
         "axis": str(site.axis),
         "samples": str(capture.x.shape[0]) if site.role != "weight" else "weight",
     }
@@ -146,7 +146,7 @@ def trace_site(site: Site, capture: Capture, elements: int = 8) -> str:
     source = capture.y if site.spec.quantizer == "int_softmax" else capture.x
     steps = code_steps(site, source)
     x = capture.x.float()
-    granularity = f"per_channel (axis {site.axis})" if site.per_channel else "per_tensor"
+    granularity = f"{site.granularity} (axis {site.axis})" if site.per_channel else "per_tensor"
     lines = [f"trace {site.name}: role={site.role} quantizer={site.spec.quantizer} bits={site.bits} {granularity} qmin={site.qmin} qmax={site.qmax} rounding={site.spec.rounding}"]
     if is_log2(site):
         f = site.spec.frac_bits

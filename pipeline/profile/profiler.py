@@ -64,7 +64,7 @@ def site_info(site: Site, graph: SiteGraph) -> dict[str, Any]:
         "block": site.block,
         "quantizer": site.spec.quantizer,
         "bits": site.bits,
-        "granularity": "per_channel" if site.per_channel else "per_tensor",
+        "granularity": site.granularity,
         "qmin": site.qmin,
         "qmax": site.qmax,
         "scale_min": None,

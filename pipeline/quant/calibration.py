@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from pipeline.artifacts import read_json, read_tensors, write_json, write_tensors
 from pipeline.errors import PipelineError
 from pipeline.quant.observers import build_observer
-from pipeline.quant.quantizers import fake_quantize, qrange
+from pipeline.quant.quantizers import fake_quantize, power_of_two_factor_scales, qrange
 from pipeline.quant.recipe import SiteSpec
 from pipeline.quant.sites import QuantConv2d, QuantLinear, Site, SiteGraph
 
@@ -65,7 +65,7 @@ def calibrate(graph: SiteGraph, specs: Mapping[str, SiteSpec], loader, device: t
     graph.set_mode("fp")
     for name, spec in specs.items():
         site = graph[name]
-        site.observer = build_observer(spec.observer, granularity=spec.granularity, axis=site.axis, **spec.observer_kwargs()) if spec.needs_observer else None
+        site.observer = build_observer(spec.observer, granularity=spec.observer_granularity, axis=site.axis, **spec.observer_kwargs()) if spec.needs_observer else None
         site.mode = "observe" if spec.needs_observer and site.role != "weight" else "fp"
     graph.to(device)
     batches = 0
@@ -87,6 +87,8 @@ def calibrate(graph: SiteGraph, specs: Mapping[str, SiteSpec], loader, device: t
             widths = calibration_widths(spec, weight_bits if site.role == "weight" and weight_bits else candidate_bits)
             for bits in widths:
                 scale, zp = site.observer.calculate_qparams(bits, spec.signed, spec.symmetric, spec.rounding)
+                if spec.granularity == "ptf":  # widens channel ranges only: zp keeps 0.0 exact, nothing clips
+                    scale, _ = power_of_two_factor_scales(scale, spec.ptf_shift)
                 state.tensors[f"{name}/{bits}/scale"] = scale.detach().float().cpu().reshape(-1)
                 state.tensors[f"{name}/{bits}/zero_point"] = zp.detach().to(torch.int32).cpu().reshape(-1)
             for key, value in site.observer.stats().items():
@@ -153,7 +155,7 @@ def quantize_weight(graph: SiteGraph, name: str, spec: SiteSpec, width: int, spe
         site.mode = "quant"
         return scale, zp
     folded = weight * fold.view(1, -1) if fold is not None else weight
-    observer = build_observer(spec.observer, granularity=spec.granularity, axis=0, **spec.observer_kwargs())
+    observer = build_observer(spec.observer, granularity=spec.observer_granularity, axis=0, **spec.observer_kwargs())
     observer(folded)
     scale, zp = observer.calculate_qparams(width, spec.signed, spec.symmetric, spec.rounding)
     qmin, qmax = qrange(width, spec.signed)

@@ -133,6 +133,29 @@ def choose_qparams(
     return scale, zero_point
 
 
+def power_of_two_factor_scales(scale: Tensor, max_shift: int) -> tuple[Tensor, Tensor]:
+    """FQ-ViT's power-of-two factor (PTF): per-channel scales snapped to s_base * 2^shift.
+
+    s_base = max(scale) / 2^max_shift; shift_c = clamp(ceil(log2(scale_c / s_base)), 0, max_shift),
+    so every new scale is >= the observed one (a channel's range only widens, nothing extra clips)
+    and the widest channel keeps its scale exactly. On integer hardware the codes of every channel
+    reach one common scale s_base by a left shift: (q_c - z_c) << shift_c, which is how a LayerNorm
+    or a residual add consumes them without a per-channel multiplier.
+
+    Args:
+        scale: (C,) positive float32 per-channel scales.
+        max_shift: K >= 0; shifts lie in 0..K.
+    Returns:
+        (scales (C,) float32 = s_base * 2^shift, shift (C,) int32).
+    """
+    if max_shift < 0:
+        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+    scale = scale.to(torch.float32)
+    base = scale.max() / 2.0**max_shift
+    shift = torch.log2(scale / base).ceil_().clamp_(0, max_shift)
+    return base * shift.exp2(), shift.to(torch.int32)
+
+
 def broadcast_to_axis(param: Tensor, ndim: int, axis: int | None) -> Tensor:
     """View of a per-tensor or per-channel parameter shaped to broadcast against an ``ndim``-d tensor.
 

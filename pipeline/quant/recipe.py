@@ -17,9 +17,12 @@ from pipeline.errors import PipelineError
 from pipeline.quant.sites import ROLES, SiteGraph
 
 QUANTIZERS = ("uniform", "log2", "int_softmax")
-GRANULARITIES = ("per_tensor", "per_channel")
+GRANULARITIES = ("per_tensor", "per_channel", "ptf")
 LOSSES = ("l1", "l2", "huber")
 MAX_FRAC_BITS = 4
+MAX_PTF_SHIFT = 8
+PTF_ROLES = ("residual", "norm_in")
+"""Roles whose tensors only feed LayerNorms and residual adds: where power-of-two factors (granularity ptf) run as shifts."""
 
 
 @dataclass(frozen=True)
@@ -40,10 +43,22 @@ class SiteSpec:
     warmup: int = 5  # ema / percentile min/max warm-up batches
     alpha: float = 0.9999  # percentile
     frac_bits: int = 0  # log2: fractional bits of the exponent (0: levels 2^-k; 1: 2^(-k/2), log-sqrt2)
+    ptf_shift: int = 3  # granularity ptf: channel scales s_base * 2^k, k in 0..ptf_shift
 
     @property
     def per_channel(self) -> bool:
+        """Per-channel scales folded into a consuming weight."""
         return self.granularity == "per_channel"
+
+    @property
+    def channelwise(self) -> bool:
+        """One scale per channel, folded (per_channel) or as power-of-two factors (ptf)."""
+        return self.granularity in ("per_channel", "ptf")
+
+    @property
+    def observer_granularity(self) -> str:
+        """What the observer records: per-channel statistics for both channelwise granularities."""
+        return "per_channel" if self.channelwise else "per_tensor"
 
     @property
     def needs_observer(self) -> bool:
@@ -60,7 +75,8 @@ class SiteSpec:
 
     def calibration_key(self) -> dict[str, Any]:
         """The fields calibration depends on (bits and enabled are chosen later; frac_bits is log2-only, never observed)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("bits", "enabled", "frac_bits")}
+        skip = {"bits", "enabled", "frac_bits"} | (set() if self.granularity == "ptf" else {"ptf_shift"})
+        return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
 WEIGHT_DEFAULT = SiteSpec(observer="minmax", granularity="per_channel", symmetric=True, signed=True)
@@ -87,20 +103,20 @@ def resolve_recipe(quant: Mapping[str, Any], graph: SiteGraph) -> dict[str, Site
         if not fnmatch.filter(names, pattern):
             raise PipelineError(f"quant.sites: glob '{pattern}' matches no site (e.g. {names[5]}, {names[10]})")
     specs: dict[str, SiteSpec] = {}
-    unfoldable: list[str] = []
+    kept_per_tensor: list[str] = []
     for name in names:
         site = graph[name]
         spec = weight if site.role == "weight" else act
         spec = _overlay(spec, roles.get(site.role), f"quant.roles.{site.role}")
-        if spec.per_channel and site.role != "weight" and name not in graph.folds:
-            unfoldable.append(name)  # a role-wide per_channel applies where it can fold
+        if _granularity_problem(spec, name, site.role, graph):
+            kept_per_tensor.append(name)  # a kind- or role-wide request applies where the hardware can run it
             spec = replace(spec, granularity="per_tensor")
         for pattern, partial in globs.items():
             if fnmatch.fnmatchcase(name, pattern):
                 spec = _overlay(spec, partial, f"quant.sites['{pattern}']")
         specs[name] = _check_site(spec, name, site.role, graph)
-    if unfoldable:
-        log.info("per_channel kept per_tensor where no weight can absorb the scales: %s", ", ".join(unfoldable))
+    if kept_per_tensor:
+        log.info("per_channel / ptf kept per_tensor where integer hardware cannot run them: %s", ", ".join(kept_per_tensor))
     for name, spec in specs.items():
         scores = specs.get(name.rsplit(".", 1)[0] + ".scores")
         if spec.enabled and spec.quantizer == "int_softmax" and not (scores and scores.enabled and scores.symmetric and not scores.per_channel):
@@ -131,6 +147,8 @@ def _check_values(spec: SiteSpec, where: str) -> None:
         raise PipelineError(f"{where}.bits={spec.bits} is outside 2..16")
     if not isinstance(spec.frac_bits, int) or not 0 <= spec.frac_bits <= MAX_FRAC_BITS:
         raise PipelineError(f"{where}.frac_bits={spec.frac_bits} is outside 0..{MAX_FRAC_BITS}")
+    if not isinstance(spec.ptf_shift, int) or not 1 <= spec.ptf_shift <= MAX_PTF_SHIFT:
+        raise PipelineError(f"{where}.ptf_shift={spec.ptf_shift} is outside 1..{MAX_PTF_SHIFT}")
     checks = (
         ("quantizer", spec.quantizer, QUANTIZERS),
         ("observer", spec.observer, tuple(OBSERVERS)),
@@ -148,12 +166,20 @@ def _check_site(spec: SiteSpec, name: str, role: str, graph: SiteGraph) -> SiteS
         raise PipelineError(f"site {name}: quantizer '{spec.quantizer}' is only for the softmax output (role intSoft)")
     if spec.enabled and spec.frac_bits and spec.quantizer != "log2":
         raise PipelineError(f"site {name}: frac_bits={spec.frac_bits} needs quantizer log2 (got '{spec.quantizer}', whose levels are 2^-k: set frac_bits=0)")
-    if spec.enabled and spec.per_channel and role != "weight" and name not in graph.folds:
-        raise PipelineError(
-            f"site {name} ({role}): per-channel activation scales must fold into a consuming weight on integer hardware; "
-            f"foldable sites: {', '.join(sorted({graph[n].role for n in graph.folds}))}"
-        )
+    problem = _granularity_problem(spec, name, role, graph) if spec.enabled else None
+    if problem:
+        raise PipelineError(f"site {name} ({role}): {problem}")
     return spec
+
+
+def _granularity_problem(spec: SiteSpec, name: str, role: str, graph: SiteGraph) -> str | None:
+    """Why integer hardware cannot run spec's granularity at this site, or None when it can."""
+    if spec.per_channel and role != "weight" and name not in graph.folds:
+        foldable = ", ".join(sorted({graph[n].role for n in graph.folds}))
+        return f"per-channel activation scales must fold into a consuming weight on integer hardware; foldable roles: {foldable}"
+    if spec.granularity == "ptf" and role not in PTF_ROLES:
+        return f"granularity ptf (power-of-two channel factors) is for tensors that feed LayerNorms and residual adds: roles {', '.join(PTF_ROLES)}"
+    return None
 
 
 def _plain(node: Any) -> Any:

@@ -83,7 +83,15 @@ class Site(nn.Module):
 
     @property
     def per_channel(self) -> bool:
+        """True when the bound scale has one entry per channel (per_channel or ptf)."""
         return self.scale is not None and self.scale.numel() > 1
+
+    @property
+    def granularity(self) -> str:
+        """The bound qparams' granularity: per_tensor, per_channel or ptf (power-of-two channel factors)."""
+        if not self.per_channel:
+            return "per_tensor"
+        return "ptf" if self.spec is not None and self.spec.granularity == "ptf" else "per_channel"
 
     def bind(self, spec, bits: int, scale: torch.Tensor | None, zero_point: torch.Tensor | None) -> None:
         """Bind qparams for `quant` mode (uniform: scale/zero_point; log2 and int_softmax: none)."""

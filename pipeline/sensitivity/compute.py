@@ -298,7 +298,7 @@ def hessian_traces(probe: SensitivityProbe, batches: list[Tensor], labels: list[
                 if n in log2:
                     x2 = seen[n].square()
                     reducers.append(lambda p, x2=x2: (p * x2).sum().reshape(1))
-                elif probe.specs[n].per_channel:
+                elif probe.specs[n].channelwise:
                     reducers.append(lambda p, axis=site.axis: p.movedim(axis, -1).reshape(-1, p.shape[axis]).sum(0))
                 else:
                     reducers.append(lambda p: p.sum().reshape(1))
