@@ -7,12 +7,14 @@ starts. The YAML files under `conf/` only fill in values.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from pipeline.quant.sites import ROLES
 
 
 class Stage(str, Enum):
@@ -83,6 +85,14 @@ class SpecConfig:
     ptf_shift: Optional[int] = None  # granularity ptf: channel scales s_base * 2^k, k in 0..ptf_shift (default 3)
 
 
+RolesConfig = make_dataclass(
+    "RolesConfig",
+    [(role, SpecConfig, field(default_factory=SpecConfig)) for role in ROLES],
+    namespace={"__doc__": "Per-role overrides (`quant.roles.<role>`): one SpecConfig per site role, all unset by default."},
+)
+"""Every role is a key, so `quant.roles.qkv.bits=16` works from the command line for any recipe, and a role typo is Hydra's error."""
+
+
 @dataclass
 class QuantConfig:
     """A quantization recipe (`conf/quant/*.yaml`)."""
@@ -93,7 +103,7 @@ class QuantConfig:
     candidate_bits: List[int] = field(default_factory=lambda: [8, 16])  # calibrated for every site
     weight: SpecConfig = field(default_factory=SpecConfig)
     act: SpecConfig = field(default_factory=SpecConfig)
-    roles: Dict[str, SpecConfig] = field(default_factory=dict)
+    roles: RolesConfig = field(default_factory=RolesConfig)
     sites: Dict[str, SpecConfig] = field(default_factory=dict)
 
 

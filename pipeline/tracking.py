@@ -39,13 +39,13 @@ def tracking_uri(cfg: TrackingConfig) -> str:
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay values."""
+    """{'a': {'b': 1, 'c': None}} -> {'a.b': 1}; lists stay values, unset (None) values are left out."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping):
             out.update(flatten(v, key + "."))
-        else:
+        elif v is not None:
             out[key] = v
     return out
 

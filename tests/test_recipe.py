@@ -58,6 +58,16 @@ def test_kind_width_overrides_change_whole_recipe(graph):
     assert {s.bits for n, s in specs.items() if graph[n].role != "weight"} == {6}
 
 
+def test_any_role_can_be_overridden_from_the_command_line(graph):
+    specs = resolve_recipe(recipe("naive", "quant.roles.qkv.bits=16", "quant.roles.sv_attn.observer=omse"), graph)  # roles naive.yaml does not list
+    assert specs["blocks.2.attn.k"].bits == 16 and specs["blocks.2.attn.sv"].bits == 8
+    assert specs["blocks.2.attn.sv"].observer == "omse" and specs["blocks.2.attn.q"].observer == "minmax"
+    with pytest.raises(Exception, match="Could not override 'quant.roles.softmax.bits'"):  # Hydra's error, before any work
+        recipe("naive", "quant.roles.softmax.bits=4")
+    with pytest.raises(PipelineError, match="unknown role 'softmax'"):  # a plain mapping, from Python
+        resolve_recipe({"enabled": True, "roles": {"softmax": {"bits": 4}}}, graph)
+
+
 def test_site_globs_apply_last_and_in_order(graph):
     q = recipe("recommended", extra={"sites": {"blocks.1[01].*": {"bits": 16}, "blocks.11.attn.q": {"bits": 12}}})
     specs = resolve_recipe(q, graph)
@@ -83,7 +93,6 @@ def test_disabled_recipe_disables_every_site(graph):
         ({"sites": {"blocks.0.attn.sv": {"granularity": "ptf"}}}, r"blocks\.0\.attn\.sv \(sv_attn\): granularity ptf .* roles residual, norm_in"),
         ({"roles": {"residual": {"ptf_shift": 0}}}, r"quant\.roles\.residual\.ptf_shift=0 is outside 1\.\.8"),
         (["quant.act.granularity=per_row"], r"unknown granularity 'per_row'"),
-        ({"roles": {"softmax": {"bits": 4}}}, r"unknown role 'softmax'"),
         ({"sites": {"blocks.0.attn.q": {"quantizer": "log2"}}}, r"only for the softmax output"),
         ({"roles": {"intSoft": {"frac_bits": 5}}}, r"quant\.roles\.intSoft\.frac_bits=5 is outside 0\.\.4"),
         ({"roles": {"intSoft": {"quantizer": "int_softmax", "frac_bits": 1}}}, r"frac_bits=1 needs quantizer log2"),

@@ -72,6 +72,14 @@ def pareto_png(records: Sequence[TrialRecord], objective: str, budget: float, re
     return buf.getvalue()
 
 
+def _without_unset(node: Any) -> Any:
+    """A config tree without unset (None) values and the mappings they leave empty (e.g. untouched roles)."""
+    if not isinstance(node, Mapping):
+        return node
+    kept = {k: _without_unset(v) for k, v in node.items() if v is not None}
+    return {k: v for k, v in kept.items() if v != {} or k == "sites"}
+
+
 def export_recipe(path: Path, base_quant: Mapping[str, Any], base_bits: Mapping[str, int], widths: Mapping[str, int], name: str, comment: str = "") -> Path:
     """A self-contained recipe: the base recipe plus one `sites` entry per site whose width differs from the base's."""
     recipe = OmegaConf.to_container(OmegaConf.create(dict(base_quant)), resolve=True) if not isinstance(base_quant, dict) else dict(base_quant)
@@ -82,7 +90,7 @@ def export_recipe(path: Path, base_quant: Mapping[str, Any], base_bits: Mapping[
         if base_bits.get(site) != bits:
             sites[site] = {"bits": int(bits)}
     recipe["sites"] = sites
-    text = OmegaConf.to_yaml(OmegaConf.create(recipe))
+    text = OmegaConf.to_yaml(OmegaConf.create(_without_unset(recipe)))
     header = "# Mixed-precision recipe exported by the search stage" + (f": {comment}" if comment else "") + "\n"
     header += "# Use: copy into conf/quant/ and run quant=<file stem>, or add hydra.searchpath=[file://<this run>/search]\n"
     return write_text(path, header + text)
