@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +37,14 @@ def default_artifact_root() -> str:
 
 def tracking_uri(cfg: TrackingConfig) -> str:
     return cfg.uri or default_tracking_uri()
+
+
+_PARAM_KEY_INVALID = re.compile(r"[^\w\-. :/]")
+
+
+def param_key(key: str) -> str:
+    """An MLflow-valid param name: characters MLflow rejects (the * [ ] ? of site globs) become '_'."""
+    return _PARAM_KEY_INVALID.sub("_", key)
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -132,7 +141,7 @@ class Tracker:
             return
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(param_key(k), str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.active_id, params=items[i : i + 100])
 

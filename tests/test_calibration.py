@@ -104,6 +104,20 @@ def test_per_channel_scales_fold_into_the_consuming_weight():
     torch.testing.assert_close(torch.nn.functional.linear(sv(x), proj.qweight), integer_path, rtol=1e-4, atol=1e-4)
 
 
+def test_per_channel_v_scales_are_attention_times_v_output_channel_scales():
+    _, graph, specs, state = calibrated("recommended")
+    bind(graph, specs, state)
+    v = graph["blocks.0.attn.v"]
+    assert v.granularity == "per_channel" and v.scale.shape == (192,) and "blocks.0.attn.v" not in graph.folds
+    heads = lambda t: t.reshape(2, 17, 3, 64).transpose(1, 2)  # noqa: E731  (B, N, C) -> (B, H, N, D)
+    x = torch.randn(2, 17, 192) * torch.linspace(0.1, 4, 192)
+    attn = torch.softmax(torch.randn(2, 3, 17, 17), dim=-1)
+    codes = torch.clamp(torch.floor(x / v.scale + 0.5) + v.zero_point, v.qmin, v.qmax)
+    accumulators = attn @ heads(codes - v.zero_point)  # the NPU's matmul on integer v codes
+    requantized = accumulators * heads(v.scale.expand(2, 17, 192))  # one scale per output channel, as for a weight
+    torch.testing.assert_close(attn @ heads(v(x)), requantized, rtol=1e-5, atol=1e-6)
+
+
 def test_ptf_residual_scales_are_power_of_two_factors_and_shift_exactly():
     _, graph, specs, state = calibrated("recommended")
     bind(graph, specs, state)

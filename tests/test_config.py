@@ -29,3 +29,12 @@ def test_assets_root_follows_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("PIPELINE_ASSETS", str(tmp_path))
     cfg = compose([])
     assert cfg.model.card == f"{tmp_path}/reference/vit_tiny_cifar10.json"
+
+
+def test_flattened_params_are_valid_mlflow_names_and_skip_unset_values():
+    from pipeline.tracking import flatten, param_key
+
+    params = flatten({"quant": {"sites": {"blocks.1[01].*": {"bits": 16, "observer": None}}, "roles": {"qkv": {"bits": None}}}})
+    assert params == {"quant.sites.blocks.1[01].*.bits": 16}  # unset values stay out
+    assert param_key("quant.sites.blocks.1[01].*.bits") == "quant.sites.blocks.1_01_._.bits"
+    assert param_key("model.name:x/y-z w") == "model.name:x/y-z w"  # everything MLflow allows is kept

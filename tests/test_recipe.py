@@ -49,7 +49,8 @@ def test_kind_wide_granularity_applies_where_hardware_can_run_it(graph):
     specs = resolve_recipe(recipe("naive", "quant.act.granularity=ptf"), graph)
     assert {n for n, s in specs.items() if s.granularity == "ptf"} == {n for n in specs if graph[n].role in ("residual", "norm_in")}
     specs = resolve_recipe(recipe("naive", "quant.act.granularity=per_channel"), graph)
-    assert {n for n, s in specs.items() if s.granularity == "per_channel" and graph[n].role != "weight"} == set(graph.folds)
+    assert {n for n, s in specs.items() if s.granularity == "per_channel" and graph[n].role != "weight"} == set(graph.folds) | graph.channel_operands
+    assert graph.channel_operands == {f"blocks.{i}.attn.v" for i in range(12)}  # q and k are reduced over their channels in q·kᵀ
 
 
 def test_kind_width_overrides_change_whole_recipe(graph):
@@ -94,6 +95,7 @@ def test_disabled_recipe_disables_every_site(graph):
         ({"roles": {"residual": {"ptf_shift": 0}}}, r"quant\.roles\.residual\.ptf_shift=0 is outside 1\.\.8"),
         (["quant.act.granularity=per_row"], r"unknown granularity 'per_row'"),
         ({"sites": {"blocks.0.attn.q": {"quantizer": "log2"}}}, r"only for the softmax output"),
+        ({"sites": {"blocks.0.attn.k": {"granularity": "per_channel"}}}, r"blocks\.0\.attn\.k \(qkv\): per-channel .* or be a matmul's output channels \(v"),
         ({"roles": {"intSoft": {"frac_bits": 5}}}, r"quant\.roles\.intSoft\.frac_bits=5 is outside 0\.\.4"),
         ({"roles": {"intSoft": {"quantizer": "int_softmax", "frac_bits": 1}}}, r"frac_bits=1 needs quantizer log2"),
     ],

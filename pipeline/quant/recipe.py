@@ -174,9 +174,12 @@ def _check_site(spec: SiteSpec, name: str, role: str, graph: SiteGraph) -> SiteS
 
 def _granularity_problem(spec: SiteSpec, name: str, role: str, graph: SiteGraph) -> str | None:
     """Why integer hardware cannot run spec's granularity at this site, or None when it can."""
-    if spec.per_channel and role != "weight" and name not in graph.folds:
+    if spec.per_channel and not graph.per_channel_ok(name):
         foldable = ", ".join(sorted({graph[n].role for n in graph.folds}))
-        return f"per-channel activation scales must fold into a consuming weight on integer hardware; foldable roles: {foldable}"
+        return (
+            "per-channel activation scales must fold into a consuming weight on integer hardware "
+            f"(foldable roles: {foldable}) or be a matmul's output channels (v, sites *.attn.v)"
+        )
     if spec.granularity == "ptf" and role not in PTF_ROLES:
         return f"granularity ptf (power-of-two channel factors) is for tensors that feed LayerNorms and residual adds: roles {', '.join(PTF_ROLES)}"
     return None

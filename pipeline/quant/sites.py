@@ -9,7 +9,8 @@
 | `patch_embed.proj.in`         | linear_in  | the input image                          |
 | `blocks.0.in`                 | norm_in    | embeddings + pos_embed (block 0's norm1 input) |
 | `blocks.i.norm1`, `blocks.i.norm2`, `norm`, `fc_norm` | norm_out | LayerNorm outputs (qkv / fc1 / head inputs) |
-| `blocks.i.attn.q`, `.k`, `.v` | qkv        | (B, H, N, D)                             |
+| `blocks.i.attn.q`, `.k`       | qkv        | (B, H, N, D)                             |
+| `blocks.i.attn.v`             | qkv        | (B, N, C), before the head split         |
 | `blocks.i.attn.scores`        | scores     | q·kᵀ·scale, the softmax input (B, H, N, N) |
 | `blocks.i.attn.softmax`       | intSoft    | softmax output (B, H, N, N)              |
 | `blocks.i.attn.sv`            | sv_attn    | attention·V, (B, N, C): the proj input   |
@@ -229,9 +230,10 @@ def _make_quant_attention():
                 return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
             B, N, _ = x.shape
             gate = self.gate(x).sigmoid() if self.gate is not None else None
-            q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            q, k = self.q_norm(q), self.k_norm(k)
-            q, k, v = self.q_site(q), self.k_site(k), self.v_site(v)
+            q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads * self.head_dim).unbind(2)
+            heads = lambda t: t.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731  (B, H, N, D)
+            q, k = self.q_site(self.q_norm(heads(q))), self.k_site(self.k_norm(heads(k)))
+            v = heads(self.v_site(v))  # v's site sees (B, N, C): its channels are attention x V's output channels
             scores = self.scores_site((q * self.scale) @ k.transpose(-2, -1))
             scores = maybe_add_mask(scores, resolve_self_attn_mask(N, scores, attn_mask, is_causal))
             attn = self.attn_drop(self._softmax(scores))
@@ -294,6 +296,9 @@ class SiteGraph:
 
     `folds` maps a per-channel-capable activation site to the module whose weight
     columns absorb its channel scales (e.g. `blocks.0.attn.sv` -> `blocks.0.attn.proj`).
+    `channel_operands` are activation sites whose channels are a matmul's output channels
+    (v in attention x V): like a weight's per-output-channel scales, theirs go into the
+    accumulator's per-channel requantization, with no fold.
     """
 
     def __init__(self, model: nn.Module, sites: dict[str, Site], folds: dict[str, str]):
@@ -301,6 +306,11 @@ class SiteGraph:
         self.sites = sites
         self.folds = folds
         self.consumers = {consumer: producer for producer, consumer in folds.items()}
+        self.channel_operands = {n for n in sites if n.endswith(".attn.v")}
+
+    def per_channel_ok(self, name: str) -> bool:
+        """Whether integer hardware can run per-channel scales at this site (weights, folds, channel operands)."""
+        return self.sites[name].role == "weight" or name in self.folds or name in self.channel_operands
 
     def __iter__(self) -> Iterator[Site]:
         return iter(self.sites.values())
