@@ -47,7 +47,7 @@ class SiteSpec:
 
     @property
     def per_channel(self) -> bool:
-        """Per-channel scales folded into a consuming weight."""
+        """granularity per_channel: folded into a consuming weight, or a matmul's output channels (v)."""
         return self.granularity == "per_channel"
 
     @property
