@@ -28,8 +28,9 @@ test:  ## fast test suite (what CI runs)
 test-all:  ## every test, slow ones included
 	$(PY) -m pytest -q
 
-bench:  ## timing ratios -> bench/results/*.json
+bench:  ## timing ratios (quantization core, profiler) -> bench/results/{quant,profile}.json
 	$(PY) bench/bench_quant.py
+	$(PY) bench/bench_profile.py --isolated-sites 6
 
 bench-search:  ## three search regimes, prior vs random vs greedy (CPU: about 2 h) -> bench/results/search.json
 	$(PY) bench/bench_search.py
