@@ -115,13 +115,10 @@ def code_index(plan: CodePlan, t: Tensor, rounded: Tensor | None = None) -> Tens
     `t` is not modified; `rounded`, when given, is round_to_int(t / s) (log2: of -log2 t) as the
     site's quantizer computed it (Site.rounded) and is overwritten.
     """
-    if rounded is not None:
-        return rounded.clamp_(plan.low, plan.high).int().add_(plan.offset)
-    t = t.float()
-    if plan.log2:
-        rounded = round_to_int(neg_log2(t, plan.frac_bits), plan.rounding, in_place=True)  # +inf where t == 0
-    else:
-        rounded = round_to_int(t / plan.scale, plan.rounding, in_place=True)
+    if rounded is None:
+        t = t.float()
+        scaled = neg_log2(t, plan.frac_bits) if plan.log2 else t / plan.scale  # log2: +inf where t == 0
+        rounded = round_to_int(scaled, plan.rounding, in_place=True)
     return rounded.clamp_(plan.low, plan.high).int().add_(plan.offset)
 
 

@@ -146,7 +146,7 @@ def trace_site(site: Site, capture: Capture, elements: int = 8) -> str:
     source = capture.y if site.spec.quantizer == "int_softmax" else capture.x
     steps = code_steps(site, source)
     x = capture.x.float()
-    granularity = f"{site.granularity} (axis {site.axis})" if site.per_channel else "per_tensor"
+    granularity = f"{site.granularity} (axis {site.axis})" if site.per_channel else site.granularity
     lines = [f"trace {site.name}: role={site.role} quantizer={site.spec.quantizer} bits={site.bits} {granularity} qmin={site.qmin} qmax={site.qmax} rounding={site.spec.rounding}"]
     if is_log2(site):
         f = site.spec.frac_bits

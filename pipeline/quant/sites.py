@@ -306,7 +306,7 @@ class SiteGraph:
         self.sites = sites
         self.folds = folds
         self.consumers = {consumer: producer for producer, consumer in folds.items()}
-        self.channel_operands = {n for n in sites if n.endswith(".attn.v")}
+        self.channel_operands = {m.v_site.name for m in model.modules() if isinstance(getattr(m, "v_site", None), Site)}
 
     def per_channel_ok(self, name: str) -> bool:
         """Whether integer hardware can run per-channel scales at this site (weights, folds, channel operands)."""
