@@ -18,7 +18,7 @@ from pipeline.profile.flags import Thresholds, flag_counts, flag_rows, site_flag
 from pipeline.profile.metrics import bit_utilization, compute_site_metrics, histogram_kl, saturation_from_values, sqnr_db
 from pipeline.profile.profiler import observe_site
 from pipeline.profile.series import series_keys
-from pipeline.profile.stats import SiteStats
+from pipeline.profile.stats import SiteStats, spread_sample
 from pipeline.quant.quantizers import fake_log2_quantize, fake_quantize, log2_quantize, quantize, round_to_int
 from pipeline.quant.recipe import SiteSpec
 from pipeline.quant.calibration import bind
@@ -142,6 +142,23 @@ def test_streaming_stats_match_the_metric_functions():
     one = SiteStats()  # one batch: same range as histogram_kl, so the same KL
     observe_site(one, site, batches[0], batches[0], tests[0])
     assert one.result(8)["hist_kl"] == pytest.approx(histogram_kl(batches[0], tests[0]), rel=1e-3)
+
+
+def test_histogram_sample_takes_whole_rows_spread_over_every_token():
+    x = torch.arange(8 * 65 * 192, dtype=torch.float32).view(8, 65, 192)  # value = memory position
+    sample = spread_sample(x, 4096)
+    values = sample.reshape(-1).long()
+    rows = values.view(-1, 192)
+    assert values.numel() <= 4096 and 4096 // 192 // 2 <= sample.shape[0] <= 4096 // 192
+    assert torch.equal(rows % 192, torch.arange(192).expand_as(rows))  # whole rows: every channel of a picked token
+    tokens = (rows[:, 0] // 192) % 65
+    assert tokens.unique().numel() == rows.shape[0]  # the stride is coprime with 65: no token position twice
+    assert torch.equal(spread_sample(x[:1, :2], 4096), x[:1, :2].flatten())  # small tensors: every value
+    q = torch.randn(2, 65, 3, 64).permute(0, 2, 1, 3)  # a permuted view (attention heads): rows in memory order
+    picked = spread_sample(q, 1024)
+    assert picked.numel() <= 1024 and set(picked.reshape(-1).tolist()) <= set(q.reshape(-1).tolist())
+    long_rows = torch.arange(2 * 5000, dtype=torch.float32).view(2, 5000)
+    assert 0 < spread_sample(long_rows, 1000).numel() <= 1000  # rows longer than the limit: every k-th value
 
 
 def test_softmax_rows_get_top_k_agreement():
@@ -344,10 +361,11 @@ def test_isolated_mode_quantizes_one_site_at_a_time_and_restores_the_modes():
 def test_codes_handed_over_by_the_site_match_recomputed_codes(make):
     site = make()
     x = torch.rand(2, 7, 3) * (1.0 if site.role == "intSoft" else 40.0) - (0.0 if site.role == "intSoft" else 10.0)
-    y, rounded = site.fake_quant_keep_rounded(x)
-    assert torch.equal(y, site.fake_quant(x))
     plan = code_plan(site, x, count_axis(site, x))
-    assert torch.equal(code_index(plan, x, rounded.clone()), code_index(plan, x))
+    handed = []
+    y = site.fake_quant(x, lambda s, t, rounded: handed.append(code_index(plan, t, rounded)))  # clamps `rounded` in place
+    assert torch.equal(y, site.fake_quant(x))  # the in-place clamp leaves the output unchanged
+    assert len(handed) == 1 and torch.equal(handed[0], code_index(plan, x))
 
 
 def test_compare_draws_two_profiles_and_rejects_a_bad_table(tmp_path):

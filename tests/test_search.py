@@ -142,6 +142,21 @@ def test_local_moves_stay_in_budget_and_change_the_assignment():
     assert sum(m != start for m in moved) > 25
 
 
+def test_local_moves_are_swaps_that_skip_measured_assignments_until_none_is_left():
+    from pipeline.search.priors import local_move
+
+    space = fake_search.fake_space()
+    priors = Priors(space, fake_search.fake_sensitivity(space), "noise_kl")
+    start = greedy_fill(space, priors, 1.3)
+    rng, seen, moves = random.Random(0), {space.key(start)}, []
+    while (moved := local_move(space, priors, start, 1.3, rng, exclude=seen)) is not None and len(moves) < 500:
+        assert space.key(moved) not in seen and space.cost(moved) <= 1.3 + 1e-12
+        assert 1 <= sum(start[n] > moved[n] for n in start) <= 2  # one or two raises undone, the rest of the incumbent kept
+        seen.add(space.key(moved))
+        moves.append(moved)
+    assert moved is None and len(moves) >= 2  # the neighbourhood is finite: once measured, nothing new is proposed
+
+
 def test_raise_probabilities_meet_the_budget_in_expectation():
     space = fake_search.fake_space()
     priors = Priors(space, fake_search.fake_sensitivity(space), "noise_kl")

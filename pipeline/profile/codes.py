@@ -107,19 +107,23 @@ def code_plan(site: Site, t: Tensor, axis: int | None = None) -> CodePlan:
     return CodePlan(is_log2(site), site.spec.rounding, site.spec.frac_bits, scale, low, high, offset, rows, width)
 
 
-def code_index(plan: CodePlan, t: Tensor, rounded: Tensor | None = None) -> Tensor:
+def code_index(plan: CodePlan, t: Tensor, rounded: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     """Histogram index of every element of `t` (int32, t's shape): row offset + column of its pre-clamp code.
 
     Column = clamp(round_to_int(t / s) + zp, qmin - 1, qmax + 1) - qmin + 1 (log2: round_to_int(-log2 t)),
     computed as clamp(rounded, qmin - 1 - zp, qmax + 1 - zp) + zp - qmin + 1 (exact: integers).
     `t` is not modified; `rounded`, when given, is round_to_int(t / s) (log2: of -log2 t) as the
-    site's quantizer computed it (Site.rounded) and is overwritten.
+    site's quantizer computed it (Site.fake_quant's `on_rounded`) and is clamped in place to
+    [qmin - 1 - zp, qmax + 1 - zp], which leaves the quantizer's output unchanged. `out`, when
+    given, is an int32 tensor of t's shape that receives the result (no fresh allocation).
     """
     if rounded is None:
         t = t.float()
         scaled = neg_log2(t, plan.frac_bits) if plan.log2 else t / plan.scale  # log2: +inf where t == 0
         rounded = round_to_int(scaled, plan.rounding, in_place=True)
-    return rounded.clamp_(plan.low, plan.high).int().add_(plan.offset)
+    rounded = rounded.clamp_(plan.low, plan.high)
+    index = rounded.int() if out is None else out.copy_(rounded)  # exact: integral values
+    return index.add_(plan.offset)
 
 
 def count_into(index: Tensor, size: int) -> Tensor:

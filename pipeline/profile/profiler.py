@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from pipeline.profile.codes import CodePlan, code_counts, code_index, code_plan, code_source, column_values, count_axis
 from pipeline.profile.dump import Capture
-from pipeline.profile.stats import ROW_SAMPLES, SiteStats
+from pipeline.profile.stats import ROW_SAMPLES, SiteStats, Workspace
 from pipeline.quant.sites import Site, SiteGraph
 
 log = logging.getLogger(__name__)
@@ -88,15 +88,26 @@ def weight_sites(graph: SiteGraph) -> list[str]:
     return [n for n, s in graph.sites.items() if s.mode == "quant" and s.role == "weight"]
 
 
-def observe_site(stats: SiteStats, site: Site, ref: Tensor, x: Tensor, y: Tensor, plan: SitePlan | None = None) -> SitePlan:
+def observe_codes(stats: SiteStats, site: Site, source: Tensor, plan: SitePlan | None = None, rounded: Tensor | None = None) -> SitePlan:
+    """Count one batch of a site's codes from its code source (see `codes.code_source`).
+
+    `rounded`, when given, is the quantizer's own rounding of `source` (Site.fake_quant's
+    `on_rounded`); it is clamped in place. Returns the site's plan, to pass back on the next batch.
+    """
+    plan = plan or site_plan(site, source)
+    out = stats.workspace.like(source, torch.int32) if stats.workspace is not None else None
+    stats.add_code_index(code_index(plan.codes, source, rounded, out), plan.codes.rows, plan.codes.width, plan.values)
+    return plan
+
+
+def observe_site(stats: SiteStats, site: Site, ref: Tensor, x: Tensor, y: Tensor, plan: SitePlan | None = None, counted: bool = False) -> SitePlan:
     """Add one batch of a quantized site: ref = FP32 tensor, x = tensor entering the site, y = its output.
 
+    `counted`: this batch's codes were already added (by `observe_codes` from the quantizer's rounding).
     Returns the site's plan (constants for its codes and histograms), to pass back on the next batch.
     """
-    source = code_source(site, x, y)
-    plan = plan or site_plan(site, source)
-    rounded = site.rounded if source is x else None  # the quantizer's own rounding, when the tap asked for it
-    stats.add_code_index(code_index(plan.codes, source, rounded), plan.codes.rows, plan.codes.width, plan.values)
+    if not counted:
+        plan = observe_codes(stats, site, code_source(site, x, y), plan)
     stats.add_pair(ref, y)
     if site.role == "intSoft":
         stats.add_rows(ref, y, limit=ROW_SAMPLES)
@@ -168,22 +179,53 @@ class _CaptureStore:
         self.captures[name] = new if have is None else have.extend(new, self.samples)
 
 
-class _CumulativeTap:
-    """Quantized-graph tap: compares each quantized site with the FP32 tensor recorded for this batch."""
+class _StatsTap:
+    """Site tap that feeds one SiteStats per site: codes from the quantizer's own rounding, then the output pair.
 
-    wants_rounded = True  # sites hand over their rounded codes (Site.rounded): no second rounding pass
+    `on_rounded` (called by Site.fake_quant before the output is made) counts the codes, so no
+    second rounding pass runs; sites without it (int_softmax) are counted from their output.
+    The reference tensor is the site's input (everything upstream FP32: isolated mode).
+    """
 
-    def __init__(self, stats: dict[str, SiteStats], store: _CaptureStore):
-        self.stats, self.store = stats, store
+    def __init__(self, stats: dict[str, SiteStats]):
+        self.stats = stats
         self.plans: dict[str, SitePlan] = {}
-        self.refs: dict[str, Tensor] = {}
+        self._counted: str | None = None  # the site whose codes on_rounded has just counted
+
+    def on_rounded(self, site: Site, x: Tensor, rounded: Tensor) -> None:
+        stats = self.stats.get(site.name)
+        if stats is not None:
+            self.plans[site.name] = observe_codes(stats, site, x, self.plans.get(site.name), rounded)
+            self._counted = site.name
 
     def __call__(self, site: Site, x: Tensor, y: Tensor) -> None:
         stats = self.stats.get(site.name)
         if stats is None:
             return
-        ref = self.refs.pop(site.name)  # frees the FP32 tensor as soon as it is used
-        self.plans[site.name] = observe_site(stats, site, ref, x, y, self.plans.get(site.name))
+        counted, self._counted = self._counted == site.name, None
+        ref = self.reference(site, x)
+        self.plans[site.name] = observe_site(stats, site, ref, x, y, self.plans.get(site.name), counted)
+        self.seen(site, ref, x, y)
+
+    def reference(self, site: Site, x: Tensor) -> Tensor:
+        return x
+
+    def seen(self, site: Site, ref: Tensor, x: Tensor, y: Tensor) -> None:
+        """Called after a site's statistics were added."""
+
+
+class _CumulativeTap(_StatsTap):
+    """Quantized-graph tap: compares each quantized site with the FP32 tensor recorded for this batch."""
+
+    def __init__(self, stats: dict[str, SiteStats], store: _CaptureStore):
+        super().__init__(stats)
+        self.store = store
+        self.refs: dict[str, Tensor] = {}
+
+    def reference(self, site: Site, x: Tensor) -> Tensor:
+        return self.refs.pop(site.name)  # frees the FP32 tensor as soon as it is used
+
+    def seen(self, site: Site, ref: Tensor, x: Tensor, y: Tensor) -> None:
         self.store.offer(site.name, ref, x, y)
 
 
@@ -234,7 +276,8 @@ def cumulative_pass(fp_graph: SiteGraph, graph: SiteGraph, batches: list[Tensor]
     """
     t0 = time.perf_counter()
     names = activation_sites(graph)
-    stats = {n: SiteStats(token_dim(graph[n])) for n in names}
+    workspace = Workspace()
+    stats = {n: SiteStats(token_dim(graph[n]), workspace=workspace) for n in names}
     logits_stats = SiteStats()
     recorder, store = _Recorder(), _CaptureStore(capture, samples)
     tap = _CumulativeTap(stats, store)
@@ -301,12 +344,7 @@ def isolated_candidates(graph: SiteGraph) -> list[str]:
 def _isolated_site(graph: SiteGraph, site: Site, batches: list[Tensor], fp_logits: list[Tensor], device: torch.device, weight_row: Mapping[str, Any] | None) -> dict[str, Any]:
     at_site = SiteStats(token_dim(site))
     if site.role != "weight":
-        plans: dict[str, SitePlan] = {}
-
-        def tap(s: Site, x: Tensor, y: Tensor) -> None:  # upstream is FP32: the input is the reference
-            plans[s.name] = observe_site(at_site, s, x, x, y, plans.get(s.name))
-
-        site.tap = tap
+        site.tap = _StatsTap({site.name: at_site})  # upstream is FP32: the input is the reference
     at_output = SiteStats()
     for images, ref_logits in zip(batches, fp_logits):
         logits = graph.model(images.to(device))

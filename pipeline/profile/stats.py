@@ -1,7 +1,7 @@
 """Streaming per-site statistics: FP32 tensor vs quantized tensor, accumulated batch by batch.
 
 A `SiteStats` keeps, per batch, only small tensors on the tensors' device: three
-per-token numbers (|ref|, |ref - test|, <ref, ref - test>), a fixed-range value
+per-token norms (|ref|, |ref - test|, |test|), a fixed-range value
 histogram of ref, the code histogram and, for the logits and softmax rows, top-k
 hits. `result()` reduces them once into the metrics of pipeline.profile.metrics
 (same definitions and units) with one host transfer, so the per-batch cost is a
@@ -11,8 +11,8 @@ The quantized tensor's value histogram comes from the code histogram when the
 caller gives the value of every code column (`add_code_index(..., values)`): a
 quantized tensor takes only those values, so no pass over it is needed. The
 FP32 tensor's value histogram (for the KL) is built from an evenly strided
-sample of at most HIST_SAMPLES values per batch (every value of smaller
-tensors), and the softmax rows' top-k hit rates from at most ROW_SAMPLES rows
+sample of whole rows, at most HIST_SAMPLES values per batch (every value of
+smaller tensors; see `spread_sample`), and the softmax rows' top-k hit rates from at most ROW_SAMPLES rows
 per batch; everything else (energies, cosines, code counts) uses every value.
 """
 
@@ -47,19 +47,50 @@ def memory_order(x: Tensor) -> Tensor:
 
 
 def spread_sample(x: Tensor, limit: int) -> Tensor:
-    """x's values (in memory order), or every k-th of them when it has more than `limit`: at most `limit` values.
+    """At most `limit` of x's values, spread over the whole tensor: all of them when x is small enough.
 
-    k is the smallest stride >= numel / limit that is coprime with the fastest-varying dimension,
-    so consecutive picks walk through all of its indices (e.g. channels) instead of aliasing with them.
+    x is read as rows of its fastest-varying dimension (in memory order, e.g. channels of a token,
+    keys of an attention row); every k-th row is taken, whole, so the sample touches few cache lines
+    and has every index of that dimension. k is the smallest stride >= rows / (limit // row length)
+    that is coprime with the next dimension (e.g. tokens), so consecutive picks walk through all of
+    its indices instead of aliasing with them. Rows longer than `limit` fall back to every k-th value.
+    Returns a 1-d tensor or a (rows, row length) view.
     """
     flat = memory_order(x)
     if flat.numel() <= limit:
         return flat
-    inner = min(range(x.ndim), key=lambda d: x.stride(d)) if x.ndim else 0
-    stride = -(-flat.numel() // limit)
-    while math.gcd(stride, x.shape[inner] if x.ndim else 1) != 1:
+    by_stride = sorted(range(x.ndim), key=lambda d: (x.stride(d), x.shape[d]))
+    row = x.shape[by_stride[0]]
+    if row > limit:  # long rows: every k-th value, k coprime with the row length
+        return flat[:: _coprime_stride(-(-flat.numel() // limit), row)]
+    rows = flat.view(-1, row)
+    next_dim = x.shape[by_stride[1]] if x.ndim > 1 else 1
+    return rows[:: _coprime_stride(-(-rows.shape[0] // (limit // row)), next_dim)]
+
+
+def _coprime_stride(stride: int, size: int) -> int:
+    """The smallest k >= stride with gcd(k, size) == 1."""
+    while math.gcd(stride, size) != 1:
         stride += 1
-    return flat[::stride]
+    return stride
+
+
+class Workspace:
+    """Reusable buffers, one per dtype, for one temporary at a time (a batch's ref - test, code indices).
+
+    Shared by the SiteStats of one pass, so each site's temporaries reuse memory instead of
+    allocating (and page-faulting) a fresh full-size tensor.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.dtype, Tensor] = {}
+
+    def like(self, x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """A contiguous `dtype` tensor of x's shape on x's device (contents undefined, valid until the next call)."""
+        n, buffer = x.numel(), self._buffers.get(dtype)
+        if buffer is None or buffer.numel() < n or buffer.device != x.device:
+            buffer = self._buffers[dtype] = torch.empty(n, dtype=dtype, device=x.device)
+        return buffer[:n].view(x.shape)
 
 
 class SiteStats:
@@ -77,12 +108,13 @@ class SiteStats:
     place (int64) on the tensors' device.
     """
 
-    def __init__(self, token_dim: int = -1, bins: int = HIST_BINS):
+    def __init__(self, token_dim: int = -1, bins: int = HIST_BINS, workspace: Workspace | None = None):
         self.token_dim = token_dim
         self.bins = bins
+        self.workspace = workspace
         self.elements = 0
         self.hist_range: tuple[float, float] | None = None
-        self._tokens: list[Tensor] = []  # per batch (3, T) float32: |r|, |r - t|, <r, r - t>
+        self._tokens: list[Tensor] = []  # per batch (3, T) float32: |r|, |r - t|, |t|
         self._ref_counts: Tensor | None = None  # (bins,)
         self._test_counts: Tensor | None = None  # (bins,), when the values of the codes are unknown
         self._codes: Tensor | None = None  # (K * (L + 2),)
@@ -122,14 +154,15 @@ class SiteStats:
             self._values = values  # only from the first batch on: all of test's histogram comes from codes
 
     def add_pair(self, ref: Tensor, test: Tensor) -> None:
-        """Accumulate per-token norms and dot products and the value histograms of one batch."""
+        """Accumulate the per-token norms of ref, ref - test and test and the value histograms of one batch."""
         if ref.shape != test.shape:
             raise ValueError(f"ref {tuple(ref.shape)} and test {tuple(test.shape)} differ in shape")
         r, t = ref.float(), test.float()
         if self.token_dim != -1:
             r, t = r.movedim(self.token_dim, -1), t.movedim(self.token_dim, -1)
-        d = r - t
-        per_token = torch.stack([torch.linalg.vector_norm(r, dim=-1), torch.linalg.vector_norm(d, dim=-1), torch.linalg.vecdot(r, d, dim=-1)])
+        d = torch.sub(r, t, out=self.workspace.like(r)) if self.workspace is not None else r - t
+        norm = torch.linalg.vector_norm
+        per_token = torch.stack([norm(r, dim=-1), norm(d, dim=-1), norm(t, dim=-1)])  # norms: one fast reduction each
         self._tokens.append(per_token.reshape(3, -1))
         if self.hist_range is None:
             self._set_range(r, t)
@@ -206,11 +239,10 @@ class SiteStats:
         """
         if self.elements == 0:
             raise ValueError("no batch was added")
-        norm_r, norm_d, dot_rd = torch.cat(self._tokens, dim=1).double()
+        norm_r, norm_d, norm_t = torch.cat(self._tokens, dim=1).double()
         sq_r, sq_d = norm_r.square(), norm_d.square()
-        # test = ref - d: <r, t> = |r|^2 - <r, d>, |t|^2 = |r|^2 - 2<r, d> + |d|^2
-        norm_t = (sq_r - 2 * dot_rd + sq_d).clamp_min(0.0).sqrt()
-        cos = cosine_from_dots(sq_r - dot_rd, norm_r, norm_t)
+        # d = r - t: <r, t> = (|r|^2 + |t|^2 - |d|^2) / 2 (float32 norms: cosines good to ~1e-7)
+        cos = cosine_from_dots((sq_r + norm_t.square() - sq_d) / 2, norm_r, norm_t)
         signal, noise, cos_mean, cos_min = torch.stack([sq_r.sum(), sq_d.sum(), cos.mean(), cos.min()]).tolist()
         out: dict[str, float | int | None] = {
             "sqnr_db": sqnr_from_energy(signal, noise),

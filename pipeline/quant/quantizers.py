@@ -174,7 +174,7 @@ def broadcast_to_axis(param: Tensor, ndim: int, axis: int | None) -> Tensor:
     return param.reshape((-1,) + (1,) * (ndim - 1 - axis % ndim))
 
 
-def _broadcast_qparams(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None) -> tuple[Tensor, Tensor]:
+def broadcast_qparams(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None) -> tuple[Tensor, Tensor]:
     """scale and zero_point as views broadcastable against x, on x's device; checks the channel count."""
     if axis is not None and -x.ndim <= axis < x.ndim and scale.numel() != x.shape[axis]:
         raise ValueError(f"per-channel scale has {scale.numel()} entries but x.shape[{axis}] is {x.shape[axis]}")
@@ -199,34 +199,25 @@ def fake_quantize_broadcast(
     input and returned in x's dtype. Useful for evaluating many candidate ranges at once, e.g. x of shape
     (1, C, S) against scale of shape (G, C, 1) gives (G, C, S).
     """
-    codes = _rounded_quotient(x, scale, rounding)  # the quotient is the only full-size allocation
-    return _dequantize_rounded(codes, scale, zero_point, qmin, qmax, in_place=True).to(x.dtype)
+    rounded = rounded_quotient(x, scale, rounding)  # the quotient is the only full-size allocation
+    return dequantize_rounded_(rounded, scale, zero_point, qmin, qmax).to(x.dtype)
 
 
-def _rounded_quotient(x: Tensor, scale: Tensor, rounding: str) -> Tensor:
-    """round_to_int(x / scale) as a fresh tensor, in float32 for float16/bfloat16 x."""
+def rounded_quotient(x: Tensor, scale: Tensor, rounding: str) -> Tensor:
+    """round_to_int(x / scale) as a fresh tensor, in float32 for float16/bfloat16 x: the pre-clamp codes minus zp."""
     compute_x = x.to(torch.float32) if x.dtype in _LOW_PRECISION_FLOATS else x
     return round_to_int(compute_x / scale, rounding, in_place=True)
 
 
-def _dequantize_rounded(rounded: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, in_place: bool) -> Tensor:
-    """(clamp(rounded + zp, qmin, qmax) - zp) * scale for rounded = round_to_int(x / scale); in place on `rounded` or not."""
-    zp = zero_point.to(rounded.dtype)
-    shifted = rounded.add_(zp) if in_place else rounded + zp
-    return shifted.clamp_(qmin, qmax).sub_(zp).mul_(scale)
+def dequantize_rounded_(rounded: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """(clamp(rounded + zp, qmin, qmax) - zp) * scale, in place on `rounded` = round_to_int(x / scale).
 
-
-def fake_quantize_keep_rounded(
-    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int | None = None, rounding: str = "half_up"
-) -> tuple[Tensor, Tensor]:
-    """(fake_quantize(x, ...), round_to_int(x / scale)): the output and the pre-clamp rounded values (float32, x's shape).
-
-    For taps that count codes (the profiler): the rounded values come for free instead of a second x / scale pass.
+    Computed as clamp(rounded, qmin - zp, qmax - zp) * scale: the same numbers (integers below 2^24
+    are exact in float32; beyond that both clamp), in three passes instead of four. `rounded` may
+    already be clamped to any range containing [qmin - zp, qmax - zp] (the profiler's code counts do).
     """
-    _check_qmin_qmax(qmin, qmax)
-    scale, zero_point = _broadcast_qparams(x, scale, zero_point, axis)
-    rounded = _rounded_quotient(x, scale, rounding)
-    return _dequantize_rounded(rounded, scale, zero_point, qmin, qmax, in_place=False).to(x.dtype), rounded
+    zero_point = zero_point.to(rounded.dtype)
+    return rounded.clamp_min_(qmin - zero_point).clamp_max_(qmax - zero_point).mul_(scale)
 
 
 def fake_quantize(
@@ -247,7 +238,7 @@ def fake_quantize(
     Rounding has zero gradient, so this is for calibration/evaluation (no straight-through estimator).
     """
     _check_qmin_qmax(qmin, qmax)
-    scale, zero_point = _broadcast_qparams(x, scale, zero_point, axis)
+    scale, zero_point = broadcast_qparams(x, scale, zero_point, axis)
     return fake_quantize_broadcast(x, scale, zero_point, qmin, qmax, rounding)
 
 
@@ -265,7 +256,7 @@ def quantize(
     Shapes and axis as in fake_quantize; values beyond the range saturate at qmin / qmax.
     """
     qmin, qmax = qrange(bits, signed)
-    scale, zero_point = _broadcast_qparams(x, scale, zero_point, axis)
+    scale, zero_point = broadcast_qparams(x, scale, zero_point, axis)
     compute_x = x.to(torch.float32) if x.dtype in _LOW_PRECISION_FLOATS else x
     codes = round_to_int(compute_x / scale, rounding, in_place=True)
     codes.add_(zero_point.to(codes.dtype)).clamp_(qmin, qmax)
@@ -274,7 +265,7 @@ def quantize(
 
 def dequantize(codes: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None = None) -> Tensor:
     """Real values (codes - zero_point) * scale as float32; shapes and axis as in fake_quantize."""
-    scale, zero_point = _broadcast_qparams(codes, scale, zero_point, axis)
+    scale, zero_point = broadcast_qparams(codes, scale, zero_point, axis)
     return (codes.to(torch.float32) - zero_point.to(torch.float32)) * scale.to(torch.float32)
 
 
@@ -300,10 +291,15 @@ def _exp2_neg_(codes: Tensor, frac_bits: int) -> Tensor:
     return (codes.mul_(-(2.0**-frac_bits)) if frac_bits else codes.neg_()).exp2_()
 
 
+def rounded_log2(p: Tensor, rounding: str, frac_bits: int = 0) -> Tensor:
+    """round_to_int(neg_log2(p)) as a fresh float32 tensor: the pre-clamp log2 codes (+inf where p == 0)."""
+    return round_to_int(neg_log2(p, frac_bits), rounding, in_place=True)
+
+
 def _log2_codes(p: Tensor, bits: int, rounding: str, frac_bits: int = 0) -> tuple[Tensor, Tensor]:
     """(float codes clamp(round_to_int(neg_log2 p), 0, 2^bits - 1), zero_mask round_to_int(neg_log2 p) > 2^bits - 1)."""
     _, qmax = qrange(bits, False)
-    exponent = round_to_int(neg_log2(p, frac_bits), rounding, in_place=True)  # +inf where p == 0
+    exponent = rounded_log2(p, rounding, frac_bits)
     zero_mask = exponent > qmax
     return exponent.clamp_(0, qmax), zero_mask
 
@@ -338,13 +334,15 @@ def fake_log2_quantize(p: Tensor, bits: int, rounding: str = "half_up", frac_bit
 
     No input check (hot path): negative or NaN p gives NaN.
     """
-    codes, zero_mask = _log2_codes(p, bits, rounding, frac_bits)
-    return _exp2_neg_(codes, frac_bits).masked_fill_(zero_mask, 0.0).to(p.dtype if p.is_floating_point() else torch.float32)
+    out = log2_dequantize_rounded_(rounded_log2(p, rounding, frac_bits), bits, frac_bits)
+    return out.to(p.dtype if p.is_floating_point() else torch.float32)
 
 
-def fake_log2_quantize_keep_rounded(p: Tensor, bits: int, rounding: str = "half_up", frac_bits: int = 0) -> tuple[Tensor, Tensor]:
-    """(fake_log2_quantize(p, ...), round_to_int(-log2(p) * 2^frac_bits)): output (p's dtype) and pre-clamp codes (float32)."""
+def log2_dequantize_rounded_(rounded: Tensor, bits: int, frac_bits: int = 0) -> Tensor:
+    """The levels 2^(-clamp(rounded, 0, qmax) / 2^frac_bits), 0.0 where rounded > qmax; in place on float32 `rounded`.
+
+    `rounded` = rounded_log2(p); it may already be clamped to any range containing [0, qmax + 1].
+    """
     _, qmax = qrange(bits, False)
-    rounded = round_to_int(neg_log2(p, frac_bits), rounding, in_place=True)
-    y = _exp2_neg_(rounded.clamp(0, qmax), frac_bits).masked_fill_(rounded > qmax, 0.0)
-    return y.to(p.dtype if p.is_floating_point() else torch.float32), rounded
+    zero_mask = rounded > qmax
+    return _exp2_neg_(rounded.clamp_(0, qmax), frac_bits).masked_fill_(zero_mask, 0.0)

@@ -58,7 +58,8 @@ class Site(nn.Module):
     Modes: `off` (timm's own path, no site code runs), `fp` (explicit path, identity),
     `observe` (the observer records the FP32 tensor; the output is the input),
     `quant` (fake-quantize with the bound qparams). An optional `tap(site, x, y)`
-    sees the site's input and output (profiling, dumps).
+    sees the site's input and output (profiling, dumps); a tap with an `on_rounded(site, x, rounded)`
+    method also sees, in `quant` mode, the pre-clamp rounded codes (see `fake_quant`).
     """
 
     def __init__(self, name: str, role: str, axis: int = -1):
@@ -70,7 +71,6 @@ class Site(nn.Module):
         self.spec = None  # pipeline.quant.recipe.SiteSpec, bound when quantizing
         self.observer: nn.Module | None = None
         self.tap: Tap | None = None
-        self.rounded: torch.Tensor | None = None  # pre-clamp codes of the current input, during a `wants_rounded` tap call
         self.bits = 0
         self.qmin = self.qmax = 0
         self.register_buffer("scale", None, persistent=False)
@@ -110,35 +110,36 @@ class Site(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "quant":
-            if self.tap is not None and getattr(self.tap, "wants_rounded", False):
-                y, self.rounded = self.fake_quant_keep_rounded(x)
-            else:
-                y = self.fake_quant(x)
+            y = self.fake_quant(x, getattr(self.tap, "on_rounded", None))
         else:
             if self.mode == "observe":
                 self._observe(x)
             y = x
         if self.tap is not None:
             self.tap(self, x, y)
-            self.rounded = None
         return y
 
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        from pipeline.quant.quantizers import fake_log2_quantize, fake_quantize
+    def fake_quant(self, x: torch.Tensor, on_rounded: Callable[["Site", torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """x fake-quantized with the bound qparams (x's shape and dtype).
+
+        `on_rounded(site, x, rounded)`, when given, is called with the pre-clamp rounded values
+        (uniform: round_to_int(x / scale); log2: round_to_int(-log2 x); float32, x's shape) before
+        they are turned into the output in place: it may read them (the profiler counts codes without
+        a second rounding pass) and clamp them in place to any range that contains
+        [qmin - zp, qmax - zp] (log2: [0, qmax + 1]), which leaves the output unchanged.
+        """
+        from pipeline.quant.quantizers import broadcast_qparams, dequantize_rounded_, log2_dequantize_rounded_, rounded_log2, rounded_quotient
 
         if self.spec.quantizer == "uniform":
-            axis = self.axis if self.per_channel else None
-            return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, axis, self.spec.rounding)
-        return fake_log2_quantize(x, self.bits, self.spec.rounding, self.spec.frac_bits)
-
-    def fake_quant_keep_rounded(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(fake_quant(x), the pre-clamp rounded codes x / scale or -log2 x, float32): for taps with `wants_rounded`."""
-        from pipeline.quant.quantizers import fake_log2_quantize_keep_rounded, fake_quantize_keep_rounded
-
-        if self.spec.quantizer == "uniform":
-            axis = self.axis if self.per_channel else None
-            return fake_quantize_keep_rounded(x, self.scale, self.zero_point, self.qmin, self.qmax, axis, self.spec.rounding)
-        return fake_log2_quantize_keep_rounded(x, self.bits, self.spec.rounding, self.spec.frac_bits)
+            scale, zero_point = broadcast_qparams(x, self.scale, self.zero_point, self.axis if self.per_channel else None)
+            rounded = rounded_quotient(x, scale, self.spec.rounding)
+            if on_rounded is not None:
+                on_rounded(self, x, rounded)
+            return dequantize_rounded_(rounded, scale, zero_point, self.qmin, self.qmax).to(x.dtype)
+        rounded = rounded_log2(x, self.spec.rounding, self.spec.frac_bits)
+        if on_rounded is not None:
+            on_rounded(self, x, rounded)
+        return log2_dequantize_rounded_(rounded, self.bits, self.spec.frac_bits).to(x.dtype if x.is_floating_point() else torch.float32)
 
     def _observe(self, x: torch.Tensor) -> None:
         from pipeline.quant.observers import NonFiniteError

@@ -13,15 +13,15 @@ Priority = gain / extra cost ("nats saved per unit of budget").
   lambda set (bisection) so that the expected extra cost equals the budget's slack: the
   sensitivity-biased draws of the prior-guided study before TPE takes over.
 - `local_move(levels)`: a sensitivity-biased swap around an assignment (the incumbent): lower
-  1-3 raised groups (rank-weighted toward the lowest priority), then refill the budget with
-  groups drawn with weight (priority / max)^temperature, never re-raising the ones just lowered.
+  1-2 raised groups (rank-weighted toward the lowest priority), then refill the budget in
+  priority order, never re-raising the ones just lowered.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from typing import Mapping, Sequence
+from typing import Container, Mapping, Sequence
 
 from pipeline.errors import PipelineError
 from pipeline.search.space import Levels, SearchSpace
@@ -149,25 +149,41 @@ def greedy_seeds(space: SearchSpace, sensitivity: Mapping, methods: Sequence[str
     return seeds
 
 
-def local_move(space: SearchSpace, priors: Priors, levels: Mapping[str, int], budget: float, rng: random.Random, temperature: float = 0.5) -> Levels:
-    """A swap move around `levels` biased by the priors (see the module docstring); stays within the budget."""
+def local_move(space: SearchSpace, priors: Priors, levels: Mapping[str, int], budget: float, rng: random.Random, temperature: float = 0.5, exclude: Container[str] = ()) -> Levels | None:
+    """A swap around `levels` (the incumbent), biased by the priors; stays within the budget.
+
+    Lowers one raised group (one time in four, a second one too), drawn rank-weighted toward the
+    lowest priority (the raise the sensitivity scores trust least; weight = rank^(1 / temperature)),
+    then refills the freed budget greedily in priority order, never re-raising the groups just
+    lowered: one step in the neighbourhood of swaps, so a measured improvement keeps the rest of
+    the incumbent. Victims are tried in that weighted random order until the swap's key
+    (`space.key`) is not in `exclude` (the assignments measured already); None when none is left.
+    """
     levels = {g.name: int(levels.get(g.name, 0)) for g in space.groups}
     raised = sorted((n for n, lvl in levels.items() if lvl > 0), key=lambda n: priors.priority(n, levels[n] - 1))
-    dropped: set[str] = set()
-    for _ in range(min(rng.choice((1, 1, 2, 3)), len(raised))):
-        weights = [len(raised) - i for i in range(len(raised))]  # the least useful raise is the likeliest to go
-        victim = rng.choices(raised, weights=weights)[0]
-        raised.remove(victim)
-        levels[victim] -= 1
-        dropped.add(victim)
+    weight = {n: (len(raised) - i) ** (1.0 / max(temperature, 1e-3)) for i, n in enumerate(raised)}
+    order = sorted(raised, key=lambda n: rng.random() ** (1.0 / weight[n]), reverse=True)  # weighted draw without replacement
+    for first in order:
+        victims = [first]
+        if rng.random() < 0.25 and len(order) > 1:
+            others = [n for n in order if n != first]
+            victims.append(rng.choices(others, weights=[weight[n] for n in others])[0])
+        moved = _swap(space, priors, levels, victims, budget)
+        if space.key(moved) not in exclude:
+            return moved
+    return None
+
+
+def _swap(space: SearchSpace, priors: Priors, levels: Mapping[str, int], victims: Sequence[str], budget: float) -> Levels:
+    """Lower each victim one level, then raise the highest-priority steps that fit (victims excluded)."""
+    levels = dict(levels)
+    for v in victims:
+        levels[v] -= 1
     cost = space.cost(levels)
-    top = max((priors.priority(g.name, 0) for g in space.groups), default=0.0) or 1.0
     while True:
-        fits = [g.name for g in space.groups if g.name not in dropped and levels[g.name] + 1 < g.levels and cost + space.raise_cost(g.name, levels[g.name]) <= budget + 1e-12]
+        fits = [g.name for g in space.groups if g.name not in victims and levels[g.name] + 1 < g.levels and cost + space.raise_cost(g.name, levels[g.name]) <= budget + 1e-12]
         if not fits:
             return levels
-        weights = [max(priors.priority(n, levels[n]), 0.0) / top for n in fits]
-        weights = [w**temperature + 1e-3 for w in weights]
-        pick = rng.choices(fits, weights=weights)[0]
+        pick = max(fits, key=lambda n: priors.priority(n, levels[n]))
         cost += space.raise_cost(pick, levels[pick])
         levels[pick] += 1

@@ -177,9 +177,9 @@ def make_sampler(space: SearchSpace, budget: float, method: str, priors: Priors 
                 source = "prior-draw" if method == "prior" else method
                 if method == "prior" and complete >= n_startup:
                     if incumbent is not None and (trial.number + attempt) % 2 == 0:
-                        params = local_move(space, priors, incumbent, budget, rng, temperature)
+                        params = local_move(space, priors, incumbent, budget, rng, temperature, exclude=taken) or {}
                         source = "local"
-                    else:
+                    if not params:
                         tpe = TPESampler(seed=_trial_seed(seed, trial.number) + attempt, n_startup_trials=0, multivariate=True, constant_liar=True)
                         params = tpe.sample_relative(study, trial, search_space)
                         source = "tpe"
