@@ -28,9 +28,10 @@ test:  ## fast test suite (what CI runs)
 test-all:  ## every test, slow ones included
 	$(PY) -m pytest -q
 
-bench:  ## timing ratios (quantization core, profiler) -> bench/results/{quant,profile}.json
+bench:  ## timing ratios (quantization core, profiler) -> bench/results/{quant,profile,profile_1thread}.json
 	$(PY) bench/bench_quant.py
 	$(PY) bench/bench_profile.py --isolated-sites 6
+	$(PY) bench/bench_profile.py --isolated-sites 6 --threads 1 --out bench/results/profile_1thread.json
 
 bench-search:  ## three search regimes, prior vs random vs greedy (CPU: about 2 h) -> bench/results/search.json
 	$(PY) bench/bench_search.py
