@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pipeline.quant.quantizers import broadcast_to_axis, exp2_neg, int_dtype, neg_log2, round_to_int
+from pipeline.quant.quantizers import broadcast_to_axis, exp2_neg, int_dtype, neg_log2, round_to_int, rounded_log2, rounded_quotient
 from pipeline.quant.sites import Site
 
 
@@ -117,10 +117,9 @@ def code_index(plan: CodePlan, t: Tensor, rounded: Tensor | None = None, out: Te
     [qmin - 1 - zp, qmax + 1 - zp], which leaves the quantizer's output unchanged. `out`, when
     given, is an int32 tensor of t's shape that receives the result (no fresh allocation).
     """
-    if rounded is None:
+    if rounded is None:  # the quantizer's own rounding steps (log2: +inf where t == 0)
         t = t.float()
-        scaled = neg_log2(t, plan.frac_bits) if plan.log2 else t / plan.scale  # log2: +inf where t == 0
-        rounded = round_to_int(scaled, plan.rounding, in_place=True)
+        rounded = rounded_log2(t, plan.rounding, plan.frac_bits) if plan.log2 else rounded_quotient(t, plan.scale, plan.rounding)
     rounded = rounded.clamp_(plan.low, plan.high)
     index = rounded.int() if out is None else out.copy_(rounded)  # exact: integral values
     return index.add_(plan.offset)

@@ -257,8 +257,7 @@ def quantize(
     """
     qmin, qmax = qrange(bits, signed)
     scale, zero_point = broadcast_qparams(x, scale, zero_point, axis)
-    compute_x = x.to(torch.float32) if x.dtype in _LOW_PRECISION_FLOATS else x
-    codes = round_to_int(compute_x / scale, rounding, in_place=True)
+    codes = rounded_quotient(x, scale, rounding)
     codes.add_(zero_point.to(codes.dtype)).clamp_(qmin, qmax)
     return codes.to(int_dtype(bits, signed))
 
