@@ -83,6 +83,7 @@ class SpecConfig:
     alpha: Optional[float] = None  # percentile
     frac_bits: Optional[int] = None  # log2 (intSoft): fractional exponent bits, 0 = levels 2^-k, 1 = 2^(-k/2)
     ptf_shift: Optional[int] = None  # granularity ptf: channel scales s_base * 2^k, k in 0..ptf_shift (default 3)
+    gptq: Optional[bool] = None  # weights: GPTQ rounding from the calibration inputs' Hessian (default false)
 
 
 RolesConfig = make_dataclass(

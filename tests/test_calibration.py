@@ -85,7 +85,8 @@ def test_wider_activations_track_fp32_closer():
 
 
 def test_per_channel_scales_fold_into_the_consuming_weight():
-    _, graph, specs, state = calibrated("recommended", "quant.weight.observer=minmax")  # min/max: hand-computable weight scales
+    # min/max and plain rounding: hand-computable weight scales and codes
+    _, graph, specs, state = calibrated("recommended", "quant.weight.observer=minmax", "quant.weight.gptq=false")
     bind(graph, specs, state)
     sv = graph["blocks.0.attn.sv"]
     proj = graph.module("blocks.0.attn.proj")
@@ -102,6 +103,60 @@ def test_per_channel_scales_fold_into_the_consuming_weight():
     w_int = torch.clamp(torch.floor(folded / w_scale[:, None] + 0.5), qmin, qmax)
     integer_path = (codes - sv.zero_point) @ w_int.T * w_scale
     torch.testing.assert_close(torch.nn.functional.linear(sv(x), proj.qweight), integer_path, rtol=1e-4, atol=1e-4)
+
+
+def test_per_channel_image_input_folds_into_the_patch_embedding():
+    _, graph, specs, state = calibrated("recommended", "quant.weight.observer=minmax", "quant.weight.gptq=false")
+    bind(graph, specs, state)
+    site, conv = graph["patch_embed.proj.in"], graph.module("patch_embed.proj")
+    assert site.granularity == "per_channel" and site.scale.shape == (3,) and graph.folds[site.name] == "patch_embed.proj"
+    s, zp = site.scale.view(1, 3, 1, 1), site.zero_point.view(1, 3, 1, 1)
+    folded = conv.weight * s  # every input-channel slice of the conv absorbs its colour channel's scale
+    w_scale = folded.abs().amax(dim=(1, 2, 3)) / 127
+    qmin, qmax = qrange(8, True)
+    expected = fake_quantize(folded, w_scale, torch.zeros_like(w_scale), qmin, qmax, axis=0) / s
+    torch.testing.assert_close(conv.qweight, expected, rtol=1e-6, atol=1e-9)
+    # The integer form: per-channel image codes convolved with the folded integer weight.
+    x = torch.randn(2, 3, 32, 32) * torch.tensor([0.5, 1.0, 2.0]).view(1, 3, 1, 1)
+    codes = torch.clamp(torch.floor(x / s + 0.5) + zp, site.qmin, site.qmax)
+    w_int = torch.clamp(torch.floor(folded / w_scale.view(-1, 1, 1, 1) + 0.5), qmin, qmax)
+    integer_path = torch.nn.functional.conv2d(codes - zp, w_int, stride=conv.stride) * w_scale.view(1, -1, 1, 1) + conv.bias.view(1, -1, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), integer_path, rtol=1e-4, atol=1e-4)
+
+
+def test_gptq_state_keeps_input_hessians_and_lowers_the_output_error(tmp_path):
+    from pipeline.quant.gptq import gptq_fake_quantize, output_error
+
+    _, graph, specs, state = calibrated("recommended", "quant.weight.bits=4")
+    qkv, conv = "blocks.0.attn.qkv.weight", "patch_embed.proj.weight"
+    assert state.hessian(qkv).shape == (192, 192) and state.hessian(conv).shape == (3 * 8 * 8,) * 2
+    assert state.index["sites"][qkv]["hessian"] is True
+    state.save(tmp_path)
+    assert torch.equal(CalibState.load(tmp_path).hessian(qkv), state.hessian(qkv))
+    bind(graph, specs, state)
+    module, norm1 = graph.module("blocks.0.attn.qkv"), graph["blocks.0.norm1"]
+    s = norm1.scale  # norm1's per-channel scales fold into qkv's columns; the folded weight sees x / s
+    folded = module.weight * s[None, :]
+    site = module.weight_site
+    expected = gptq_fake_quantize(folded, state.hessian(qkv) / (s[:, None] * s[None, :]), site.scale, site.zero_point, site.qmin, site.qmax) / s[None, :]
+    torch.testing.assert_close(module.qweight, expected, rtol=1e-6, atol=1e-7)
+    # the patch embedding: the image's colour-channel scales fold into the conv, one per 8x8 slice of columns
+    embed, image = graph.module("patch_embed.proj"), graph["patch_embed.proj.in"]
+    columns = image.scale.repeat_interleave(64)
+    folded = embed.weight * image.scale.view(1, 3, 1, 1)
+    site = embed.weight_site
+    expected = gptq_fake_quantize(folded.flatten(1), state.hessian(conv) / (columns[:, None] * columns[None, :]), site.scale, site.zero_point, site.qmin, site.qmax)
+    torch.testing.assert_close(embed.qweight, expected.view_as(folded) / image.scale.view(1, 3, 1, 1), rtol=1e-6, atol=1e-7)
+    gptq_error = output_error(module.weight, module.qweight, state.hessian(qkv))
+    bind(graph, {n: replace(sp, gptq=False) for n, sp in specs.items()}, state)
+    assert gptq_error < 0.8 * output_error(module.weight, module.qweight, state.hessian(qkv))
+
+
+def test_gptq_without_hessians_in_the_state_is_an_error():
+    _, graph, specs, state = calibrated("recommended", "quant.weight.gptq=false")
+    with pytest.raises(PipelineError, match="weight site patch_embed.proj.weight asks gptq .* recalibrate"):
+        bind(graph, {n: replace(sp, gptq=sp.gptq or graph[n].role == "weight") for n, sp in specs.items()}, state)
 
 
 def test_per_channel_v_scales_are_attention_times_v_output_channel_scales():

@@ -98,6 +98,7 @@ def test_disabled_recipe_disables_every_site(graph):
         ({"sites": {"blocks.0.attn.k": {"granularity": "per_channel"}}}, r"blocks\.0\.attn\.k \(qkv\): per-channel .* or be a matmul's output channels \(v"),
         ({"roles": {"intSoft": {"frac_bits": 5}}}, r"quant\.roles\.intSoft\.frac_bits=5 is outside 0\.\.4"),
         ({"roles": {"intSoft": {"quantizer": "int_softmax", "frac_bits": 1}}}, r"frac_bits=1 needs quantizer log2"),
+        (["quant.act.gptq=true"], r"gptq is a weight rounding .* not for role"),
     ],
 )
 def test_bad_recipes_fail_with_one_clear_message(graph, overrides, message):

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from pipeline.profile.codes import CodePlan, code_counts, code_index, code_plan, code_source, column_values, count_axis
 from pipeline.profile.dump import Capture
 from pipeline.profile.stats import ROW_SAMPLES, SiteStats, Workspace
-from pipeline.quant.sites import Site, SiteGraph
+from pipeline.quant.sites import Site, SiteGraph, fold_view
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ def _folded(graph: SiteGraph, name: str, weight: Tensor) -> Tensor:
     producer = graph.consumers.get(name.rsplit(".", 1)[0])
     site = graph.sites.get(producer) if producer else None
     if site is not None and site.mode == "quant" and site.per_channel:
-        return weight * site.scale.to(weight).view(1, -1)
+        return weight * fold_view(site.scale.to(weight), weight)
     return weight
 
 

@@ -8,7 +8,8 @@ any assignment of candidate widths without another data pass (`bind()`), which
 is what quantize, sensitivity and search do.
 
 Files: `state.safetensors` (`<site>/<bits>/scale`, `<site>/<bits>/zero_point`,
-`<site>/stats/<name>`) and `index.json` (per site: role, spec, widths).
+`<site>/stats/<name>`, and `<weight site>/hessian` for weights with `gptq: true`)
+and `index.json` (per site: role, spec, widths).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from tqdm.auto import tqdm
 
 from pipeline.artifacts import read_json, read_tensors, write_json, write_tensors
 from pipeline.errors import PipelineError
+from pipeline.quant.gptq import HESSIAN_KEY, HessianHooks, gptq_fake_quantize
 from pipeline.quant.observers import build_observer
 from pipeline.quant.quantizers import fake_quantize, power_of_two_factor_scales, qrange
 from pipeline.quant.recipe import SiteSpec
-from pipeline.quant.sites import QuantConv2d, QuantLinear, Site, SiteGraph
+from pipeline.quant.sites import QuantConv2d, QuantLinear, Site, SiteGraph, fold_view
 
 STATE_FILE = "state.safetensors"
 INDEX_FILE = "index.json"
@@ -45,6 +47,13 @@ class CalibState:
         if bits not in entry["bits"]:
             raise PipelineError(f"site {site} was calibrated for bits {entry['bits']}, not {bits}: add {bits} to quant.candidate_bits and recalibrate")
         return self.tensors[f"{site}/{bits}/scale"], self.tensors[f"{site}/{bits}/zero_point"]
+
+    def hessian(self, site: str) -> torch.Tensor:
+        """Σ x xᵀ of the inputs of the layer that owns weight `site` (in, in), for GPTQ."""
+        h = self.tensors.get(f"{site}/{HESSIAN_KEY}")
+        if h is None:
+            raise PipelineError(f"weight site {site} asks gptq but the calibration state has no input Hessian for it: recalibrate with this recipe")
+        return h
 
     def save(self, folder: Path) -> None:
         write_tensors(folder / STATE_FILE, self.tensors)
@@ -68,10 +77,14 @@ def calibrate(graph: SiteGraph, specs: Mapping[str, SiteSpec], loader, device: t
         site.observer = build_observer(spec.observer, granularity=spec.observer_granularity, axis=site.axis, **spec.observer_kwargs()) if spec.needs_observer else None
         site.mode = "observe" if spec.needs_observer and site.role != "weight" else "fp"
     graph.to(device)
+    hooks = HessianHooks(graph.model, [n.rsplit(".", 1)[0] for n, s in specs.items() if s.enabled and s.gptq and graph[n].role == "weight"])
     batches = 0
-    for images, _ in tqdm(loader, desc="calibrate", unit="batch", leave=False):
-        graph.model(images.to(device))
-        batches += 1
+    try:
+        for images, _ in tqdm(loader, desc="calibrate", unit="batch", leave=False):
+            graph.model(images.to(device))
+            batches += 1
+    finally:
+        hooks.remove()
     if batches == 0:
         raise PipelineError("calibration saw zero batches (check data.calib_size and the calibration split)")
     for name, spec in specs.items():  # weights: observed once, from the tensor itself
@@ -95,6 +108,9 @@ def calibrate(graph: SiteGraph, specs: Mapping[str, SiteSpec], loader, device: t
                 state.tensors[f"{name}/stats/{key}"] = value.detach().float().cpu().reshape(-1)
             entry["bits"] = widths
             entry["batches"] = int(getattr(site.observer, "batches_seen", batches))
+        if name in hooks.hessians:
+            state.tensors[f"{name}/{HESSIAN_KEY}"] = hooks.hessians[name].detach().float().cpu()
+            entry[HESSIAN_KEY] = True
         state.index["sites"][name] = entry
         site.observer = None
     graph.set_mode("off")
@@ -134,13 +150,17 @@ def bind(graph: SiteGraph, specs: Mapping[str, SiteSpec], state: CalibState, bit
         site.mode = "quant"
     for name, spec in specs.items():
         if graph[name].role == "weight" and spec.enabled:
-            scale, zp = quantize_weight(graph, name, spec, bits.get(name, spec.bits), specs)
+            scale, zp = quantize_weight(graph, name, spec, bits.get(name, spec.bits), specs, state)
             bound[f"{name}/scale"], bound[f"{name}/zero_point"] = scale, zp
     return bound
 
 
-def quantize_weight(graph: SiteGraph, name: str, spec: SiteSpec, width: int, specs: Mapping[str, SiteSpec]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize one weight (folding the producer's per-channel scales) into its module's `qweight`."""
+def quantize_weight(graph: SiteGraph, name: str, spec: SiteSpec, width: int, specs: Mapping[str, SiteSpec], state: CalibState | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize one weight (folding the producer's per-channel scales) into its module's `qweight`.
+
+    With `spec.gptq` the codes are chosen by GPTQ from the layer's input Hessian in `state`
+    (pipeline.quant.gptq); the grid (scale, zero point) is the observer's either way.
+    """
     path = name.rsplit(".", 1)[0]
     module: QuantLinear | QuantConv2d = graph.module(path)
     site = module.weight_site
@@ -154,15 +174,25 @@ def quantize_weight(graph: SiteGraph, name: str, spec: SiteSpec, width: int, spe
         site.bind(spec, width, scale, zp)
         site.mode = "quant"
         return scale, zp
-    folded = weight * fold.view(1, -1) if fold is not None else weight
+    folded = weight * fold_view(fold, weight) if fold is not None else weight
     observer = build_observer(spec.observer, granularity=spec.observer_granularity, axis=0, **spec.observer_kwargs())
     observer(folded)
     scale, zp = observer.calculate_qparams(width, spec.signed, spec.symmetric, spec.rounding)
     qmin, qmax = qrange(width, spec.signed)
     axis = 0 if scale.numel() > 1 else None
-    qweight = fake_quantize(folded, scale.to(folded), zp.to(folded), qmin, qmax, axis, spec.rounding)
+    if spec.gptq:
+        if state is None:
+            raise PipelineError(f"weight site {name} asks gptq: quantizing it needs the calibration state")
+        hessian = state.hessian(name).to(folded)
+        if fold is not None:  # the folded weight's inputs are x / s (per column of folded.flatten(1))
+            inverse = (1.0 / fold_view(fold.to(folded), folded)).expand(1, *folded.shape[1:]).reshape(-1)
+            hessian = hessian * inverse.view(-1, 1) * inverse.view(1, -1)
+        flat = gptq_fake_quantize(folded.flatten(1), hessian, scale, zp, qmin, qmax, spec.rounding)
+        qweight = flat.view_as(folded).to(folded.dtype)
+    else:
+        qweight = fake_quantize(folded, scale.to(folded), zp.to(folded), qmin, qmax, axis, spec.rounding)
     if fold is not None:
-        qweight = qweight / fold.view(1, -1)
+        qweight = qweight / fold_view(fold, qweight)
     site.bind(spec, width, scale, zp)
     site.mode = "quant"
     module.qweight = qweight

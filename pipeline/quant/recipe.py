@@ -44,6 +44,7 @@ class SiteSpec:
     alpha: float = 0.9999  # percentile
     frac_bits: int = 0  # log2: fractional bits of the exponent (0: levels 2^-k; 1: 2^(-k/2), log-sqrt2)
     ptf_shift: int = 3  # granularity ptf: channel scales s_base * 2^k, k in 0..ptf_shift
+    gptq: bool = False  # weights: choose codes by GPTQ from the layer's input Hessian (pipeline.quant.gptq)
 
     @property
     def per_channel(self) -> bool:
@@ -164,6 +165,8 @@ def _check_values(spec: SiteSpec, where: str) -> None:
 def _check_site(spec: SiteSpec, name: str, role: str, graph: SiteGraph) -> SiteSpec:
     if spec.quantizer != "uniform" and role != "intSoft":
         raise PipelineError(f"site {name}: quantizer '{spec.quantizer}' is only for the softmax output (role intSoft)")
+    if spec.gptq and role != "weight":
+        raise PipelineError(f"site {name}: gptq is a weight rounding (set it under quant.weight or on weight sites), not for role {role}")
     if spec.enabled and spec.frac_bits and spec.quantizer != "log2":
         raise PipelineError(f"site {name}: frac_bits={spec.frac_bits} needs quantizer log2 (got '{spec.quantizer}', whose levels are 2^-k: set frac_bits=0)")
     problem = _granularity_problem(spec, name, role, graph) if spec.enabled else None

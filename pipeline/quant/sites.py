@@ -178,7 +178,8 @@ class QuantLinear(nn.Linear, _SiteOwner):
 
     def _init_sites(self, name: str, in_role: str | None) -> None:
         self.weight_site = Site(f"{name}.weight", "weight", axis=0)
-        self.in_site = Site(f"{name}.in", in_role) if in_role else None
+        channel_axis = 1 if isinstance(self, nn.Conv2d) else -1  # (B, C, H, W) images, (..., C) tokens
+        self.in_site = Site(f"{name}.in", in_role, axis=channel_axis) if in_role else None
         self._own_sites = tuple(s for s in (self.weight_site, self.in_site) if s is not None)
         self.register_buffer("qweight", None, persistent=False)
 
@@ -403,9 +404,18 @@ def _forward_order(qmodel: nn.Module) -> list[Site]:
     return order + [m for m in qmodel.modules() if isinstance(m, Site) and id(m) not in seen]
 
 
+def fold_view(scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-input-channel scales (C,) viewed against a weight's input-channel dim: (1, C) or (1, C, 1, 1).
+
+    A producer's per-channel scale s folds into its consumer as W·diag(s): every column of a Linear,
+    every input-channel slice of a Conv2d.
+    """
+    return scale.reshape(1, -1, *([1] * (weight.ndim - 2)))
+
+
 def _fold_pairs(qmodel: nn.Module, sites: dict[str, Site]) -> dict[str, str]:
-    """Producer activation site -> consumer Linear whose weight columns absorb per-channel scales."""
-    folds: dict[str, str] = {}
+    """Producer activation site -> consumer Linear (or the patch-embedding Conv) whose weight columns absorb per-channel scales."""
+    folds: dict[str, str] = {"patch_embed.proj.in": "patch_embed.proj"}  # image channels -> the conv's input channels
     for i, blk in enumerate(qmodel.blocks):
         p = f"blocks.{i}"
         folds[f"{p}.norm1"] = f"{p}.attn.qkv"

@@ -64,7 +64,7 @@ class Assembler:
             key = (name, bits, graph[producer].bits if folded else None)
             module = graph.module(path)
             if key not in self._weights:
-                scale, zp = quantize_weight(graph, name, spec, bits, specs)
+                scale, zp = quantize_weight(graph, name, spec, bits, specs, self.state)
                 self._weights[key] = (module.qweight, scale, zp)
             qweight, scale, zp = self._weights[key]
             module.qweight = qweight

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from pipeline.profile.metrics import argmax_agreement, logit_kl
 from pipeline.quant.calibration import CalibState, bind, quantize_weight
 from pipeline.quant.recipe import SiteSpec
-from pipeline.quant.sites import Site, SiteGraph
+from pipeline.quant.sites import Site, SiteGraph, fold_view
 from pipeline.sensitivity.hutchinson import hutchinson_trace
 from pipeline.sensitivity.probe import SuffixRunner, replace_forward, replace_weight, weight_of
 
@@ -103,7 +103,7 @@ class SensitivityProbe:
             self.folds[name] = None if fold is None else fold.detach().clone()
             self.qweights[name], self.wscales[name] = {}, {}
             for b in sorted(set(weight_widths) | {specs[name].bits}):
-                scale, _ = quantize_weight(graph, name, specs[name], b, specs)
+                scale, _ = quantize_weight(graph, name, specs[name], b, specs, state)
                 self.qweights[name][b] = module.qweight.detach().clone()
                 self.wscales[name][b] = scale.detach().clone()
         self.act_bits = {n: act_widths(state, n, specs[n], act_wanted) for n in self.acts}
@@ -184,7 +184,7 @@ def weight_noise(probe: SensitivityProbe, name: str, b: int, settings: Sensitivi
     step = scale.reshape(-1, *([1] * (w.dim() - 1))) if scale.numel() > 1 else scale.reshape(())
     fold = probe.folds[name]
     if fold is not None:
-        step = step / fold.to(w.device).reshape(1, -1)
+        step = step / fold_view(fold.to(w.device), w)
     noisy = w + _unit_noise(w.shape, settings.noise, gen).to(w.device) * step
     if settings.noise_clip:
         noisy = torch.maximum(torch.minimum(noisy, w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True)), -w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True))

@@ -1,7 +1,8 @@
 """Quantize: bind the recipe's widths from the calibration state (no data pass).
 
 Writes `quantize/state.safetensors` + `quantize/index.json` (the bound width of
-every site, in the calibration-state format) and `quantize/sites.json` (per-site
+every site, in the calibration-state format, plus the input Hessians of `gptq`
+weights, from which binding rounds them again) and `quantize/sites.json` (per-site
 spec, width, qmin/qmax, fold target). `load_quantized()` rebuilds the quantized
 model from these files for the later stages.
 """
@@ -13,6 +14,7 @@ from typing import Any, Mapping
 from pipeline.artifacts import read_json, write_json
 from pipeline.errors import PipelineError
 from pipeline.quant.calibration import CalibState, bind, describe_bound
+from pipeline.quant.gptq import HESSIAN_KEY
 from pipeline.quant.recipe import SiteSpec, resolve_recipe
 from pipeline.quant.sites import SiteGraph, attach_sites
 from pipeline.runner import StageContext
@@ -32,6 +34,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
             selected.tensors[f"{name}/{site.bits}/scale"] = selected.tensors.pop(f"{name}/scale")
             selected.tensors[f"{name}/{site.bits}/zero_point"] = selected.tensors.pop(f"{name}/zero_point")
         selected.index["sites"][name] = {"role": site.role, "bits": [site.bits] if site.mode == "quant" else []}
+        if site.mode == "quant" and specs[name].gptq:  # load_quantized rebinds: GPTQ needs the layer's Hessian again
+            selected.tensors[f"{name}/{HESSIAN_KEY}"] = state.hessian(name)
+            selected.index["sites"][name][HESSIAN_KEY] = True
     selected.save(ctx.out_dir)
     sites = describe_bound(graph, specs)
     write_json(ctx.out_dir / "sites.json", sites)
