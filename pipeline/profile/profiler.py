@@ -258,11 +258,8 @@ def weight_pass(graph: SiteGraph, capture: Iterable[str] = ()) -> PassResult:
 
 def _folded(graph: SiteGraph, name: str, weight: Tensor) -> Tensor:
     """W·diag(s) when the producing activation site has per-channel scales s (what is quantized), else W."""
-    producer = graph.consumers.get(name.rsplit(".", 1)[0])
-    site = graph.sites.get(producer) if producer else None
-    if site is not None and site.mode == "quant" and site.per_channel:
-        return weight * fold_view(site.scale.to(weight), weight)
-    return weight
+    fold = graph.fold_scale(name.rsplit(".", 1)[0])
+    return weight if fold is None else weight * fold_view(fold.to(weight), weight)
 
 
 @torch.inference_mode()

@@ -27,7 +27,7 @@ from pipeline.quant.gptq import HESSIAN_KEY, HessianHooks, gptq_fake_quantize
 from pipeline.quant.observers import build_observer
 from pipeline.quant.quantizers import fake_quantize, power_of_two_factor_scales, qrange
 from pipeline.quant.recipe import SiteSpec
-from pipeline.quant.sites import QuantConv2d, QuantLinear, Site, SiteGraph, fold_view
+from pipeline.quant.sites import QuantConv2d, QuantLinear, SiteGraph, fold_view
 
 STATE_FILE = "state.safetensors"
 INDEX_FILE = "index.json"
@@ -165,7 +165,7 @@ def quantize_weight(graph: SiteGraph, name: str, spec: SiteSpec, width: int, spe
     module: QuantLinear | QuantConv2d = graph.module(path)
     site = module.weight_site
     weight = module.weight.detach()
-    fold = _fold_scale(graph, path, specs)
+    fold = graph.fold_scale(path)
     # Searches rebind many assignments: reuse a weight already quantized for this (spec, width, fold scale).
     key = (spec, width, None if fold is None else fold.detach().cpu().numpy().tobytes())
     cache = module.__dict__.setdefault("_qweight_cache", {})
@@ -179,7 +179,6 @@ def quantize_weight(graph: SiteGraph, name: str, spec: SiteSpec, width: int, spe
     observer(folded)
     scale, zp = observer.calculate_qparams(width, spec.signed, spec.symmetric, spec.rounding)
     qmin, qmax = qrange(width, spec.signed)
-    axis = 0 if scale.numel() > 1 else None
     if spec.gptq:
         if state is None:
             raise PipelineError(f"weight site {name} asks gptq: quantizing it needs the calibration state")
@@ -190,7 +189,7 @@ def quantize_weight(graph: SiteGraph, name: str, spec: SiteSpec, width: int, spe
         flat = gptq_fake_quantize(folded.flatten(1), hessian, scale, zp, qmin, qmax, spec.rounding)
         qweight = flat.view_as(folded).to(folded.dtype)
     else:
-        qweight = fake_quantize(folded, scale.to(folded), zp.to(folded), qmin, qmax, axis, spec.rounding)
+        qweight = fake_quantize(folded, scale.to(folded), zp.to(folded), qmin, qmax, 0 if scale.numel() > 1 else None, spec.rounding)
     if fold is not None:
         qweight = qweight / fold_view(fold, qweight)
     site.bind(spec, width, scale, zp)
@@ -198,16 +197,6 @@ def quantize_weight(graph: SiteGraph, name: str, spec: SiteSpec, width: int, spe
     module.qweight = qweight
     cache[key] = (qweight, scale, zp)
     return scale, zp
-
-
-def _fold_scale(graph: SiteGraph, consumer: str, specs: Mapping[str, SiteSpec]) -> torch.Tensor | None:
-    producer = graph.consumers.get(consumer)
-    if producer is None:
-        return None
-    site: Site = graph[producer]
-    if site.mode == "quant" and site.per_channel:
-        return site.scale
-    return None
 
 
 def describe_bound(graph: SiteGraph, specs: Mapping[str, SiteSpec]) -> dict[str, Any]:

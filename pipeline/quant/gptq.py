@@ -10,8 +10,8 @@ of H⁻¹, so later columns absorb what earlier ones lost. Scales come from the 
 observer as before; only the choice between the two neighbouring codes changes, so the
 result is an ordinary integer weight on the grid.
 
-The calibrate stage accumulates H for every Linear whose weight spec asks `gptq: true`
-(`hessian_hooks`); `calibration.quantize_weight` calls `gptq_fake_quantize` when binding.
+The calibrate stage accumulates H for every Linear (and Conv2d) whose weight spec asks
+`gptq: true` (`HessianHooks`); `calibration.quantize_weight` calls `gptq_fake_quantize` when binding.
 Folded weights W·diag(s) see inputs x / s, so their Hessian is diag(1/s) H diag(1/s).
 """
 

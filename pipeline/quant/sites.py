@@ -310,6 +310,13 @@ class SiteGraph:
         self.consumers = {consumer: producer for producer, consumer in folds.items()}
         self.channel_operands = {m.v_site.name for m in model.modules() if isinstance(getattr(m, "v_site", None), Site)}
 
+    def fold_scale(self, consumer: str) -> torch.Tensor | None:
+        """The per-channel scales (C,) that module `consumer`'s weight absorbs now: its producer's, when that
+        site is quantized per channel (per_channel or ptf); None when nothing folds."""
+        producer = self.consumers.get(consumer)
+        site = self.sites.get(producer) if producer else None
+        return site.scale if site is not None and site.mode == "quant" and site.per_channel else None
+
     def per_channel_ok(self, name: str) -> bool:
         """Whether integer hardware can run per-channel scales at this site (weights, folds, channel operands)."""
         return self.sites[name].role == "weight" or name in self.folds or name in self.channel_operands

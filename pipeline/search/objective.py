@@ -59,9 +59,8 @@ class Assembler:
             if bits is None:
                 continue
             path = name.rsplit(".", 1)[0]
-            producer = graph.consumers.get(path)
-            folded = producer is not None and graph[producer].mode == "quant" and graph[producer].per_channel
-            key = (name, bits, graph[producer].bits if folded else None)
+            folded = graph.fold_scale(path) is not None
+            key = (name, bits, graph[graph.consumers[path]].bits if folded else None)
             module = graph.module(path)
             if key not in self._weights:
                 scale, zp = quantize_weight(graph, name, spec, bits, specs, self.state)

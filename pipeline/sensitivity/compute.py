@@ -98,8 +98,7 @@ class SensitivityProbe:
         self.folds: dict[str, Tensor | None] = {}
         for name in self.weights:
             module = graph.module(name.rsplit(".", 1)[0])
-            producer = graph.consumers.get(name.rsplit(".", 1)[0])
-            fold = graph[producer].scale if producer and graph[producer].mode == "quant" and graph[producer].per_channel else None
+            fold = graph.fold_scale(name.rsplit(".", 1)[0])
             self.folds[name] = None if fold is None else fold.detach().clone()
             self.qweights[name], self.wscales[name] = {}, {}
             for b in sorted(set(weight_widths) | {specs[name].bits}):
