@@ -385,3 +385,28 @@ def test_compare_draws_two_profiles_and_rejects_a_bad_table(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(SystemExit, match="not a profile table"):
         compare_main([f"a={tmp_path / 'bad.json'}", "--out", str(out)])
+
+
+def test_weight_rows_compare_the_stored_folded_weight_and_read_gptq_codes_back():
+    from pipeline.profile.dump import dump_tensors
+    from pipeline.profile.profiler import weight_pass
+    from tests.test_calibration import calibrated
+
+    model, graph, specs, state = calibrated("recommended")  # gptq weights; per-channel mlp_act folded into fc2
+    bind(graph, specs, state)
+    name = "blocks.1.mlp.fc2.weight"
+    site, fc2 = graph[name], graph.module("blocks.1.mlp.fc2")
+    s = graph.fold_scale("blocks.1.mlp.fc2")
+    assert site.spec.gptq and s is not None and float(s.max() / s.min()) > 1.5
+    folded, stored = fc2.weight * s, fc2.qweight * s  # W·diag(s) and its dequantized codes
+    weights = weight_pass(graph, capture=[name])
+    row = {r["site"]: r for r in weights.rows}[name]
+    assert row["sqnr_db"] == pytest.approx(sqnr_db(folded, stored), abs=1e-6)
+    assert abs(sqnr_db(fc2.weight, fc2.qweight) - row["sqnr_db"]) > 1e-3  # not the unfolded weight space
+    dumped = dump_tensors(site, weights.captures[name])
+    codes = dumped["codes"].float()
+    scale = site.scale.reshape(-1, 1)
+    assert torch.allclose(codes * scale, stored, rtol=0, atol=1e-3 * float(scale.min()))  # the codes GPTQ stored (to a 1000th of a step)
+    nearest = round_to_int(folded / scale, site.spec.rounding).clamp(site.qmin, site.qmax)
+    assert not torch.equal(codes, nearest)  # GPTQ moved some codes off the nearest ones
+    assert row["levels_used"] == int(torch.unique(codes).numel())

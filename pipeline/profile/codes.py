@@ -40,9 +40,18 @@ def is_log2(site: Site) -> bool:
     return site.spec.quantizer in ("log2", "int_softmax")
 
 
+def codes_from_output(site: Site) -> bool:
+    """True where the stored codes are not the rounding of the input: int_softmax (integer path) and GPTQ weights.
+
+    GPTQ picks each weight's code to lower the layer's output error, not the nearest one; the
+    output (the dequantized folded weight) lies exactly on the grid, so rounding it gives its codes back.
+    """
+    return site.spec.quantizer == "int_softmax" or (site.role == "weight" and site.spec.gptq)
+
+
 def code_source(site: Site, x: Tensor, y: Tensor) -> Tensor:
-    """The tensor a site's codes are computed from: its input x, or its output y for int_softmax."""
-    return y if site.spec.quantizer == "int_softmax" else x
+    """The tensor a site's codes are computed from: its input x, or its output y (see `codes_from_output`)."""
+    return y if codes_from_output(site) else x
 
 
 def qparams_like(site: Site, x: Tensor) -> tuple[Tensor, Tensor]:

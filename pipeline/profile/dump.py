@@ -6,7 +6,9 @@ model's tensor entering the site), `codes` (the NPU's integers), `dequantized`
 (codes back to real values), `output` (what the site passed on), and the
 site's `scale` / `zero_point` (uniform) or `zero_mask` (log2: flushed to 0).
 For a weight site `fp32` is the weight, `input` the folded weight W·diag(s)
-that is quantized, `output` the effective weight Q(W·diag(s))·diag(1/s).
+that is quantized, `output` its dequantized codes Q(W·diag(s)) (the effective
+weight is that times diag(1/s)). GPTQ weights (`gptq: true`) and int_softmax
+read their codes back from `output`: neither stores the rounding of its input.
 
 A trace prints x -> x/scale -> rounded -> +zp -> clamped code -> dequantized
 for a few elements: the worst-error ones first, then the largest |x|, then
@@ -26,7 +28,7 @@ from torch import Tensor
 
 from pipeline.artifacts import write_tensors
 from pipeline.errors import PipelineError
-from pipeline.profile.codes import code_steps, is_log2
+from pipeline.profile.codes import code_source, code_steps, codes_from_output, is_log2
 from pipeline.quant.sites import Site, SiteGraph
 
 
@@ -91,8 +93,7 @@ def _examples(graph: SiteGraph) -> str:
 
 def dump_tensors(site: Site, capture: Capture) -> dict[str, Tensor]:
     """The tensors of one dump (see the module docstring); codes keep the NPU's integer dtype."""
-    source = capture.y if site.spec.quantizer == "int_softmax" else capture.x
-    steps = code_steps(site, source)
+    steps = code_steps(site, code_source(site, capture.x, capture.y))
     out = {"input": capture.x, "codes": steps.codes, "dequantized": steps.dequantized, "output": capture.y}
     if capture.fp32 is not None:
         out["fp32"] = capture.fp32
@@ -143,8 +144,7 @@ def trace_elements(x: Tensor, dequantized: Tensor, n: int) -> list[tuple[int, st
 
 def trace_site(site: Site, capture: Capture, elements: int = 8) -> str:
     """A step-by-step numeric trace of `elements` elements of one site (text, one element per line)."""
-    source = capture.y if site.spec.quantizer == "int_softmax" else capture.x
-    steps = code_steps(site, source)
+    steps = code_steps(site, code_source(site, capture.x, capture.y))
     x = capture.x.float()
     granularity = f"{site.granularity} (axis {site.axis})" if site.per_channel else site.granularity
     lines = [f"trace {site.name}: role={site.role} quantizer={site.spec.quantizer} bits={site.bits} {granularity} qmin={site.qmin} qmax={site.qmax} rounding={site.spec.rounding}"]
@@ -157,6 +157,8 @@ def trace_site(site: Site, capture: Capture, elements: int = 8) -> str:
         scale = site.scale.reshape(-1)
         what = f"scale={float(scale[0]):.6g} zero_point={int(site.zero_point.reshape(-1)[0])}" if scale.numel() == 1 else "scale / zero_point per channel (columns below)"
         lines.append(f"  steps: x -> x/scale -> rounded -> +zp -> code = clamp(+zp, qmin, qmax) -> dequantized = (code - zp) * scale;  {what}")
+        if codes_from_output(site):
+            lines.append("  gptq: GPTQ chose the codes (not the nearest ones); the steps are read back from the dequantized weight, x is the weight it approximates")
     log2 = is_log2(site)
     header = ["index", "fp32", "x", "-log2 x" if log2 else "x/scale", "rounded"] + ([] if log2 else ["+zp"]) + ["code", "dequantized", "error"] + ([] if log2 else ["scale", "zp"]) + ["note"]
     rows = [header]

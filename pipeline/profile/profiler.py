@@ -9,8 +9,8 @@ Modes (each row of a table says which):
 - `isolated` (opt-in, one pass per site): only this site quantized, everything else
   FP32; measured at the site (its input is then the FP32 tensor) and at the model
   output (logit SQNR, argmax agreement, logit KL vs the FP32 logits).
-- weights: the weight vs the effective weight `qweight` of its Linear/Conv, no data
-  pass (role `weight`, listed with the cumulative rows).
+- weights: the stored (folded) weight vs its dequantized codes, no data pass (role
+  `weight`, listed with the cumulative rows; see `weight_pass`).
 
 The model logits get the same metrics (top-1/top-5 agreement, logit KL) as `output`.
 """
@@ -234,9 +234,16 @@ class _CumulativeTap(_StatsTap):
 
 @torch.inference_mode()
 def weight_pass(graph: SiteGraph, capture: Iterable[str] = ()) -> PassResult:
-    """Every quantized weight vs its module's effective weight (no data): rows with role `weight`.
+    """Every quantized weight vs its dequantized codes (no data): rows with role `weight`.
 
-    Vectors for the cosine are output channels (rows of W); codes are those of the folded weight.
+    The site's tensor is the weight the NPU stores: W·diag(s) when the producing activation
+    has per-channel scales s folded into W's input channels, else W (see `_folded`). It is
+    compared with the dequantized codes, Q(W·diag(s)) = effective weight · diag(s), as an
+    activation site's input is compared with its output. (Unfolded, the error of a column
+    with a small s is magnified by 1/s, where the input is small by as much: weight space
+    would flag what the layer's output never sees.) Vectors for the cosine are output
+    channels (rows). Codes are counted from the folded weight's rounding, or, for GPTQ
+    weights, read back from the dequantized codes (`codes.codes_from_output`).
     """
     t0 = time.perf_counter()
     store = _CaptureStore(capture, 1)
@@ -245,14 +252,15 @@ def weight_pass(graph: SiteGraph, capture: Iterable[str] = ()) -> PassResult:
         site = graph[name]
         module = graph.module(name.rsplit(".", 1)[0])
         weight, effective = module.weight.detach(), module.effective_weight().detach()
-        source = _folded(graph, name, weight)
+        source, dequantized = _folded(graph, name, weight), _folded(graph, name, effective)
         stats = SiteStats()
-        stats.add_codes(code_counts(site, source, count_axis(site, source)))
-        stats.add_pair(weight.flatten(1), effective.flatten(1))  # vectors: output channels
+        codes = code_source(site, source, dequantized)  # GPTQ weights: the stored codes, not the nearest ones
+        stats.add_codes(code_counts(site, codes, count_axis(site, codes)))
+        stats.add_pair(source.flatten(1), dequantized.flatten(1))  # vectors: output channels
         rows.append({**site_info(site, graph), "mode": "cumulative", **stats.result(site.bits)})
         hists[name] = stats.histograms()
         if name in store.names:
-            store.captures[name] = Capture(weight.cpu().clone(), source.cpu().clone(), effective.cpu().clone())
+            store.captures[name] = Capture(weight.cpu().clone(), source.cpu().clone(), dequantized.cpu().clone())
     return PassResult("weights", rows, histograms=hists, captures=store.captures, seconds=time.perf_counter() - t0)
 
 
