@@ -84,6 +84,7 @@ class SpecConfig:
     frac_bits: Optional[int] = None  # log2 (intSoft): fractional exponent bits, 0 = levels 2^-k, 1 = 2^(-k/2)
     ptf_shift: Optional[int] = None  # granularity ptf: channel scales s_base * 2^k, k in 0..ptf_shift (default 3)
     gptq: Optional[bool] = None  # weights: GPTQ rounding from the calibration inputs' Hessian (default false)
+    samples: Optional[int] = None  # omse: values kept per channel (per tensor) for the range search (default 512 per channel, 8192 per tensor)
 
 
 RolesConfig = make_dataclass(

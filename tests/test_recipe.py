@@ -99,6 +99,7 @@ def test_disabled_recipe_disables_every_site(graph):
         ({"roles": {"intSoft": {"frac_bits": 5}}}, r"quant\.roles\.intSoft\.frac_bits=5 is outside 0\.\.4"),
         ({"roles": {"intSoft": {"quantizer": "int_softmax", "frac_bits": 1}}}, r"frac_bits=1 needs quantizer log2"),
         (["quant.act.gptq=true"], r"gptq is a weight rounding .* not for role"),
+        (["quant.roles.residual.samples=0"], r"quant\.roles\.residual\.samples=0 must be an integer >= 1"),
     ],
 )
 def test_bad_recipes_fail_with_one_clear_message(graph, overrides, message):
@@ -111,3 +112,18 @@ def test_recipe_file_can_extend_another_with_globs(graph):
     specs = resolve_recipe(recipe("recommended_tail16"), graph)
     assert specs["blocks.11.mlp.act"].bits == 16 and specs["blocks.10.attn.q"].bits == 16
     assert specs["blocks.9.mlp.act"].bits == 8 and specs["blocks.11.mlp.act"].granularity == "per_channel"
+
+
+def test_samples_sets_the_omse_sample_size_of_the_sites_it_reaches(graph):
+    from pipeline.quant.observers import build_observer
+
+    specs = resolve_recipe(recipe("recommended", "quant.roles.residual.samples=7"), graph)
+    res, sv = specs["blocks.0.res1"], specs["blocks.0.attn.sv"]
+    assert res.samples == 7 and sv.samples is None
+    assert res.calibration_key()["samples"] == 7 and "samples" not in sv.calibration_key()  # unset: old calibration states still match
+    observer = build_observer(res.observer, granularity=res.observer_granularity, axis=-1, **res.observer_kwargs())
+    observer(torch.randn(4, 5, 3))
+    assert observer.samples.shape == (3, 7)  # 7 values kept per channel, of the 20 seen
+    default = build_observer(sv.observer, granularity=sv.observer_granularity, axis=-1, **sv.observer_kwargs())
+    default(torch.randn(40, 50, 3))
+    assert default.samples.shape == (3, 512)

@@ -45,6 +45,7 @@ class SiteSpec:
     frac_bits: int = 0  # log2: fractional bits of the exponent (0: levels 2^-k; 1: 2^(-k/2), log-sqrt2)
     ptf_shift: int = 3  # granularity ptf: channel scales s_base * 2^k, k in 0..ptf_shift
     gptq: bool = False  # weights: choose codes by GPTQ from the layer's input Hessian (pipeline.quant.gptq)
+    samples: int | None = None  # omse: values kept per channel (per tensor) for the range search; None: the observer's default
 
     @property
     def per_channel(self) -> bool:
@@ -71,12 +72,12 @@ class SiteSpec:
             "minmax": {},
             "ema": {"sigma": self.sigma, "warmup": self.warmup},
             "percentile": {"alpha": self.alpha, "sigma": self.sigma, "warmup": self.warmup},
-            "omse": {"loss": self.loss, "huber_delta": self.huber_delta},
+            "omse": {"loss": self.loss, "huber_delta": self.huber_delta, **({"max_samples": self.samples} if self.samples is not None else {})},
         }.get(self.observer, {})
 
     def calibration_key(self) -> dict[str, Any]:
         """The fields calibration depends on (bits and enabled are chosen later; frac_bits is log2-only, never observed)."""
-        skip = {"bits", "enabled", "frac_bits"} | (set() if self.granularity == "ptf" else {"ptf_shift"})
+        skip = {"bits", "enabled", "frac_bits"} | (set() if self.granularity == "ptf" else {"ptf_shift"}) | (set() if self.samples is not None else {"samples"})
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -150,6 +151,8 @@ def _check_values(spec: SiteSpec, where: str) -> None:
         raise PipelineError(f"{where}.frac_bits={spec.frac_bits} is outside 0..{MAX_FRAC_BITS}")
     if not isinstance(spec.ptf_shift, int) or not 1 <= spec.ptf_shift <= MAX_PTF_SHIFT:
         raise PipelineError(f"{where}.ptf_shift={spec.ptf_shift} is outside 1..{MAX_PTF_SHIFT}")
+    if spec.samples is not None and (isinstance(spec.samples, bool) or not isinstance(spec.samples, int) or spec.samples < 1):
+        raise PipelineError(f"{where}.samples={spec.samples} must be an integer >= 1 (values kept for the omse range search)")
     checks = (
         ("quantizer", spec.quantizer, QUANTIZERS),
         ("observer", spec.observer, tuple(OBSERVERS)),
