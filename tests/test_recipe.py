@@ -100,6 +100,7 @@ def test_disabled_recipe_disables_every_site(graph):
         ({"roles": {"intSoft": {"quantizer": "int_softmax", "frac_bits": 1}}}, r"frac_bits=1 needs quantizer log2"),
         (["quant.act.gptq=true"], r"gptq is a weight rounding .* not for role"),
         (["quant.roles.residual.samples=0"], r"quant\.roles\.residual\.samples=0 must be an integer >= 1"),
+        (["quant.roles.scores.samples=64"], r"blocks\.0\.attn\.scores: samples=64 sets the omse range search's sample; observer 'percentile' keeps none"),
     ],
 )
 def test_bad_recipes_fail_with_one_clear_message(graph, overrides, message):

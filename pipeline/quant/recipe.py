@@ -170,6 +170,8 @@ def _check_site(spec: SiteSpec, name: str, role: str, graph: SiteGraph) -> SiteS
         raise PipelineError(f"site {name}: quantizer '{spec.quantizer}' is only for the softmax output (role intSoft)")
     if spec.gptq and role != "weight":
         raise PipelineError(f"site {name}: gptq is a weight rounding (set it under quant.weight or on weight sites), not for role {role}")
+    if spec.enabled and spec.samples is not None and spec.observer != "omse":
+        raise PipelineError(f"site {name}: samples={spec.samples} sets the omse range search's sample; observer '{spec.observer}' keeps none (use observer omse or drop samples)")
     if spec.enabled and spec.frac_bits and spec.quantizer != "log2":
         raise PipelineError(f"site {name}: frac_bits={spec.frac_bits} needs quantizer log2 (got '{spec.quantizer}', whose levels are 2^-k: set frac_bits=0)")
     problem = _granularity_problem(spec, name, role, graph) if spec.enabled else None
