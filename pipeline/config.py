@@ -83,6 +83,7 @@ class SpecConfig:
     alpha: Optional[float] = None  # percentile
     frac_bits: Optional[int] = None  # log2 (intSoft): fractional exponent bits, 0 = levels 2^-k, 1 = 2^(-k/2)
     ptf_shift: Optional[int] = None  # granularity ptf: channel scales s_base * 2^k, k in 0..ptf_shift (default 3)
+    ptf_frac_bits: Optional[int] = None  # granularity ptf: mantissa bits f, factors 2^k * m / 2^f, m in 2^f..2^(f+1)-1 (default 0)
     gptq: Optional[bool] = None  # weights: GPTQ rounding from the calibration inputs' Hessian (default false)
     samples: Optional[int] = None  # omse: values kept per channel (per tensor) for the range search (default 512 per channel, 8192 per tensor)
 

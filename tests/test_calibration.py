@@ -173,19 +173,23 @@ def test_per_channel_v_scales_are_attention_times_v_output_channel_scales():
     torch.testing.assert_close(attn @ heads(v(x)), requantized, rtol=1e-5, atol=1e-6)
 
 
-def test_ptf_residual_scales_are_power_of_two_factors_and_shift_exactly():
+def test_ptf_residual_scales_are_power_of_two_factors_and_align_exactly():
     _, graph, specs, state = calibrated("recommended")
     bind(graph, specs, state)
-    res = graph["blocks.1.res1"]
-    assert specs[res.name].granularity == "ptf" and res.granularity == "ptf" and res.scale.shape == (192,)
-    base = res.scale.max() / 2 ** specs[res.name].ptf_shift
-    shift = torch.log2(res.scale / base)
-    assert torch.equal(shift, shift.round()) and shift.min() >= 0 and shift.max() == 3
-    # The NPU's LayerNorm input: codes of every channel brought to the common scale s_base by a left shift.
+    res, spec = graph["blocks.1.res1"], specs["blocks.1.res1"]
+    assert spec.granularity == "ptf" and res.granularity == "ptf" and res.scale.shape == (192,) and spec.ptf_frac_bits == 2
+    unit = res.scale.max() / 2**spec.ptf_shift / 2**spec.ptf_frac_bits  # s_base / 2^f
+    factor = res.scale / unit  # m_c << k_c, an integer
+    assert torch.equal(factor, factor.round()) and factor.min() >= 2**spec.ptf_frac_bits
+    shift = torch.floor(torch.log2(factor)).to(torch.int32) - spec.ptf_frac_bits
+    mantissa = (factor / torch.exp2(shift.float())).to(torch.int32)
+    assert shift.min() >= 0 and shift.max() == spec.ptf_shift and len(mantissa.unique()) > 1
+    # The NPU's LayerNorm input: codes of every channel brought to the common scale s_base / 2^f by
+    # a multiply by the (f + 1)-bit mantissa and a left shift, with no rounding.
     x = torch.randn(2, 17, 192) * torch.linspace(0.1, 4, 192)
     codes = torch.clamp(torch.floor(x / res.scale + 0.5) + res.zero_point, res.qmin, res.qmax).to(torch.int32)
-    aligned = (codes - res.zero_point.to(torch.int32)) << shift.to(torch.int32)
-    assert torch.equal(res(x), aligned.float() * base)
+    aligned = ((codes - res.zero_point.to(torch.int32)) * mantissa) << shift
+    assert torch.equal(res(x), aligned.float() * unit)
 
 
 def test_disabled_sites_stay_fp32():

@@ -167,24 +167,39 @@ def test_per_channel_qparams_shapes():
 
 def test_power_of_two_factors_by_hand():
     # s_base = 8 / 2^3 = 1; ceil(log2(s / 1)) clamped to 0..3: 0.3 -> 0, 1 -> 0, 1.5 -> 1, 2 -> 1, 5 -> 3, 8 -> 3
-    scale, shift = power_of_two_factor_scales(t([0.3, 1.0, 1.5, 2.0, 5.0, 8.0]), 3)
+    scale, shift, mantissa = power_of_two_factor_scales(t([0.3, 1.0, 1.5, 2.0, 5.0, 8.0]), 3)
     assert torch.equal(shift, torch.tensor([0, 0, 1, 1, 3, 3], dtype=torch.int32))
-    assert torch.equal(scale, t([1.0, 1.0, 2.0, 2.0, 8.0, 8.0]))
-    scale, shift = power_of_two_factor_scales(t([0.3, 6.0]), 1)  # s_base = 3: 0.3 -> 3 (shift 0), 6 -> 6
+    assert torch.equal(scale, t([1.0, 1.0, 2.0, 2.0, 8.0, 8.0])) and mantissa.tolist() == [1] * 6
+    scale, shift, _ = power_of_two_factor_scales(t([0.3, 6.0]), 1)  # s_base = 3: 0.3 -> 3 (shift 0), 6 -> 6
     assert torch.equal(scale, t([3.0, 6.0])) and shift.tolist() == [0, 1]
     with pytest.raises(ValueError, match="max_shift must be >= 0"):
         power_of_two_factor_scales(t([1.0]), -1)
+    with pytest.raises(ValueError, match="frac_bits must be >= 0"):
+        power_of_two_factor_scales(t([1.0]), 3, -1)
+
+
+def test_power_of_two_factors_with_mantissa_bits_by_hand():
+    # s_base = 1, f = 2: factors 2^k * m / 4, m in 4..7 -> 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 7, 8
+    scale, shift, mantissa = power_of_two_factor_scales(t([0.3, 1.0, 1.1, 1.3, 1.5, 1.8, 2.0, 5.0, 7.2, 8.0]), 3, 2)
+    assert torch.equal(scale, t([1.0, 1.0, 1.25, 1.5, 1.5, 2.0, 2.0, 5.0, 8.0, 8.0]))
+    assert shift.tolist() == [0, 0, 0, 0, 0, 1, 1, 2, 3, 3]  # 1.8 -> 2.0 and 7.2 -> 8.0 carry into the next octave
+    assert mantissa.tolist() == [4, 4, 5, 6, 6, 4, 4, 5, 4, 4]
 
 
 @PROPERTY
-@given(st.lists(st.floats(1e-6, 1e3), min_size=1, max_size=16), st.integers(0, 6))
-def test_power_of_two_factors_never_narrow_a_channel(scales, max_shift):
+@given(st.lists(st.floats(1e-6, 1e3), min_size=1, max_size=16), st.integers(0, 6), st.integers(0, 4))
+def test_power_of_two_factors_never_narrow_a_channel(scales, max_shift, frac_bits):
     scale = t(scales)
-    snapped, shift = power_of_two_factor_scales(scale, max_shift)
+    snapped, shift, mantissa = power_of_two_factor_scales(scale, max_shift, frac_bits)
     base = scale.max() / 2**max_shift
     assert (snapped >= scale).all() and snapped.max() == scale.max()
-    assert torch.equal(snapped, base * torch.exp2(shift.float()))  # exactly s_base times a power of two
+    # exactly s_base / 2^f times an integer (m << k): the codes align on integer hardware without rounding
+    assert torch.equal(snapped, base / 2**frac_bits * (mantissa << shift).float())
     assert ((shift >= 0) & (shift <= max_shift)).all()
+    assert ((mantissa >= 2**frac_bits) & (mantissa < 2 ** (frac_bits + 1))).all()
+    # the smallest such factor: one mantissa step less would narrow the channel (or leave 1..2^K)
+    smaller = base / 2**frac_bits * ((mantissa << shift) - (1 << shift)).float()
+    assert ((smaller < scale) | (snapped == base)).all()
 
 
 def test_bad_ranges_raise():

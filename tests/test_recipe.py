@@ -41,13 +41,15 @@ def test_recommended_resolves_roles_and_kinds(graph):
     assert specs["blocks.3.attn.sv"].observer == "omse" and specs["blocks.3.attn.sv"].loss == "l1"
     assert specs["blocks.3.attn.softmax"].quantizer == "log2"
     assert specs["blocks.3.res1"].granularity == "ptf" and specs["blocks.0.in"].granularity == "ptf"
+    assert specs["blocks.3.res1"].ptf_frac_bits == 2 and specs["blocks.0.in"].ptf_frac_bits == 2
     assert specs["head.in"].granularity == "per_tensor"
     assert {s.bits for s in specs.values()} == {8}
 
 
 def test_kind_wide_granularity_applies_where_hardware_can_run_it(graph):
-    specs = resolve_recipe(recipe("naive", "quant.act.granularity=ptf"), graph)
+    specs = resolve_recipe(recipe("naive", "quant.act.granularity=ptf", "quant.act.ptf_frac_bits=2"), graph)
     assert {n for n, s in specs.items() if s.granularity == "ptf"} == {n for n in specs if graph[n].role in ("residual", "norm_in")}
+    assert {n for n, s in specs.items() if s.ptf_frac_bits == 2} == {n for n, s in specs.items() if s.granularity == "ptf"}
     specs = resolve_recipe(recipe("naive", "quant.act.granularity=per_channel"), graph)
     assert {n for n, s in specs.items() if s.granularity == "per_channel" and graph[n].role != "weight"} == set(graph.folds) | graph.channel_operands
     assert graph.channel_operands == {f"blocks.{i}.attn.v" for i in range(12)}  # q and k are reduced over their channels in q·kᵀ
@@ -93,6 +95,8 @@ def test_disabled_recipe_disables_every_site(graph):
         ({"sites": {"blocks.0.res1": {"granularity": "per_channel"}}}, r"blocks\.0\.res1 \(residual\): per-channel activation scales must fold"),
         ({"sites": {"blocks.0.attn.sv": {"granularity": "ptf"}}}, r"blocks\.0\.attn\.sv \(sv_attn\): granularity ptf .* roles residual, norm_in"),
         ({"roles": {"residual": {"ptf_shift": 0}}}, r"quant\.roles\.residual\.ptf_shift=0 is outside 1\.\.8"),
+        ({"roles": {"residual": {"ptf_frac_bits": 5}}}, r"quant\.roles\.residual\.ptf_frac_bits=5 is outside 0\.\.4"),
+        ({"sites": {"blocks.0.res1": {"granularity": "per_tensor", "ptf_frac_bits": 2}}}, r"site blocks\.0\.res1: ptf_frac_bits=2 .* needs granularity ptf"),
         (["quant.act.granularity=per_row"], r"unknown granularity 'per_row'"),
         ({"sites": {"blocks.0.attn.q": {"quantizer": "log2"}}}, r"only for the softmax output"),
         ({"sites": {"blocks.0.attn.k": {"granularity": "per_channel"}}}, r"blocks\.0\.attn\.k \(qkv\): per-channel .* or be a matmul's output channels \(v"),

@@ -101,7 +101,7 @@ def calibrate(graph: SiteGraph, specs: Mapping[str, SiteSpec], loader, device: t
             for bits in widths:
                 scale, zp = site.observer.calculate_qparams(bits, spec.signed, spec.symmetric, spec.rounding)
                 if spec.granularity == "ptf":  # widens channel ranges only: zp keeps 0.0 exact, nothing clips
-                    scale, _ = power_of_two_factor_scales(scale, spec.ptf_shift)
+                    scale, _, _ = power_of_two_factor_scales(scale, spec.ptf_shift, spec.ptf_frac_bits)
                 state.tensors[f"{name}/{bits}/scale"] = scale.detach().float().cpu().reshape(-1)
                 state.tensors[f"{name}/{bits}/zero_point"] = zp.detach().to(torch.int32).cpu().reshape(-1)
             for key, value in site.observer.stats().items():

@@ -133,27 +133,40 @@ def choose_qparams(
     return scale, zero_point
 
 
-def power_of_two_factor_scales(scale: Tensor, max_shift: int) -> tuple[Tensor, Tensor]:
-    """FQ-ViT's power-of-two factor (PTF): per-channel scales snapped to s_base * 2^shift.
+def power_of_two_factor_scales(scale: Tensor, max_shift: int, frac_bits: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """FQ-ViT's power-of-two factor (PTF): per-channel scales snapped up to s_base * 2^shift * mantissa / 2^frac_bits.
 
-    s_base = max(scale) / 2^max_shift; shift_c = clamp(ceil(log2(scale_c / s_base)), 0, max_shift),
-    so every new scale is >= the observed one (a channel's range only widens, nothing extra clips)
-    and the widest channel keeps its scale exactly. On integer hardware the codes of every channel
-    reach one common scale s_base by a left shift: (q_c - z_c) << shift_c, which is how a LayerNorm
-    or a residual add consumes them without a per-channel multiplier.
+    s_base = max(scale) / 2^max_shift. frac_bits = 0 is FQ-ViT's grid: factors 2^k, k in 0..max_shift.
+    frac_bits = f > 0 adds f mantissa bits: factors 2^k * m / 2^f with the integer m in 2^f..2^(f+1) - 1
+    (f = 2: 1, 1.25, 1.5, 1.75, 2, 2.5, ...). Each channel takes the smallest factor >= scale_c / s_base
+    (a channel's range only widens, nothing extra clips; channels below s_base take factor 1) and the
+    widest channel keeps its scale exactly. On integer hardware the codes of every channel reach one
+    common scale s_base / 2^f exactly, as (q_c - z_c) * m_c << shift_c: a shift, and with f > 0 a
+    multiply by an (f + 1)-bit integer (f = 2: m in 4..7, itself two shifts and an add), which is how a
+    LayerNorm or a residual add consumes them without a per-channel rescaling multiplier.
 
     Args:
         scale: (C,) positive float32 per-channel scales.
         max_shift: K >= 0; shifts lie in 0..K.
+        frac_bits: f >= 0 mantissa bits.
     Returns:
-        (scales (C,) float32 = s_base * 2^shift, shift (C,) int32).
+        (scales (C,) float32 = s_base * 2^shift * mantissa / 2^f, shift (C,) int32, mantissa (C,) int32).
     """
     if max_shift < 0:
         raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+    if frac_bits < 0:
+        raise ValueError(f"frac_bits must be >= 0, got {frac_bits}")
     scale = scale.to(torch.float32)
     base = scale.max() / 2.0**max_shift
-    shift = torch.log2(scale / base).ceil_().clamp_(0, max_shift)
-    return base * shift.exp2(), shift.to(torch.int32)
+    ratio = (scale / base).clamp_(min=1.0)  # in 1..2^K; exactly 2^K for the widest channel
+    fraction, exponent = torch.frexp(ratio)  # ratio = fraction * 2^exponent, fraction in [0.5, 1): exact
+    shift = exponent - 1
+    mantissa = torch.ceil(torch.ldexp(fraction, torch.tensor(frac_bits + 1))).to(torch.int32)  # in 2^f..2^(f+1)
+    carry = mantissa == 2 ** (frac_bits + 1)  # rounded up to the next power of two
+    shift = torch.where(carry, shift + 1, shift).to(torch.int32)
+    mantissa = torch.where(carry, 2**frac_bits, mantissa).to(torch.int32)
+    factor = torch.ldexp(mantissa.to(torch.float32), shift - frac_bits)
+    return base * factor, shift, mantissa
 
 
 def broadcast_to_axis(param: Tensor, ndim: int, axis: int | None) -> Tensor:

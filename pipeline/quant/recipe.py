@@ -44,6 +44,7 @@ class SiteSpec:
     alpha: float = 0.9999  # percentile
     frac_bits: int = 0  # log2: fractional bits of the exponent (0: levels 2^-k; 1: 2^(-k/2), log-sqrt2)
     ptf_shift: int = 3  # granularity ptf: channel scales s_base * 2^k, k in 0..ptf_shift
+    ptf_frac_bits: int = 0  # granularity ptf: mantissa bits f of the channel factors 2^k * m / 2^f, m in 2^f..2^(f+1)-1
     gptq: bool = False  # weights: choose codes by GPTQ from the layer's input Hessian (pipeline.quant.gptq)
     samples: int | None = None  # omse: values kept per channel (per tensor) for the range search; None: the observer's default
 
@@ -77,7 +78,9 @@ class SiteSpec:
 
     def calibration_key(self) -> dict[str, Any]:
         """The fields calibration depends on (bits and enabled are chosen later; frac_bits is log2-only, never observed)."""
-        skip = {"bits", "enabled", "frac_bits"} | (set() if self.granularity == "ptf" else {"ptf_shift"}) | (set() if self.samples is not None else {"samples"})
+        skip = {"bits", "enabled", "frac_bits"} | (set() if self.granularity == "ptf" else {"ptf_shift"})
+        # keys at their "unset" value are left out, so calibration states made before the key existed still match
+        skip |= (set() if self.ptf_frac_bits and self.granularity == "ptf" else {"ptf_frac_bits"}) | (set() if self.samples is not None else {"samples"})
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -112,7 +115,7 @@ def resolve_recipe(quant: Mapping[str, Any], graph: SiteGraph) -> dict[str, Site
         spec = _overlay(spec, roles.get(site.role), f"quant.roles.{site.role}")
         if _granularity_problem(spec, name, site.role, graph):
             kept_per_tensor.append(name)  # a kind- or role-wide request applies where the hardware can run it
-            spec = replace(spec, granularity="per_tensor")
+            spec = replace(spec, granularity="per_tensor", ptf_frac_bits=0)
         for pattern, partial in globs.items():
             if fnmatch.fnmatchcase(name, pattern):
                 spec = _overlay(spec, partial, f"quant.sites['{pattern}']")
@@ -151,6 +154,8 @@ def _check_values(spec: SiteSpec, where: str) -> None:
         raise PipelineError(f"{where}.frac_bits={spec.frac_bits} is outside 0..{MAX_FRAC_BITS}")
     if not isinstance(spec.ptf_shift, int) or not 1 <= spec.ptf_shift <= MAX_PTF_SHIFT:
         raise PipelineError(f"{where}.ptf_shift={spec.ptf_shift} is outside 1..{MAX_PTF_SHIFT}")
+    if not isinstance(spec.ptf_frac_bits, int) or not 0 <= spec.ptf_frac_bits <= MAX_FRAC_BITS:
+        raise PipelineError(f"{where}.ptf_frac_bits={spec.ptf_frac_bits} is outside 0..{MAX_FRAC_BITS}")
     if spec.samples is not None and (isinstance(spec.samples, bool) or not isinstance(spec.samples, int) or spec.samples < 1):
         raise PipelineError(f"{where}.samples={spec.samples} must be an integer >= 1 (values kept for the omse range search)")
     checks = (
@@ -177,6 +182,8 @@ def _check_site(spec: SiteSpec, name: str, role: str, graph: SiteGraph) -> SiteS
     problem = _granularity_problem(spec, name, role, graph) if spec.enabled else None
     if problem:
         raise PipelineError(f"site {name} ({role}): {problem}")
+    if spec.enabled and spec.ptf_frac_bits and spec.granularity != "ptf":
+        raise PipelineError(f"site {name}: ptf_frac_bits={spec.ptf_frac_bits} shapes power-of-two channel factors and needs granularity ptf (got '{spec.granularity}': set ptf_frac_bits=0)")
     return spec
 
 
