@@ -250,6 +250,23 @@ def test_log2_trace_shows_the_flush_to_zero():
     assert flushed.split()[2:6] == ["20", "20", "15", "0"] and "flushed to 0" in flushed  # -log2, rounded, code, dequantized (no fp32 column here)
 
 
+def test_ptf_trace_names_each_channels_mantissa_and_shift():
+    # s_base = 8 / 2^3 = 1, f = 2: unit 0.25; channel scales 8 = 0.25 * (4 << 3), 1.25 = 0.25 * (5 << 0), 5 = 0.25 * (5 << 2), 1.5 = 0.25 * (6 << 0)
+    site = Site("blocks.0.res1", "residual", axis=-1)
+    site.bind(SiteSpec(granularity="ptf", ptf_shift=3, ptf_frac_bits=2, signed=True, symmetric=True), 6, torch.tensor([8.0, 1.25, 5.0, 1.5]), torch.zeros(4))
+    site.mode = "quant"
+    x = torch.tensor([[100.0, 3.0, -7.0, 0.4], [1.0, -50.0, 9.0, 2.0]])
+    text = trace_site(site, Capture(None, x, site(x)), elements=8)
+    lines = text.splitlines()
+    assert site.granularity == "ptf" and "ptf: scale_c = 0.25 * (m_c << k_c), m_c in 4..7, k_c in 0..3 (ptf_frac_bits=2)" in lines[2]
+    expected = {0: "4<<3", 1: "5<<0", 2: "5<<2", 3: "6<<0"}  # by channel
+    traced = [line for line in lines[4:] if line.strip().startswith("(")]
+    assert len(traced) == 8
+    for line in traced:
+        channel = int(line.split(")")[0].split(",")[1])  # index "(row, channel)"
+        assert f"m<<k = {expected[channel]}" in line
+
+
 def test_dump_writes_fp32_codes_dequantized_and_qparams(tmp_path):
     site = uniform_site([0.1, 0.2, 0.5], [0.0, 5.0, 10.0])
     x = torch.randn(2, 5, 3)
