@@ -162,7 +162,9 @@ def trace_site(site: Site, capture: Capture, elements: int = 8) -> str:
             lines.append("  gptq: GPTQ chose the codes (not the nearest ones); the steps are read back from the dequantized weight, x is the weight it approximates")
         if site.granularity == "ptf":
             f = site.spec.ptf_frac_bits
-            unit = float(scale.max()) / 2**site.spec.ptf_shift / 2**f
+            # the bound scales lie on the grid already: snapping them again returns them, with their factors
+            _, shift, mantissa = power_of_two_factor_scales(scale, site.spec.ptf_shift, f)
+            unit = float(scale[0]) / int(mantissa[0] << shift[0])  # s_base / 2^f: every scale is unit * (m << k)
             lines.append(
                 f"  ptf: scale_c = {unit:.6g} * (m_c << k_c), m_c in {2**f}..{2 ** (f + 1) - 1}, k_c in 0..{site.spec.ptf_shift} "
                 f"(ptf_frac_bits={f}); the NPU aligns channels as ((code - zp) * m_c) << k_c at scale {unit:.6g} (note: m<<k per row)"
@@ -178,19 +180,11 @@ def trace_site(site: Site, capture: Capture, elements: int = 8) -> str:
         fp32 = "" if capture.fp32 is None else _num(capture.fp32.flatten()[flat])
         row = [str(index), fp32, _num(xv), _num(value["scaled"]), _num(value["rounded"])] + ([] if log2 else [_num(value["shifted"])])
         row += [str(int(value["codes"])), _num(dq), _num(dq - xv)] + ([] if log2 else [_num(value["scale"]), _num(value["zero_point"])])
-        factor = [_ptf_factor(site, value["scale"])] if site.granularity == "ptf" else []
+        factor = [f"m<<k = {int(mantissa[index[site.axis]])}<<{int(shift[index[site.axis]])}"] if site.granularity == "ptf" else []
         rows.append(row + ["; ".join([reason] + _clip_note(site, float(value["shifted"])) + factor)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines += ["  " + "  ".join(cell.rjust(w) if i < len(header) - 1 else cell for i, (cell, w) in enumerate(zip(r, widths))) for r in rows]
     return "\n".join(lines) + "\n"
-
-
-def _ptf_factor(site: Site, element_scale: Tensor) -> str:
-    """'m<<k' of one element's power-of-two-factor scale: the bound scales lie on the grid already,
-    so snapping it again beside the widest channel's scale returns it with its factors."""
-    pair = torch.stack([element_scale.reshape(()), site.scale.max()])
-    _, shift, mantissa = power_of_two_factor_scales(pair, site.spec.ptf_shift, site.spec.ptf_frac_bits)
-    return f"m<<k = {int(mantissa[0])}<<{int(shift[0])}"
 
 
 def _clip_note(site: Site, shifted: float) -> list[str]:
