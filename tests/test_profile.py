@@ -374,6 +374,33 @@ def test_isolated_mode_quantizes_one_site_at_a_time_and_restores_the_modes():
     assert worst["rank"] == 1 and worst["logit_sqnr_db"] == min(r["logit_sqnr_db"] for r in result.rows)
 
 
+def test_isolated_rows_rerun_from_the_sites_block_match_a_full_forward():
+    from pipeline.profile.metrics import logit_kl, sqnr_db
+    from pipeline.profile.profiler import cumulative_pass, isolated_pass
+    from tests.test_calibration import batches, calibrated
+
+    model, graph, specs, state = calibrated("naive")
+    bind(graph, specs, state)
+    images = [b[0] for b in batches(2, size=3)]
+    fp_logits = cumulative_pass(attach_sites(model), graph, images, CPU).output["_fp_logits"]
+    chosen = ["patch_embed.proj.in", "blocks.0.in", "blocks.1.attn.softmax", "blocks.1.mlp.fc1.weight", "head.in"]
+    rows = {r["site"]: r for r in isolated_pass(graph, images, fp_logits, CPU, names=chosen).rows}
+    assert list(rows) == chosen
+    modes = {n: s.mode for n, s in graph.sites.items()}
+    try:
+        for name in chosen:  # the same site alone, whole forward from the image
+            graph.set_mode("fp")
+            graph[name].mode = "quant"
+            with torch.inference_mode():
+                logits = torch.cat([graph.model(x) for x in images])
+            ref = torch.cat(fp_logits)
+            assert rows[name]["logit_kl"] == pytest.approx(logit_kl(ref, logits), rel=1e-4, abs=1e-9), name
+            assert rows[name]["logit_sqnr_db"] == pytest.approx(sqnr_db(ref, logits), abs=1e-3), name
+    finally:
+        for n, mode in modes.items():
+            graph.sites[n].mode = mode
+
+
 @pytest.mark.parametrize("make", [lambda: uniform_site([0.05, 0.2, 0.5], [5, 0, 10]), lambda: log2_site(4, 1)])
 def test_codes_handed_over_by_the_site_match_recomputed_codes(make):
     site = make()

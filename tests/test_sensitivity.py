@@ -8,12 +8,12 @@ import pytest
 import timm
 import torch
 
+from pipeline.profile.collect import SuffixRunner
 from pipeline.quant.calibration import calibrate
 from pipeline.quant.recipe import resolve_recipe
 from pipeline.quant.sites import attach_sites
 from pipeline.sensitivity.compute import SensitivitySettings
 from pipeline.sensitivity.hutchinson import hutchinson_trace
-from pipeline.sensitivity.probe import SuffixRunner
 from pipeline.sensitivity.run import compute_sensitivity, measured_at
 from tests.conftest import compose
 

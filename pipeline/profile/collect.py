@@ -2,6 +2,11 @@
 
 Both graphs see the same images; a tap records each site's output for the
 current batch, so memory holds one batch of site tensors at a time.
+
+`SuffixRunner` re-runs only the part of a model after one site (the profiler's isolated
+mode, sensitivity's perturbations): it caches the input of every transformer block once,
+so a change at a site of block i re-runs blocks i..L-1, the final norm and the head.
+Sites before block 0 (patch embedding) run the whole model.
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ from typing import Iterable, Iterator
 import torch
 
 from pipeline.quant.sites import Site, SiteGraph
+
+STEM_PREFIXES = ("patch_embed", "cls_token", "pos_embed", "norm_pre")
+"""Sites outside blocks whose names start so run before block 0 (everything else outside blocks runs after)."""
 
 
 class BatchRecorder:
@@ -113,3 +121,64 @@ def quantizer_sqnr(quant: SiteGraph, batches: Iterable[torch.Tensor], device: to
     finally:
         quant.set_tap(None)
     return tap.sqnr_db()
+
+
+class SuffixRunner:
+    """Logits of `graph.model` on fixed `batches`, starting at the block a site belongs to.
+
+    The cached block inputs are those of the graph's state when `cache()` ran (all sites in
+    `fp` mode for sensitivity): perturbing a site at block i leaves the inputs of blocks
+    0..i unchanged, so re-running from block i gives the same logits as a full forward.
+    Models without the timm VisionTransformer layout (`blocks`, `norm`, `forward_head`)
+    always run the full forward.
+    """
+
+    def __init__(self, graph: SiteGraph, batches: list[torch.Tensor], device: torch.device):
+        self.graph = graph
+        self.model = graph.model
+        self.batches = [b.to(device) for b in batches]
+        self.device = device
+        self.depth = len(getattr(self.model, "blocks", []))
+        self.ok = self.depth > 0 and hasattr(self.model, "norm") and hasattr(self.model, "forward_head")
+        self.inputs: list[list[torch.Tensor]] = []
+
+    @torch.inference_mode()
+    def cache(self) -> list[torch.Tensor]:
+        """Run every batch once, recording each block's input and the final norm's input; returns the logits."""
+        self.inputs = []
+        logits = []
+        for x in self.batches:
+            seen: list[torch.Tensor] = []
+            hooks = []
+            if self.ok:
+                record = lambda m, args, seen=seen: seen.append(args[0])  # noqa: E731
+                hooks = [m.register_forward_pre_hook(record, prepend=True) for m in (*self.model.blocks, self.model.norm)]
+            try:
+                logits.append(self.model(x))
+            finally:
+                for h in hooks:
+                    h.remove()
+            if self.ok and len(seen) != self.depth + 1:
+                self.ok = False  # an unusual forward (e.g. norm called twice): fall back to full passes
+            self.inputs.append(seen)
+        return logits
+
+    def start(self, site_name: str) -> int | None:
+        """Block index to start from (None = the whole model; depth = only the final norm and head)."""
+        if not self.ok:
+            return None
+        block = self.graph[site_name].block
+        if block is not None:
+            return block
+        if site_name.startswith(STEM_PREFIXES):
+            return None
+        return self.depth
+
+    def run(self, index: int, start: int | None) -> torch.Tensor:
+        """Logits of batch `index`, recomputed from block `start` (None: from the image)."""
+        if start is None or not self.ok or not self.inputs:
+            return self.model(self.batches[index])
+        x = self.inputs[index][start]
+        for blk in self.model.blocks[start:]:
+            x = blk(x)
+        return self.model.forward_head(self.model.norm(x))

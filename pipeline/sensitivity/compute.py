@@ -39,12 +39,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from pipeline.profile.collect import SuffixRunner
 from pipeline.profile.metrics import argmax_agreement, logit_kl
 from pipeline.quant.calibration import CalibState, bind, quantize_weight
 from pipeline.quant.recipe import SiteSpec
 from pipeline.quant.sites import Site, SiteGraph, fold_view
 from pipeline.sensitivity.hutchinson import hutchinson_trace
-from pipeline.sensitivity.probe import SuffixRunner, replace_forward, replace_weight, weight_of
+from pipeline.sensitivity.probe import replace_forward, replace_weight, weight_of
 
 log = logging.getLogger(__name__)
 

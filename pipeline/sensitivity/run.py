@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from pipeline.artifacts import atomic_path, write_json
+from pipeline.profile.collect import SuffixRunner
 from pipeline.quant.calibration import CalibState
 from pipeline.quant.recipe import SiteSpec
 from pipeline.quant.sites import SiteGraph
@@ -40,7 +41,7 @@ from pipeline.sensitivity.compute import (
     spearman,
     top_k,
 )
-from pipeline.sensitivity.probe import SuffixRunner, weight_of
+from pipeline.sensitivity.probe import weight_of
 
 log = logging.getLogger(__name__)
 
