@@ -387,13 +387,13 @@ def test_isolated_rows_rerun_from_the_sites_block_match_a_full_forward():
     rows = {r["site"]: r for r in isolated_pass(graph, images, fp_logits, CPU, names=chosen).rows}
     assert list(rows) == chosen
     modes = {n: s.mode for n, s in graph.sites.items()}
+    ref = torch.cat(fp_logits)
     try:
         for name in chosen:  # the same site alone, whole forward from the image
             graph.set_mode("fp")
             graph[name].mode = "quant"
             with torch.inference_mode():
                 logits = torch.cat([graph.model(x) for x in images])
-            ref = torch.cat(fp_logits)
             assert rows[name]["logit_kl"] == pytest.approx(logit_kl(ref, logits), rel=1e-4, abs=1e-9), name
             assert rows[name]["logit_sqnr_db"] == pytest.approx(sqnr_db(ref, logits), abs=1e-3), name
     finally:

@@ -127,7 +127,7 @@ class SuffixRunner:
     """Logits of `graph.model` on fixed `batches`, starting at the block a site belongs to.
 
     The cached block inputs are those of the graph's state when `cache()` ran (all sites in
-    `fp` mode for sensitivity): perturbing a site at block i leaves the inputs of blocks
+    `fp` mode, for sensitivity and the profiler's isolated mode): perturbing a site at block i leaves the inputs of blocks
     0..i unchanged, so re-running from block i gives the same logits as a full forward.
     Models without the timm VisionTransformer layout (`blocks`, `norm`, `forward_head`)
     always run the full forward.
