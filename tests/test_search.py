@@ -289,6 +289,34 @@ def test_a_trial_asked_but_never_run_goes_stale(tmp_path):
     assert study.get_trials(deepcopy=False)[trial.number].state == optuna.trial.TrialState.FAIL
 
 
+def test_a_trial_killed_before_its_first_heartbeat_goes_stale(tmp_path):
+    """A worker killed between Optuna creating its trial and the first heartbeat leaves a RUNNING
+    trial with no heartbeat: it must go stale after the grace period (and be retried), or every
+    worker waits on it for ever. A fresh one, still within the grace period, must not."""
+    from datetime import datetime, timedelta
+
+    import optuna
+
+    from pipeline.search.study import open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path}/s.db", heartbeat_s=1)  # grace period 4 s
+    study = optuna.create_study(study_name="orphan", storage=storage)
+    study_id = study._study_id
+
+    def running(started: datetime) -> int:
+        template = optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING)
+        template.datetime_start = started
+        return storage.create_new_trial(study_id, template_trial=template)
+
+    orphan = running(datetime.now() - timedelta(seconds=30))
+    fresh = running(datetime.now())
+    optuna.storages.fail_stale_trials(study)
+    states = {t._trial_id: t.state for t in study.get_trials(deepcopy=False)}
+    assert states[orphan] == optuna.trial.TrialState.FAIL
+    assert states[fresh] == optuna.trial.TrialState.RUNNING
+    assert list(states.values()).count(optuna.trial.TrialState.WAITING) == 1  # the orphan's retry
+
+
 # -- the stage ----------------------------------------------------------------------------------
 
 

@@ -3,7 +3,10 @@
 Storage: any Optuna RDB URL (default SQLite `mlruns/optuna.db`) with trial heartbeats. A
 worker that dies (SIGKILL) stops beating; after 4 heartbeats any worker marks its trial
 FAIL and re-enqueues the same parameters (RetryHeartbeatStaleTrialCallback), so a rerun of
-the same command keeps every completed trial and finishes the interrupted one.
+the same command keeps every completed trial and finishes the interrupted one. A worker killed
+between Optuna creating its trial and the first heartbeat leaves a RUNNING trial with no
+heartbeat at all, which Optuna never calls stale; `_storage_class` fails those too once they
+are older than the grace period, so they cannot block the study for ever.
 
 Counting: a study is done when it holds `trials` COMPLETE trials. Before each trial a worker
 checks COMPLETE + RUNNING; inside the trial, one that finds `trials` others complete or
@@ -27,6 +30,7 @@ Methods (the budget holds for every trial through `priors.repair`):
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -64,7 +68,7 @@ def open_storage(url: str, heartbeat_s: int = 5):
     _quiet_optuna()
     from pathlib import Path
 
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:///"):
@@ -72,7 +76,7 @@ def open_storage(url: str, heartbeat_s: int = 5):
         engine_kwargs = {"connect_args": {"timeout": 120}}
     for attempt in range(6):  # two workers creating one new database race on its schema: the loser retries
         try:
-            storage = RDBStorage(
+            storage = _storage_class()(
                 url,
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=max(1, int(heartbeat_s)),
@@ -88,6 +92,37 @@ def open_storage(url: str, heartbeat_s: int = 5):
     if url.startswith("sqlite"):
         _sqlite_wal(storage)
     return storage
+
+
+@functools.cache
+def _storage_class():
+    """RDBStorage whose stale check also covers RUNNING trials that never recorded a heartbeat.
+
+    Optuna creates a trial (RUNNING) and records its first heartbeat in two transactions
+    (`BudgetSampler.before_trial` records it as early as Optuna allows). A worker killed between
+    the two leaves a trial that Optuna's own check skips, and every worker would wait on it for
+    ever. Such a trial is stale once it started more than `grace_period` seconds ago.
+    """
+    from datetime import datetime, timedelta
+
+    from optuna.storages import RDBStorage
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from optuna.trial import TrialState
+
+    class HeartbeatStorage(RDBStorage):
+        def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+            stale = super()._get_stale_trial_ids(study_id)
+            cutoff = datetime.now() - timedelta(seconds=self.grace_period)  # datetime_start is local time
+            old = [t._trial_id for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)) if t.datetime_start is not None and t.datetime_start < cutoff and t._trial_id not in stale]
+            if not old:
+                return stale
+            beat = models.TrialHeartbeatModel
+            with _create_scoped_session(self.scoped_session) as session:
+                beating = {tid for (tid,) in session.query(beat.trial_id).filter(beat.trial_id.in_(old))}
+            return stale + [tid for tid in old if tid not in beating]
+
+    return HeartbeatStorage
 
 
 def _sqlite_wal(storage) -> None:
