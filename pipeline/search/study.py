@@ -114,11 +114,11 @@ def _storage_class():
         def _get_stale_trial_ids(self, study_id: int) -> list[int]:
             stale = super()._get_stale_trial_ids(study_id)
             cutoff = datetime.now() - timedelta(seconds=self.grace_period)  # datetime_start is local time
-            old = [t._trial_id for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)) if t.datetime_start is not None and t.datetime_start < cutoff and t._trial_id not in stale]
+            old = [t._trial_id for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)) if t.datetime_start is not None and t.datetime_start < cutoff]
             if not old:
                 return stale
             beat = models.TrialHeartbeatModel
-            with _create_scoped_session(self.scoped_session) as session:
+            with _create_scoped_session(self.scoped_session) as session:  # the stale ones above have a heartbeat: excluded here
                 beating = {tid for (tid,) in session.query(beat.trial_id).filter(beat.trial_id.in_(old))}
             return stale + [tid for tid in old if tid not in beating]
 
