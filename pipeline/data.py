@@ -37,6 +37,17 @@ class DataSubset:
     def __len__(self) -> int:
         return int(self.indices.numel())
 
+    def without_first(self, n: int) -> "DataSubset":
+        """The same subset less its first `n` images (loading order; same batch size and workers).
+
+        For a stage that already ran those images another way (evaluate's profiled images).
+        The key names the shorter subset, so caches never mix the two.
+        """
+        rest = self.indices[n:]
+        base = self.loader.dataset.dataset if isinstance(self.loader.dataset, Subset) else self.loader.dataset
+        loader = subset_loader(base, rest, self.loader.batch_size, self.loader.num_workers)
+        return DataSubset(self.split, rest, loader, f"{self.key}-from{n}")
+
 
 def build_transform(loaded: LoadedModel):
     """Card models: ToTensor + Normalize(mean, std), no resize. Hub models: timm's eval transform."""
@@ -113,16 +124,15 @@ def make_subset(cfg: DataConfig, loaded: LoadedModel, purpose: str) -> DataSubse
         raise ValueError(f"unknown subset purpose '{purpose}'")
     if indices.numel() == 0:
         raise PipelineError(f"the {purpose} subset of split '{split}' is empty")
-    loader = DataLoader(
-        Subset(dataset, indices.tolist()),
-        batch_size=cfg.batch_size,
-        shuffle=False,
-        num_workers=cfg.num_workers,
-        persistent_workers=False,
-    )
+    loader = subset_loader(dataset, indices, cfg.batch_size, cfg.num_workers)
     source = f"synthetic/{cfg.synthetic_size}" if cfg.kind == "synthetic" else str(Path(cfg.root).resolve())
     key = hashlib.sha1(f"{source}|{split}|{loaded.data_config}|{cfg.seed}".encode() + indices.numpy().tobytes()).hexdigest()[:16]
     return DataSubset(split, indices, loader, key)
+
+
+def subset_loader(dataset: Dataset, indices: torch.Tensor, batch_size: int, num_workers: int) -> DataLoader:
+    """A loader over `dataset[indices]`, in that order."""
+    return DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers, persistent_workers=False)
 
 
 def hash_int(text: str) -> int:

@@ -40,6 +40,16 @@ def test_synthetic_subsets_are_fixed_and_nested():
     assert images.shape == (10, 3, 32, 32) and labels.max() < 10
 
 
+def test_without_first_loads_the_rest_of_the_subset_in_order():
+    cfg = DataConfig(kind="synthetic", synthetic_size=40, eval_size=10, batch_size=4, num_workers=0)
+    subset = make_subset(cfg, fake_model(), "eval")
+    rest = subset.without_first(3)
+    assert torch.equal(rest.indices, subset.indices[3:]) and len(rest) == 7 and rest.key != subset.key
+    whole = torch.cat([images for images, _ in subset.loader])
+    assert torch.equal(torch.cat([images for images, _ in rest.loader]), whole[3:])
+    assert rest.loader.batch_size == 4 and len(subset.without_first(10)) == 0
+
+
 def test_oversized_subset_is_clamped_with_warning(caplog):
     cfg = DataConfig(kind="synthetic", synthetic_size=16, eval_size=1000, num_workers=0)
     with caplog.at_level(logging.WARNING):

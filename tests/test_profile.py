@@ -302,9 +302,9 @@ def test_bad_dump_glob_and_trace_site_end_with_one_clear_line():
 
 
 def test_evaluate_profiles_every_site_into_tables_html_plots_and_mlflow(tmp_path, tiny_overrides, mlflow_uri, capsys):
+    base = [*tiny_overrides, "quant=naive", "threads=1", "data.eval_size=16", "data.calib_size=16"]
     overrides = [
-        *tiny_overrides, "quant=naive", "stages=[calibrate,quantize,evaluate]", "tracking.run_name=profiled", "threads=1",
-        "data.eval_size=16", "data.calib_size=16", "profile.images=8",
+        *base, "stages=[calibrate,quantize,evaluate]", "tracking.run_name=profiled", "profile.images=8",
         "profile.dump=[blocks.1.attn.sv,blocks.0.mlp.fc1.weight]", "profile.trace=blocks.1.mlp.act", "profile.worst_k=1",
     ]
     summary = run_pipeline(compose(overrides), tmp_path / "run")
@@ -340,6 +340,14 @@ def test_evaluate_profiles_every_site_into_tables_html_plots_and_mlflow(tmp_path
     assert "profile/flagged" in evaluate.data.metrics and "profile_s" in evaluate.data.metrics
     assert "evaluate/profile/profile.html" in {a.path for a in client.list_artifacts(evaluate.info.run_id, "evaluate/profile")}
 
+    # the profiled images' logits come from the profile's quantized forward, the rest from predict:
+    # the same evaluation as without the profile (every image through predict)
+    plain = run_pipeline(compose([*base, "stages=[evaluate]", f"from_run={tmp_path / 'run'}", "profile.enabled=false"]), tmp_path / "plain")
+    for key in ("top1", "top5", "agreement", "images"):
+        assert summary[key] == plain[key], key
+    for key in ("loss", "logit_kl"):
+        assert summary[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-9), key
+
 
 def test_bad_profile_request_fails_before_any_stage_runs(tmp_path, tiny_overrides):
     cfg = compose([*tiny_overrides, "quant=naive", "stages=[calibrate,quantize,evaluate]", "threads=1", "profile.trace=blocks.0.attn.svv"])
@@ -360,7 +368,7 @@ def test_isolated_mode_quantizes_one_site_at_a_time_and_restores_the_modes():
     fp = cumulative_pass(attach_sites(model), graph, images, CPU)
     weights = weight_pass(graph)
     chosen = ["blocks.0.attn.sv", "blocks.1.attn.sv", "blocks.1.mlp.fc2.weight"]
-    result = isolated_pass(graph, images, fp.output["_fp_logits"], CPU, {r["site"]: r for r in weights.rows}, names=chosen)
+    result = isolated_pass(graph, images, fp.fp_logits, CPU, {r["site"]: r for r in weights.rows}, names=chosen)
     assert {n: s.mode for n, s in graph.sites.items()} == modes and all(s.tap is None for s in graph)
     rows = {r["site"]: r for r in result.rows}
     assert list(rows) == chosen and all(r["mode"] == "isolated" for r in rows.values())
@@ -382,7 +390,7 @@ def test_isolated_rows_rerun_from_the_sites_block_match_a_full_forward():
     model, graph, specs, state = calibrated("naive")
     bind(graph, specs, state)
     images = [b[0] for b in batches(2, size=3)]
-    fp_logits = cumulative_pass(attach_sites(model), graph, images, CPU).output["_fp_logits"]
+    fp_logits = cumulative_pass(attach_sites(model), graph, images, CPU).fp_logits
     chosen = ["patch_embed.proj.in", "blocks.0.in", "blocks.1.attn.softmax", "blocks.1.mlp.fc1.weight", "head.in"]
     rows = {r["site"]: r for r in isolated_pass(graph, images, fp_logits, CPU, names=chosen).rows}
     assert list(rows) == chosen

@@ -38,7 +38,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PassResult:
-    """One profiling pass: rows (one per site, site description + metrics), logits metrics, histograms, captures."""
+    """One profiling pass: rows (one per site, site description + metrics), logits metrics, histograms, captures.
+
+    A cumulative pass also keeps the logits of each batch: `fp_logits` (FP32 model, for an isolated
+    pass) and `logits` (quantized model, for evaluate's own metrics), (batch, classes) each.
+    """
 
     mode: str
     rows: list[dict[str, Any]]
@@ -47,6 +51,8 @@ class PassResult:
     captures: dict[str, Capture] = field(default_factory=dict)
     seconds: float = 0.0
     images: int = 0
+    fp_logits: list[Tensor] = field(default_factory=list)
+    logits: list[Tensor] = field(default_factory=list)
 
 
 # -- sites ------------------------------------------------------------------------------
@@ -275,8 +281,7 @@ def cumulative_pass(fp_graph: SiteGraph, graph: SiteGraph, batches: list[Tensor]
 
     `fp_graph` is a site graph of the FP32 model (put in `fp` mode here). Returns one row per
     quantized activation site, the logits metrics in `output`, value histograms per site and the
-    first `samples` samples of the `capture` sites. Also keeps the FP32 logits per batch in
-    `output['_fp_logits']` for an isolated pass.
+    first `samples` samples of the `capture` sites, and the FP32 and quantized logits of each batch.
     """
     t0 = time.perf_counter()
     names = activation_sites(graph)
@@ -289,6 +294,7 @@ def cumulative_pass(fp_graph: SiteGraph, graph: SiteGraph, batches: list[Tensor]
     fp_graph.set_tap(recorder, [n for n in names if n in fp_graph.sites])
     graph.set_tap(tap, names)
     fp_logits: list[Tensor] = []
+    q_logits: list[Tensor] = []
     try:
         for images in tqdm(batches, desc="profile (cumulative)", unit="batch", leave=False):
             images = images.to(device)
@@ -298,15 +304,15 @@ def cumulative_pass(fp_graph: SiteGraph, graph: SiteGraph, batches: list[Tensor]
             logits_stats.add_pair(ref_logits, logits)
             logits_stats.add_rows(ref_logits, logits, kl=True)
             fp_logits.append(ref_logits)
+            q_logits.append(logits)
             tap.refs = {}
     finally:
         fp_graph.set_tap(None)
         graph.set_tap(None)
     rows = [{**site_info(graph[n], graph), "mode": "cumulative", **stats[n].result(graph[n].bits)} for n in names if stats[n].elements]
-    output = {**logits_stats.result(), "_fp_logits": fp_logits}
     hists = {n: stats[n].histograms() for n in names if stats[n].elements}
     images = sum(int(b.shape[0]) for b in batches)
-    return PassResult("cumulative", rows, output, hists, store.captures, time.perf_counter() - t0, images)
+    return PassResult("cumulative", rows, logits_stats.result(), hists, store.captures, time.perf_counter() - t0, images, fp_logits, q_logits)
 
 
 @torch.inference_mode()
@@ -398,11 +404,24 @@ def check_request(cfg: Mapping[str, Any], graph: SiteGraph, quantized_only: bool
     return resolve_dump(list(cfg.get("dump") or []), graph, quantized_only), check_trace(cfg.get("trace"), graph, quantized_only)
 
 
-def profile_run(ctx, graph: SiteGraph, subset) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+@dataclass
+class ProfileOutcome:
+    """What a profile hands back to `evaluate`: summary metrics, the cumulative rows and the quantized logits.
+
+    `logits` (images, classes) float32 on the CPU are the quantized model's logits of the profiled
+    images, in loading order: the profile's quantized forward is the evaluation's forward for them.
+    """
+
+    metrics: dict[str, Any]
+    rows: list[dict[str, Any]]
+    logits: Tensor
+
+
+def profile_run(ctx, graph: SiteGraph, subset) -> ProfileOutcome:
     """Profile the quantized `graph` on the first `profile.images` images of `subset` (evaluate's entry point).
 
-    Writes everything into `ctx.out_dir / "profile"` (tables, HTML, plots, dumps, trace), logs the
-    per-block series to `ctx.tracker` and returns (summary metrics, cumulative rows).
+    Writes everything into `ctx.out_dir / "profile"` (tables, HTML, plots, dumps, trace) and logs the
+    per-block series to `ctx.tracker`.
     """
     from pipeline.quant.sites import attach_sites
 
@@ -411,8 +430,8 @@ def profile_run(ctx, graph: SiteGraph, subset) -> tuple[dict[str, Any], list[dic
     return run_profile(ctx.cfg.profile, graph, fp_graph, subset.loader, ctx.device, ctx.out_dir / "profile", ctx.tracker, title)
 
 
-def run_profile(cfg: Mapping[str, Any], graph: SiteGraph, fp_graph: SiteGraph, loader: Iterable, device: torch.device, folder: Path, tracker=None, title: str = "") -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The whole profile (see `profile_run`) without a stage context: (summary metrics, cumulative rows).
+def run_profile(cfg: Mapping[str, Any], graph: SiteGraph, fp_graph: SiteGraph, loader: Iterable, device: torch.device, folder: Path, tracker=None, title: str = "") -> ProfileOutcome:
+    """The whole profile (see `profile_run`) without a stage context.
 
     `cfg` is a `profile` config node (or a dict with its keys); `fp_graph` a site graph of the FP32 model.
     """
@@ -428,13 +447,12 @@ def run_profile(cfg: Mapping[str, Any], graph: SiteGraph, fp_graph: SiteGraph, l
     batches = profile_batches(loader, int(cfg["images"]), int(cfg["batch_size"]))
     weights = weight_pass(graph, wanted)
     cumulative = cumulative_pass(fp_graph.to(device), graph, batches, device, wanted, int(cfg["dump_samples"]))
-    fp_logits = cumulative.output.pop("_fp_logits")
     rows = flag_rows(weights.rows + cumulative.rows, thresholds)
     metrics: dict[str, Any] = {"profile_images": cumulative.images, "profile_cumulative_s": round(weights.seconds + cumulative.seconds, 3)}
     log.info("profile: %d sites over %d images in %.1f s (cumulative)", len(rows), cumulative.images, weights.seconds + cumulative.seconds)
     isolated = None
     if cfg.get("isolated"):
-        isolated = isolated_pass(graph, batches, fp_logits, device, {r["site"]: r for r in weights.rows})
+        isolated = isolated_pass(graph, batches, cumulative.fp_logits, device, {r["site"]: r for r in weights.rows})
         flag_rows(isolated.rows, thresholds)
         metrics["profile_isolated_s"] = round(isolated.seconds, 3)
         log.info("profile: isolated mode, %d passes in %.1f s", len(isolated.rows), isolated.seconds)
@@ -456,4 +474,4 @@ def run_profile(cfg: Mapping[str, Any], graph: SiteGraph, fp_graph: SiteGraph, l
     out = cumulative.output
     metrics.update({"profile/logit_sqnr": out["sqnr_db"], "profile/logit_cos": out["cos_mean"], "profile/logit_agreement": out["top1_agreement"], "profile/logit_kl": out["logit_kl"]})
     metrics["profile_s"] = round(time.perf_counter() - t_start, 3)
-    return metrics, rows
+    return ProfileOutcome(metrics, rows, torch.cat(cumulative.logits).float().cpu())

@@ -6,6 +6,9 @@ reports its top-1, the drop from FP32, argmax agreement and logit KL vs FP32,
 and profiles every site (pipeline.profile.profiler, `profile.*`) over the first
 `profile.images` images: `profile/` (tables, HTML, plots), `site_sqnr.json`,
 MLflow series `sqnr/<role>`, `cos/<role>`, `sat/<role>`... with step = block.
+The profile's quantized forward is the evaluation's forward for those images: their
+logits come from it and only the other images run through `predict`, so profiling
+adds its statistics and the FP32 site graph's forward, not a second quantized pass.
 With `profile.enabled=false` only the per-site SQNR is measured, over the first
 `evaluate.sqnr_images` images.
 """
@@ -14,8 +17,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from pipeline.artifacts import write_json
-from pipeline.data import make_subset
+from pipeline.data import DataSubset, make_subset
 from pipeline.inference import classification_metrics, fp32_logits, predict
 from pipeline.profile.collect import first_images, site_sqnr
 from pipeline.profile.metrics import argmax_agreement, logit_kl
@@ -44,11 +49,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from pipeline.stages.quantize import load_quantized
 
     graph, _ = load_quantized(ctx)
+    profile = None
     if cfg.profile.enabled:
-        from pipeline.profile.profiler import check_request
+        from pipeline.profile.profiler import profile_run
 
-        check_request(cfg.profile, graph)  # a bad profile.dump glob or profile.trace site fails before any pass
-    logits, _ = predict(graph.model, subset, ctx.device, desc="quantized")
+        profile = profile_run(ctx, graph, subset)  # checks profile.dump / profile.trace before any pass
+        logits = _with_rest(profile.logits, graph, subset, ctx.device)
+    else:
+        logits, _ = predict(graph.model, subset, ctx.device, desc="quantized")
     metrics = classification_metrics(logits, labels)
     fp = classification_metrics(ref_logits, labels)
     metrics.update(
@@ -58,16 +66,22 @@ def run(ctx: StageContext) -> dict[str, Any]:
         agreement=argmax_agreement(ref_logits, logits),
         logit_kl=logit_kl(ref_logits, logits),
     )
-    if cfg.profile.enabled:
-        from pipeline.profile.profiler import profile_run
+    if profile is not None:
         from pipeline.profile.series import site_table
 
-        profile_metrics, rows = profile_run(ctx, graph, subset)
-        write_json(ctx.out_dir / "site_sqnr.json", site_table(rows))
-        metrics.update(profile_metrics)
+        write_json(ctx.out_dir / "site_sqnr.json", site_table(profile.rows))
+        metrics.update(profile.metrics)
     elif cfg.evaluate.sqnr_images > 0:
         metrics.update(_site_sqnr_only(ctx, graph, subset))
     return metrics
+
+
+def _with_rest(head: torch.Tensor, graph, subset: DataSubset, device: torch.device) -> torch.Tensor:
+    """Quantized logits of the whole subset: `head` (its first images, from the profile) then `predict` on the rest."""
+    if head.shape[0] >= len(subset):
+        return head
+    rest, _ = predict(graph.model, subset.without_first(head.shape[0]), device, desc="quantized")
+    return torch.cat([head, rest])
 
 
 def _site_sqnr_only(ctx: StageContext, graph, subset) -> dict[str, Any]:
