@@ -14,8 +14,8 @@ the first N test images in the profiler's batches (`profile.batch_size`):
   times an evenly spaced sample of K sites and extrapolates to all of them (the pass's
   setup, one FP32 forward that caches every block's input, is timed apart and counted once).
 
-Target: profiling (what it adds to evaluate) <= 3x the quantized forward; the standalone ratio
-(the profile's own quantized forward included) is reported beside it. Writes bench/results/profile.json.
+Target: profiling <= 3x the quantized forward, checked both ways: what it adds to evaluate, and
+standalone (the profile's own quantized forward included). Writes bench/results/profile.json.
 Usage:
     .venv/bin/python bench/bench_profile.py [--images 64] [--recipe recommended] [--isolated-sites 0]
 """
@@ -150,7 +150,7 @@ def main() -> None:
             "cumulative_vs_quantized_forward": t_cumulative / t_forward,
             "isolated_vs_quantized_forward": (setup + per_site * len(candidates)) / t_forward,
         },
-        "targets": {"added_to_evaluate_vs_quantized_forward": 3.0},
+        "targets": {"added_to_evaluate_vs_quantized_forward": 3.0, "cumulative_vs_quantized_forward": 3.0},
     }
     write_result(result, args.out)
 
