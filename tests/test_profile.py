@@ -356,6 +356,30 @@ def test_bad_profile_request_fails_before_any_stage_runs(tmp_path, tiny_override
     assert not (tmp_path / "run").exists()
 
 
+def test_cumulative_pass_pairs_each_site_with_the_fp32_tensor_of_the_same_site():
+    from pipeline.profile.collect import BatchRecorder
+    from pipeline.profile.profiler import cumulative_pass
+    from tests.test_calibration import batches, calibrated
+
+    model, graph, specs, state = calibrated("naive")
+    bind(graph, specs, state)
+    fp_graph = attach_sites(model)
+    images = batches(1, size=3)[0][0]
+    result = cumulative_pass(fp_graph, graph, [images], CPU)  # the two graphs block by block in lockstep
+    whole = {}
+    with torch.inference_mode():  # the reference: whole forwards, one graph after the other
+        for key, g in (("fp", fp_graph), ("quant", graph)):
+            recorder = BatchRecorder()
+            g.set_tap(recorder)
+            whole[key] = (g.model(images), recorder.take())
+            g.set_tap(None)
+    assert torch.equal(result.fp_logits[0], whole["fp"][0]) and torch.equal(result.logits[0], whole["quant"][0])
+    rows = {r["site"]: r for r in result.rows}
+    assert set(rows) == set(whole["quant"][1])
+    for name in ("patch_embed.proj.in", "blocks.0.in", "blocks.0.attn.sv", "blocks.1.mlp.act", "blocks.1.res2", "norm", "head.in"):
+        assert rows[name]["sqnr_db"] == pytest.approx(sqnr_db(whole["fp"][1][name], whole["quant"][1][name]), abs=1e-4), name
+
+
 def test_isolated_mode_quantizes_one_site_at_a_time_and_restores_the_modes():
     from pipeline.profile.profiler import cumulative_pass, isolated_pass, weight_pass
     from pipeline.profile.report import ranked

@@ -7,6 +7,7 @@ import timm
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.profile.collect import forward_segments
 from pipeline.quant.sites import attach_sites
 
 VARIANTS = {
@@ -33,6 +34,33 @@ def test_sites_off_is_bit_identical_and_fp_mode_matches(variant):
         assert torch.equal(graph.model(x), ref)  # every site off: timm's own forward
         graph.set_mode("fp")  # explicit attention path, no quantization
         torch.testing.assert_close(graph.model(x), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_forward_segments_compose_to_the_models_own_forward(variant):
+    model = build(variant)
+    graph = attach_sites(model)
+    graph.set_mode("fp")
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        for m in (model, graph.model):
+            pieces = forward_segments(m)
+            assert len(pieces) == len(m.blocks) + 2  # stem, blocks, norm + head
+            y = x
+            for piece in pieces:
+                y = piece(y)
+            assert torch.equal(y, m(x))
+
+
+def test_forward_segments_of_a_model_with_its_own_forward_is_the_whole_model():
+    model = build("vit_cls")
+
+    class Doubled(type(model)):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model.__class__ = Doubled
+    assert forward_segments(model) == [model]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

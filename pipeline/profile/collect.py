@@ -1,7 +1,10 @@
 """Run the FP32 and the quantized site graphs side by side and compare every site.
 
-Both graphs see the same images; a tap records each site's output for the
-current batch, so memory holds one batch of site tensors at a time.
+Both graphs see the same images, in lockstep: the FP32 model runs one piece (the stem,
+one transformer block, or the final norm and head; `forward_segments`), then the quantized
+model runs the same piece, and so on. A tap records each FP32 site's output of the current
+piece, so memory holds one block's FP32 site tensors at a time (not a whole model's), and
+they are still in cache when the quantized block compares with them.
 
 `SuffixRunner` re-runs only the part of a model after one site (the profiler's isolated
 mode, sensitivity's perturbations): it caches the input of every transformer block once,
@@ -11,24 +14,32 @@ Sites before block 0 (patch embedding) run the whole model.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
+from torch import nn
 
 from pipeline.quant.sites import Site, SiteGraph
 
 STEM_PREFIXES = ("patch_embed", "cls_token", "pos_embed", "norm_pre")
 """Sites outside blocks whose names start so run before block 0 (everything else outside blocks runs after)."""
 
+Segment = Callable[[torch.Tensor], torch.Tensor]
+
 
 class BatchRecorder:
-    """A site tap that keeps the latest output of each site (detached)."""
+    """A site tap that keeps the latest output of each site (detached) until `take()`."""
 
     def __init__(self) -> None:
         self.outputs: dict[str, torch.Tensor] = {}
 
     def __call__(self, site: Site, x: torch.Tensor, y: torch.Tensor) -> None:
         self.outputs[site.name] = y.detach()
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """The outputs recorded since the last call (and forget them)."""
+        out, self.outputs = self.outputs, {}
+        return out
 
 
 def first_images(loader: Iterable, n: int) -> Iterator[torch.Tensor]:
@@ -42,35 +53,68 @@ def first_images(loader: Iterable, n: int) -> Iterator[torch.Tensor]:
         yield images[:take]
 
 
-@torch.inference_mode()
-def paired_outputs(fp: SiteGraph, quant: SiteGraph, batches: Iterable[torch.Tensor], device: torch.device) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor, torch.Tensor]]:
-    """Per batch: (fp site outputs, quantized site outputs, fp logits, quantized logits).
+def forward_segments(model: nn.Module) -> list[Segment]:
+    """`model`'s forward as consecutive pieces whose composition is exactly `model(x)`.
 
-    `fp` runs in `fp` mode (explicit attention path, no quantization); `quant` keeps its modes.
+    A timm VisionTransformer (or DeiT, distilled or not) that keeps timm's own `forward` and
+    `forward_features`: the stem (patch embedding, position embedding, patch dropout, pre-norm),
+    each block, then the final norm and the head (pooling included). Any other model: one piece,
+    the whole forward.
     """
-    fp.set_mode("fp")
-    rec_fp, rec_q = BatchRecorder(), BatchRecorder()
-    fp.set_tap(rec_fp)
-    quant.set_tap(rec_q)
-    try:
-        for images in batches:
-            images = images.to(device)
-            logits_fp = fp.model(images)
-            logits_q = quant.model(images)
-            yield rec_fp.outputs, rec_q.outputs, logits_fp, logits_q
-            rec_fp.outputs, rec_q.outputs = {}, {}
-    finally:
-        fp.set_tap(None)
-        quant.set_tap(None)
+    from timm.models.vision_transformer import VisionTransformer
+
+    cls = type(model)
+    timm_layout = isinstance(model, VisionTransformer) and cls.forward is VisionTransformer.forward and cls.forward_features is VisionTransformer.forward_features
+    if not timm_layout or model.grad_checkpointing:
+        return [model]
+
+    def stem(x: torch.Tensor) -> torch.Tensor:
+        return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+
+    def head(x: torch.Tensor) -> torch.Tensor:
+        return model.forward_head(model.norm(x))
+
+    return [stem, *model.blocks, head]
+
+
+@torch.inference_mode()
+def lockstep(fp: SiteGraph, quant: SiteGraph, images: torch.Tensor, between: Callable[[], None] | None = None, after: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FP32 logits, quantized logits) of one batch, the two graphs run piece by piece in turn.
+
+    After each FP32 piece, `between()` runs (a tap hands that piece's FP32 site tensors over),
+    then the quantized piece, then `after()`. `fp` runs in its current modes (`fp` for a reference).
+    """
+    x_fp = x_q = images
+    for piece_fp, piece_q in zip(forward_segments(fp.model), forward_segments(quant.model), strict=True):
+        x_fp = piece_fp(x_fp)
+        if between is not None:
+            between()
+        x_q = piece_q(x_q)
+        if after is not None:
+            after()
+    return x_fp, x_q
 
 
 def site_sqnr(fp: SiteGraph, quant: SiteGraph, batches: Iterable[torch.Tensor], device: torch.device) -> dict[str, float]:
     """Cumulative SQNR (dB) of every quantized site's output vs the FP32 model's same site."""
     energy = _ErrorEnergy()
-    for ref, test, _, _ in paired_outputs(fp, quant, batches, device):
-        for name, y in test.items():
+    rec_fp, rec_q = BatchRecorder(), BatchRecorder()
+
+    def compare() -> None:
+        ref = rec_fp.take()
+        for name, y in rec_q.take().items():
             if quant[name].mode == "quant":
                 energy.add(name, ref[name], y)
+
+    fp.set_mode("fp")
+    fp.set_tap(rec_fp)
+    quant.set_tap(rec_q)
+    try:
+        for images in batches:
+            lockstep(fp, quant, images.to(device), after=compare)
+    finally:
+        fp.set_tap(None)
+        quant.set_tap(None)
     return energy.sqnr_db()
 
 

@@ -3,8 +3,8 @@
 Modes (each row of a table says which):
 
 - `cumulative`: the whole model quantized; every site's output is compared with the
-  FP32 model's same site (the FP32 graph runs first on each batch and its site
-  tensors are held for that batch). Codes and saturation come from the tensor that
+  FP32 model's same site (the two graphs run block by block in lockstep, `collect.lockstep`,
+  and the FP32 site tensors of one block are held until the quantized block has used them). Codes and saturation come from the tensor that
   entered the quantized site, with that site's qparams.
 - `isolated` (opt-in, one pass per site): only this site quantized, everything else
   FP32; measured at the site (its input is then the FP32 tensor) and at the model
@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from pipeline.profile.codes import CodePlan, code_counts, code_index, code_plan, code_source, column_values, count_axis
-from pipeline.profile.collect import SuffixRunner, first_images
+from pipeline.profile.collect import BatchRecorder, SuffixRunner, first_images, lockstep
 from pipeline.profile.dump import Capture
 from pipeline.profile.stats import ROW_SAMPLES, SiteStats, Workspace
 from pipeline.quant.sites import Site, SiteGraph, fold_view
@@ -152,20 +152,6 @@ def profile_batches(loader: Iterable, images: int, batch_size: int) -> list[Tens
 # -- taps -------------------------------------------------------------------------------
 
 
-class _Recorder:
-    """FP32-graph tap: keeps each site's output of the current batch."""
-
-    def __init__(self) -> None:
-        self.outputs: dict[str, Tensor] = {}
-
-    def __call__(self, site: Site, x: Tensor, y: Tensor) -> None:
-        self.outputs[site.name] = y.detach()
-
-    def take(self) -> dict[str, Tensor]:
-        out, self.outputs = self.outputs, {}
-        return out
-
-
 class _CaptureStore:
     """Keeps the first `samples` samples of chosen sites (CPU copies)."""
 
@@ -220,12 +206,17 @@ class _StatsTap:
 
 
 class _CumulativeTap(_StatsTap):
-    """Quantized-graph tap: compares each quantized site with the FP32 tensor recorded for this batch."""
+    """Quantized-graph tap: compares each quantized site with the FP32 tensor recorded for the same piece of the forward."""
 
-    def __init__(self, stats: dict[str, SiteStats], store: _CaptureStore):
+    def __init__(self, stats: dict[str, SiteStats], store: _CaptureStore, recorder: BatchRecorder):
         super().__init__(stats)
         self.store = store
+        self.recorder = recorder  # the FP32 graph's tap
         self.refs: dict[str, Tensor] = {}
+
+    def hand_over(self) -> None:
+        """Take the FP32 site tensors recorded so far (one piece of the FP32 forward, `collect.lockstep`)."""
+        self.refs = self.recorder.take()
 
     def reference(self, site: Site, x: Tensor) -> Tensor:
         return self.refs.pop(site.name)  # frees the FP32 tensor as soon as it is used
@@ -288,8 +279,8 @@ def cumulative_pass(fp_graph: SiteGraph, graph: SiteGraph, batches: list[Tensor]
     workspace = Workspace()
     stats = {n: SiteStats(token_dim(graph[n]), workspace=workspace) for n in names}
     logits_stats = SiteStats()
-    recorder, store = _Recorder(), _CaptureStore(capture, samples)
-    tap = _CumulativeTap(stats, store)
+    recorder, store = BatchRecorder(), _CaptureStore(capture, samples)
+    tap = _CumulativeTap(stats, store, recorder)
     fp_graph.set_mode("fp")
     fp_graph.set_tap(recorder, [n for n in names if n in fp_graph.sites])
     graph.set_tap(tap, names)
@@ -297,10 +288,7 @@ def cumulative_pass(fp_graph: SiteGraph, graph: SiteGraph, batches: list[Tensor]
     q_logits: list[Tensor] = []
     try:
         for images in tqdm(batches, desc="profile (cumulative)", unit="batch", leave=False):
-            images = images.to(device)
-            ref_logits = fp_graph.model(images)
-            tap.refs = recorder.take()
-            logits = graph.model(images)
+            ref_logits, logits = lockstep(fp_graph, graph, images.to(device), between=tap.hand_over)
             logits_stats.add_pair(ref_logits, logits)
             logits_stats.add_rows(ref_logits, logits, kl=True)
             fp_logits.append(ref_logits)
