@@ -44,8 +44,8 @@ class DataSubset:
         The key names the shorter subset, so caches never mix the two.
         """
         rest = self.indices[n:]
-        base = self.loader.dataset.dataset if isinstance(self.loader.dataset, Subset) else self.loader.dataset
-        loader = subset_loader(base, rest, self.loader.batch_size, self.loader.num_workers)
+        split = self.loader.dataset.dataset  # subset_loader's Subset: indices refer to the whole split
+        loader = subset_loader(split, rest, self.loader.batch_size, self.loader.num_workers)
         return DataSubset(self.split, rest, loader, f"{self.key}-from{n}")
 
 

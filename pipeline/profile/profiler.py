@@ -4,8 +4,9 @@ Modes (each row of a table says which):
 
 - `cumulative`: the whole model quantized; every site's output is compared with the
   FP32 model's same site (the two graphs run block by block in lockstep, `collect.lockstep`,
-  and the FP32 site tensors of one block are held until the quantized block has used them). Codes and saturation come from the tensor that
-  entered the quantized site, with that site's qparams.
+  and the FP32 site tensors of one block are held until the quantized block has used them).
+  Codes and saturation come from the tensor that entered the quantized site, with that
+  site's qparams.
 - `isolated` (opt-in, one pass per site): only this site quantized, everything else
   FP32; measured at the site (its input is then the FP32 tensor) and at the model
   output (logit SQNR, argmax agreement, logit KL vs the FP32 logits).
