@@ -115,6 +115,7 @@ class TrackingConfig:
     """MLflow: an embedded SQLite store under mlruns/ unless `uri` names a server."""
 
     uri: Optional[str] = None  # None = sqlite:///<project>/mlruns/mlflow.db
+    server: bool = False  # tracking=server: a uri is required
     experiment: str = "vit-ptq"
     run_name: Optional[str] = None
     enabled: bool = True

@@ -98,6 +98,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, job_label: str = "") -> dict[st
     tracker.connect()
     source_dir = resolve_run_dir(cfg.from_run, cfg.tracking, run_dir / ".from_run") if cfg.from_run else None
     _check_data(cfg, fp32)
+    _check_recipe(cfg, fp32)
     for stage in stages:  # stage-specific config checks (e.g. search.objective), before any run is opened
         check = getattr(importlib.import_module(f"pipeline.stages.{stage.value}"), "check_config", None)
         if check is not None:
@@ -148,9 +149,13 @@ def _run_stage(ctx: StageContext, stage: Stage, fn: Callable[[StageContext], dic
 
 
 def _check_data(cfg: DictConfig, fp32: LoadedModel) -> None:
-    """Fail early on a missing or empty data root (the stages build loaders later)."""
+    """Fail early on a missing or empty data root or a bad loader setting (the stages build loaders later)."""
     from pipeline.data import split_dir
 
+    if int(cfg.data.batch_size) < 1:
+        raise PipelineError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
+    if int(cfg.data.num_workers) < 0:
+        raise PipelineError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
     if cfg.data.kind == "imagefolder":
         needs_eval = any(Stage(s) == Stage.evaluate for s in cfg.stages)
         needs_calib = any(Stage(s) in (Stage.calibrate, Stage.sensitivity, Stage.search) for s in cfg.stages)
@@ -160,6 +165,15 @@ def _check_data(cfg: DictConfig, fp32: LoadedModel) -> None:
             split_dir(cfg.data, cfg.data.calib_split)
     elif cfg.data.kind != "synthetic":
         raise PipelineError(f"unknown data.kind '{cfg.data.kind}' (imagefolder or synthetic)")
+
+
+def _check_recipe(cfg: DictConfig, fp32: LoadedModel) -> None:
+    """Resolve the recipe against the model's sites: a bad width, observer, rounding, role or glob fails here."""
+    if cfg.quant.enabled:
+        from pipeline.quant.recipe import resolve_recipe
+        from pipeline.quant.sites import attach_sites
+
+        resolve_recipe(cfg.quant, attach_sites(fp32.model))
 
 
 def _data_tag(cfg: DictConfig) -> str:

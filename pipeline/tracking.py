@@ -36,6 +36,9 @@ def default_artifact_root() -> str:
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
+    """`tracking.uri`, else the embedded SQLite store; `tracking=server` (`server: true`) requires a uri."""
+    if cfg.server and not cfg.uri:
+        raise PipelineError("tracking=server needs tracking.uri=http://<host>:<port> (the MLflow tracking server)")
     return cfg.uri or default_tracking_uri()
 
 
@@ -112,8 +115,14 @@ class Tracker:
         self.log_params(params)
 
     def end(self, failed: bool = False) -> None:
-        if self.enabled and self.parent_id:
-            self.client.set_terminated(self.parent_id, "FAILED" if failed else "FINISHED")
+        """Terminate the parent run; on failure also any stage run an interrupt left RUNNING (stopped mid-`create_run`)."""
+        if not (self.enabled and self.parent_id):
+            return
+        if failed:
+            unfinished = f"tags.mlflow.parentRunId = '{self.parent_id}' and attributes.status = 'RUNNING'"
+            for run in self.client.search_runs([self.experiment_id], filter_string=unfinished):
+                self.client.set_terminated(run.info.run_id, "FAILED")
+        self.client.set_terminated(self.parent_id, "FAILED" if failed else "FINISHED")
 
     # -- stages -------------------------------------------------------------------
     @contextmanager

@@ -42,3 +42,38 @@ def test_checkpoint_that_does_not_fit(tmp_path):
     proc = run_cli(["model=timm", "+model.kwargs.img_size=32", "+model.kwargs.patch_size=4", "+model.kwargs.num_classes=10", f"model.checkpoint={tmp_path}/w.safetensors", f"hydra.run.dir={tmp_path}/run", "tracking.enabled=false"])
     assert_one_line_error(proc, "does not fit the model", "head.weight: checkpoint (5, 192) vs model (10, 192)")
     assert not (tmp_path / "run").exists()
+
+
+def test_role_typo_on_the_command_line_is_one_line(tmp_path):
+    proc = run_cli(["quant=recommended", "quant.roles.sv_atn.bits=16", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert_one_line_error(proc, "unknown role 'sv_atn' in quant.roles.sv_atn.bits=16", "sv_attn")
+    assert proc.returncode == 2 and not (tmp_path / "run").exists()
+
+
+def test_sigterm_removes_the_stage_temp_folder_and_fails_the_mlflow_runs(tmp_path):
+    """A run stopped by SIGTERM (a scheduler's timeout) cleans up like Ctrl-C instead of leaving RUNNING runs."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import PROJECT_ROOT, TINY_VIT
+
+    run, uri = tmp_path / "run", f"sqlite:///{tmp_path}/x.db"
+    args = ["model=timm", f"model.name={TINY_VIT['name']}", *[f"+model.kwargs.{k}={v}" for k, v in TINY_VIT["kwargs"].items()]]
+    args += ["data=synthetic", "data.synthetic_size=16384", "data.batch_size=1", "quant=none", "stages=[evaluate]", f"cache_dir={tmp_path / 'cache'}", f"tracking.uri={uri}", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / ".evaluate.tmp").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.5)  # into the stage: its MLflow run is open
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "error: interrupted" in stderr.strip().splitlines()[-1]
+    assert not run.exists()  # no finished stage: nothing left behind
+    runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("vit-ptq").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED"]  # the parent and the evaluate run

@@ -23,6 +23,10 @@ def test_chain_writes_artifacts_summary_and_nested_runs(tmp_path, tiny_overrides
     for key in ("top1", "top1_fp32", "top1_drop", "agreement", "logit_kl", "calib_images", "quant_sites"):
         assert key in summary, key
     assert 0.0 <= summary["agreement"] <= 1.0 and summary["logit_kl"] >= 0.0
+    sites = json.loads((tmp_path / "run/quantize/sites.json").read_text())
+    channelwise = {n for n, s in sites.items() if s["role"] != "weight" and s["spec"]["granularity"] in ("per_channel", "ptf")}
+    assert {f"blocks.{b}.{n}" for b in (0, 1) for n in ("attn.sv", "attn.v", "mlp.act")} <= channelwise  # v: per channel, not folded
+    assert summary["quant_act_sites_channelwise"] == len(channelwise) > summary["quant_sites_folded"] >= 4
     assert (tmp_path / "run/calibrate/state.safetensors").is_file()
     assert (tmp_path / "run/quantize/sites.json").is_file()
     assert json.loads((tmp_path / "run/summary.json").read_text())["top1"] == summary["top1"]
@@ -81,3 +85,35 @@ def test_reference_quantized_on_small_subset(tmp_path, mlflow_uri):
     assert summary["agreement"] >= 0.99
     assert abs(summary["top1_drop"]) <= 0.01
     assert summary["sqnr_min/sv_attn"] > 30
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.batch_size=0"], "data.batch_size must be >= 1, got 0"),
+        (["profile.images=0"], "profile.images must be >= 1, got 0"),  # checked before calibrate runs, not at evaluate
+        (["quant.rounding=half_down"], "quant.rounding: unknown rounding 'half_down'"),
+        (["quant.candidate_bits=[8,1]"], "quant.candidate_bits=[8, 1] is outside 2..16"),
+        (["stages=[calibrate,sensitivity]", "sensitivity.widths=[1]"], "sensitivity.widths=1 is outside 2..16"),
+        (["stages=[calibrate,search]", "search.weight_bits=[]"], "search.weight_bits is empty"),
+        (["tracking=server"], "tracking=server needs tracking.uri="),
+    ],
+)
+def test_bad_setting_is_one_error_before_any_run_opens(tmp_path, tiny_overrides, overrides, message):
+    from pipeline.errors import PipelineError
+
+    base = [o for o in tiny_overrides if not (o.startswith("tracking.uri") and "tracking=server" in overrides)]
+    with pytest.raises(PipelineError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        run_pipeline(compose([*base, "quant=naive", "stages=[calibrate,quantize,evaluate]", *overrides]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_from_run_with_another_recipe_is_an_error(tmp_path, tiny_overrides):
+    """A run labelled quant=recommended must not evaluate what an earlier run quantized with quant=naive."""
+    from pipeline.errors import PipelineError
+
+    run_pipeline(compose([*tiny_overrides, "quant=naive", "stages=[calibrate,quantize]"]), tmp_path / "first")
+    with pytest.raises(PipelineError, match=r"quant=naive\) was quantized with another recipe than quant=recommended asks for"):
+        run_pipeline(compose([*tiny_overrides, "quant=recommended", "stages=[evaluate]", f"from_run={tmp_path / 'first'}"]), tmp_path / "second")
+    with pytest.raises(PipelineError, match=r"'bits': \(8, 6\)"):  # same recipe name, another width
+        run_pipeline(compose([*tiny_overrides, "quant=naive", "quant.act.bits=6", "stages=[evaluate]", f"from_run={tmp_path / 'first'}"]), tmp_path / "third")

@@ -453,9 +453,12 @@ def test_compare_draws_two_profiles_and_rejects_a_bad_table(tmp_path):
         path.write_text(json.dumps({"sites": rows}))
         return path
 
-    out = tmp_path / "cmp.png"
+    out = tmp_path / "new_folder" / "cmp.png"  # the folder is created
     compare_main([f"naive={table(5.0)}", f"recommended={table(30.0)}", "--roles", "sv_attn", "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in out.parent.iterdir()] == ["cmp.png"]  # no temp file left
+    with pytest.raises(SystemExit, match="unknown metric.* saturation .*choose from sqnr_db"):
+        compare_main([f"a={table(5.0)}", "--roles", "sv_attn", "--metrics", "sqnr_db,saturation", "--out", str(out)])
     with pytest.raises(SystemExit, match="no sites of role"):
         compare_main([f"a={table(5.0)}", "--roles", "mlp_act", "--out", str(out)])
     (tmp_path / "bad.json").write_text("{}")

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from pipeline.artifacts import atomic_path
 from pipeline.profile.report import _finite, _png
 
 METRICS = {
@@ -67,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("profiles", nargs="+", help="label=path/to/cumulative.json")
     parser.add_argument("--roles", default="sv_attn,mlp_act")
-    parser.add_argument("--metrics", default=",".join(METRICS))
+    parser.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated, from {', '.join(METRICS)}")
     parser.add_argument("--title", default="")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -77,15 +78,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not sep or not label:
             raise SystemExit(f"error: '{item}' is not label=path")
         profiles[label] = load_rows(Path(path))
-    roles = args.roles.split(",")
+    roles, metrics = args.roles.split(","), args.metrics.split(",")
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise SystemExit(f"error: unknown metric(s) {', '.join(unknown)} (choose from {', '.join(METRICS)})")
     for label, rows in profiles.items():
         missing = [role for role in roles if not any(row.get("role") == role for row in rows)]
         if missing:
             raise SystemExit(f"error: profile '{label}' has no sites of role(s) {', '.join(missing)}")
     out = Path(args.out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(compare_png(profiles, roles, args.metrics.split(","), args.title))
-    tmp.replace(out)
+    png = compare_png(profiles, roles, metrics, args.title)
+    with atomic_path(out) as tmp:  # creates out's folder
+        tmp.write_bytes(png)
     print(out)
 
 

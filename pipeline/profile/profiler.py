@@ -379,17 +379,23 @@ _INFO_KEYS = {"site", "role", "block", "quantizer", "bits", "granularity", "qmin
 # -- the evaluate entry point -----------------------------------------------------------
 
 
+def check_sizes(cfg: Mapping[str, Any]) -> None:
+    """`profile.images` and `profile.batch_size` must be >= 1."""
+    from pipeline.errors import PipelineError
+
+    for key in ("images", "batch_size"):
+        if int(cfg[key]) < 1:
+            raise PipelineError(f"profile.{key} must be >= 1, got {cfg[key]}")
+
+
 def check_request(cfg: Mapping[str, Any], graph: SiteGraph, quantized_only: bool = True) -> tuple[list[str], str | None]:
     """Validate the `profile` config against a site graph: (dump sites, trace site).
 
     `quantized_only=False` checks names only (before the model is quantized, e.g. before any run opens).
     """
-    from pipeline.errors import PipelineError
     from pipeline.profile.dump import check_trace, resolve_dump
 
-    for key in ("images", "batch_size"):
-        if int(cfg[key]) < 1:
-            raise PipelineError(f"profile.{key} must be >= 1, got {cfg[key]}")
+    check_sizes(cfg)
     return resolve_dump(list(cfg.get("dump") or []), graph, quantized_only), check_trace(cfg.get("trace"), graph, quantized_only)
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import fnmatch
 import logging
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from pipeline.errors import PipelineError
+from pipeline.quant.quantizers import MAX_BITS, MIN_BITS, ROUNDING_MODES
 from pipeline.quant.sites import ROLES, SiteGraph
 
 QUANTIZERS = ("uniform", "log2", "int_softmax")
@@ -96,6 +97,8 @@ def resolve_recipe(quant: Mapping[str, Any], graph: SiteGraph) -> dict[str, Site
     if not quant.get("enabled", False):
         return {name: replace(ACT_DEFAULT, enabled=False) for name in graph.names()}
     rounding = quant.get("rounding", "half_up")
+    _check_choice("quant.rounding", rounding, ROUNDING_MODES)
+    check_widths("quant.candidate_bits", quant.get("candidate_bits") or [])
     weight = _overlay(replace(WEIGHT_DEFAULT, rounding=rounding), quant.get("weight"), "quant.weight")
     act = _overlay(replace(ACT_DEFAULT, rounding=rounding), quant.get("act"), "quant.act")
     roles = quant.get("roles") or {}
@@ -144,12 +147,31 @@ def _overlay(base: SiteSpec, partial: Mapping[str, Any] | None, where: str) -> S
     return spec
 
 
+def check_widths(key: str, widths: Iterable[Any], required: bool = False) -> list[int]:
+    """The distinct widths, sorted; one PipelineError naming `key` unless each is an integer in 2..16 (bits).
+
+    `required`: an empty list is an error too.
+    """
+    widths = list(widths)
+    if required and not widths:
+        raise PipelineError(f"{key} is empty: need at least one width in {MIN_BITS}..{MAX_BITS}")
+    for bits in widths:
+        if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+            shown = widths[0] if len(widths) == 1 else widths
+            raise PipelineError(f"{key}={shown} is outside {MIN_BITS}..{MAX_BITS}")
+    return sorted(set(widths))
+
+
+def _check_choice(key: str, value: Any, allowed: Iterable[str]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise PipelineError(f"{key}: unknown {key.rsplit('.', 1)[-1]} '{value}' (choose one of {', '.join(allowed)})")
+
+
 def _check_values(spec: SiteSpec, where: str) -> None:
     from pipeline.quant.observers import OBSERVERS
-    from pipeline.quant.quantizers import ROUNDING_MODES
 
-    if not isinstance(spec.bits, int) or not 2 <= spec.bits <= 16:
-        raise PipelineError(f"{where}.bits={spec.bits} is outside 2..16")
+    check_widths(f"{where}.bits", [spec.bits])
     if not isinstance(spec.frac_bits, int) or not 0 <= spec.frac_bits <= MAX_FRAC_BITS:
         raise PipelineError(f"{where}.frac_bits={spec.frac_bits} is outside 0..{MAX_FRAC_BITS}")
     if not isinstance(spec.ptf_shift, int) or not 1 <= spec.ptf_shift <= MAX_PTF_SHIFT:
@@ -166,8 +188,7 @@ def _check_values(spec: SiteSpec, where: str) -> None:
         ("loss", spec.loss, LOSSES),
     )
     for key, value, allowed in checks:
-        if value not in allowed:
-            raise PipelineError(f"{where}.{key}: unknown {key} '{value}' (choose one of {', '.join(allowed)})")
+        _check_choice(f"{where}.{key}", value, allowed)
 
 
 def _check_site(spec: SiteSpec, name: str, role: str, graph: SiteGraph) -> SiteSpec:

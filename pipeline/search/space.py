@@ -178,10 +178,10 @@ def build_space(
     for tie in ties:
         if tie not in TIES:
             raise PipelineError(f"search.ties: unknown tie '{tie}' (choose from {', '.join(TIES)})")
-    act_bits, weight_bits = sorted(set(act_bits)), sorted(set(weight_bits))
-    for what, bits in (("act_bits", act_bits), ("weight_bits", weight_bits)):
-        if not bits or any(not 2 <= b <= 16 for b in bits):
-            raise PipelineError(f"search.{what}={bits}: need at least one width in 2..16")
+    from pipeline.quant.recipe import check_widths
+
+    act_bits = check_widths("search.act_bits", act_bits, required=True)
+    weight_bits = check_widths("search.weight_bits", weight_bits, required=True)
     names = [n for n in graph.names() if specs[n].enabled and specs[n].quantizer in ("uniform", "log2")]
     kinds = {n: "weight" if graph[n].role == "weight" else "act" for n in names}
     for n in names:

@@ -15,6 +15,7 @@ With `profile.enabled=false` only the per-site SQNR is measured, over the first
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -27,15 +28,27 @@ from pipeline.profile.metrics import argmax_agreement, logit_kl
 from pipeline.quant.sites import attach_sites
 from pipeline.runner import StageContext
 
+log = logging.getLogger(__name__)
+
 
 def check_config(cfg) -> None:
-    """Before any run opens: a `profile.dump` glob or `profile.trace` site that names no site is an error."""
-    if not (cfg.quant.enabled and cfg.profile.enabled and (cfg.profile.dump or cfg.profile.trace)):
+    """Before any run opens: bad `profile.*` sizes, or a `profile.dump` glob or `profile.trace` site that names no site.
+
+    A dump or trace that cannot run (`quant=none` or `profile.enabled=false`) is a warning, not an error,
+    so that a sweep over recipes may include `none`.
+    """
+    requested = bool(cfg.profile.dump or cfg.profile.trace)
+    if not (cfg.quant.enabled and cfg.profile.enabled):
+        if requested:
+            why = "quant=none has no quantized sites" if not cfg.quant.enabled else "profile.enabled=false"
+            log.warning("profile.dump / profile.trace are ignored: %s", why)
         return
     from pipeline.models import load_model
-    from pipeline.profile.profiler import check_request
+    from pipeline.profile.profiler import check_request, check_sizes
 
-    check_request(cfg.profile, attach_sites(load_model(cfg.model).model), quantized_only=False)
+    check_sizes(cfg.profile)
+    if requested:
+        check_request(cfg.profile, attach_sites(load_model(cfg.model).model), quantized_only=False)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:

@@ -9,6 +9,7 @@ model from these files for the later stages.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any, Mapping
 
 from pipeline.artifacts import read_json, write_json
@@ -43,7 +44,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     live = [s for s in sites.values() if s["mode"] == "quant"]
     return {
         "quant_sites": len(live),
-        "quant_sites_per_channel": sum(1 for s in live if s["folded_into"]),
+        "quant_act_sites_channelwise": sum(1 for s in live if s["role"] != "weight" and s["spec"]["granularity"] in ("per_channel", "ptf")),
+        "quant_sites_folded": sum(1 for s in live if s["folded_into"]),  # per-channel activation scales folded into a weight
         "mean_bits": sum(s["bits"] for s in live) / max(1, len(live)),
     }
 
@@ -68,8 +70,18 @@ def load_quantized(ctx: StageContext) -> tuple[SiteGraph, dict[str, SiteSpec]]:
         raise PipelineError(f"quantized state in {qdir} belongs to another model ({state.index['meta'].get('model_name')})")
     graph = attach_sites(ctx.fp32.model)
     specs = {name: SiteSpec(**entry["spec"]) for name, entry in sites.items()}
+    check_same_recipe(specs, resolve_recipe(ctx.cfg.quant, graph), f"{qdir} (quant={state.index['meta'].get('recipe')})", ctx.cfg.quant.name)
     bits = {name: entry["bits"] for name, entry in sites.items() if entry["bits"]}
     bind(graph, specs, state, bits)
     return graph.to(ctx.device), specs
 
-__all__ = ["run", "load_quantized", "check_calibrated", "asdict"]
+
+def check_same_recipe(quantized: Mapping[str, SiteSpec], wanted: Mapping[str, SiteSpec], where: str, name: str) -> None:
+    """The run's recipe must be the one `quantize` bound, or the run would be labelled with a recipe it does not evaluate."""
+    for site, spec in wanted.items():
+        have = quantized.get(site)
+        if have != spec:
+            diff = {k: (v, getattr(spec, k)) for k, v in asdict(have).items() if v != getattr(spec, k)} if have else "not in the quantized model"
+            raise PipelineError(f"{where} was quantized with another recipe than quant={name} asks for (site {site}: {diff}): pass the same quant overrides or rerun quantize")
+
+__all__ = ["run", "load_quantized", "check_calibrated", "check_same_recipe"]

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.artifacts import read_json, write_json
 from pipeline.errors import PipelineError
 from pipeline.quant.calibration import CalibState
-from pipeline.quant.recipe import SiteSpec, resolve_recipe
+from pipeline.quant.recipe import SiteSpec, check_widths, resolve_recipe
 from pipeline.quant.sites import SiteGraph, attach_sites
 from pipeline.search.objective import OBJECTIVES, Evaluator, metrics_of
 from pipeline.search.space import TIES, SearchSpace, build_space, space_hash
@@ -53,6 +53,8 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("trials", "workers", "greedy_width", "heartbeat_s"):
         if int(s[key]) < 1:
             raise PipelineError(f"search.{key} must be >= 1, got {s[key]}")
+    for key in ("act_bits", "weight_bits"):
+        check_widths(f"search.{key}", s[key], required=True)
     if not s.budget > 0:
         raise PipelineError(f"search.budget must be > 0, got {s.budget}")
     if s.weight_cost_weight < 0 or s.act_cost_weight < 0:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from pipeline.artifacts import read_json
 from pipeline.errors import PipelineError
 from pipeline.quant.calibration import CalibState
-from pipeline.quant.recipe import resolve_recipe
+from pipeline.quant.recipe import check_widths, resolve_recipe
 from pipeline.quant.sites import attach_sites
 from pipeline.runner import StageContext
 
@@ -39,8 +39,10 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("batches", "batch_size", "noise_batches"):
         if int(s[key]) < 1:
             raise PipelineError(f"sensitivity.{key} must be >= 1, got {s[key]}")
-    if not 2 <= int(s.noise_bits) <= 16:
-        raise PipelineError(f"sensitivity.noise_bits={s.noise_bits} is outside 2..16")
+    check_widths("sensitivity.noise_bits", [s.noise_bits])
+    check_widths("sensitivity.widths", s.widths)
+    for key in ("weight_bits", "act_bits"):  # scored here too (wanted_widths)
+        check_widths(f"search.{key}", cfg.search[key])
     if s.hutchinson_iters < 0 or s.hutchinson_tol < 0:
         raise PipelineError("sensitivity.hutchinson_iters and sensitivity.hutchinson_tol must be >= 0")
 
