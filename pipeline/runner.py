@@ -9,6 +9,7 @@ run's folder, then in `from_run` (a run folder or an MLflow run id).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -185,9 +186,11 @@ def _is_number(v: Any) -> bool:
 
 
 def cleanup_failed_run(run_dir: Path) -> None:
-    """Remove a run folder that holds no finished stage (only Hydra's own files)."""
+    """Remove a run folder that holds no finished stage (only Hydra's own files), and its day folder if now empty."""
     if not run_dir.is_dir():
         return
     finished = [p for p in run_dir.iterdir() if p.is_dir() and p.name in {s.value for s in Stage}]
     if not finished:
         shutil.rmtree(run_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # not empty (other runs, a sweep's multirun.yaml): kept
+            run_dir.parent.rmdir()

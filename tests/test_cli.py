@@ -27,11 +27,10 @@ def assert_one_line_error(proc, *fragments: str) -> None:
     ],
 )
 def test_bad_input_ends_with_one_clear_line(tmp_path, args, fragments):
-    out = tmp_path / "run"
+    out = tmp_path / "day" / "run"  # as Hydra's mlruns/outputs/<date>/<time>
     proc = run_cli([*args, f"hydra.run.dir={out}", f"cache_dir={tmp_path / 'cache'}", f"tracking.uri=sqlite:///{tmp_path}/x.db" if not any(a.startswith("tracking.uri") for a in args) else "device=cpu"])
     assert_one_line_error(proc, *fragments)
-    assert not (out / "summary.json").exists()
-    assert not out.exists() or not any(p.name in ("evaluate", "calibrate") for p in out.iterdir())
+    assert not (tmp_path / "day").exists()  # neither the run folder nor an empty day folder is left
 
 
 def test_checkpoint_that_does_not_fit(tmp_path):
