@@ -99,7 +99,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, job_label: str = "") -> dict[st
     tracker.connect()
     source_dir = resolve_run_dir(cfg.from_run, cfg.tracking, run_dir / ".from_run") if cfg.from_run else None
     _check_data(cfg, fp32)
-    _check_recipe(cfg, fp32)
+    _check_site_names(cfg, stages, fp32)
     for stage in stages:  # stage-specific config checks (e.g. search.objective), before any run is opened
         check = getattr(importlib.import_module(f"pipeline.stages.{stage.value}"), "check_config", None)
         if check is not None:
@@ -168,13 +168,23 @@ def _check_data(cfg: DictConfig, fp32: LoadedModel) -> None:
         raise PipelineError(f"unknown data.kind '{cfg.data.kind}' (imagefolder or synthetic)")
 
 
-def _check_recipe(cfg: DictConfig, fp32: LoadedModel) -> None:
-    """Resolve the recipe against the model's sites: a bad width, observer, rounding, role or glob fails here."""
-    if cfg.quant.enabled:
-        from pipeline.quant.recipe import resolve_recipe
-        from pipeline.quant.sites import attach_sites
+def _check_site_names(cfg: DictConfig, stages: list[Stage], fp32: LoadedModel) -> None:
+    """Check what names sites against one site graph of the model.
 
-        resolve_recipe(cfg.quant, attach_sites(fp32.model))
+    The recipe is resolved (a bad width, observer, rounding, role or glob fails here), and with
+    `evaluate` and a profile, the `profile.dump` globs and the `profile.trace` site are checked.
+    """
+    if not cfg.quant.enabled:
+        return
+    from pipeline.quant.recipe import resolve_recipe
+    from pipeline.quant.sites import attach_sites
+
+    graph = attach_sites(fp32.model)
+    resolve_recipe(cfg.quant, graph)
+    if Stage.evaluate in stages and cfg.profile.enabled and (cfg.profile.dump or cfg.profile.trace):
+        from pipeline.profile.profiler import check_request
+
+        check_request(cfg.profile, graph, quantized_only=False)
 
 
 def _data_tag(cfg: DictConfig) -> str:

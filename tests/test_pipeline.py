@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -103,7 +104,7 @@ def test_bad_setting_is_one_error_before_any_run_opens(tmp_path, tiny_overrides,
     from pipeline.errors import PipelineError
 
     base = [o for o in tiny_overrides if not (o.startswith("tracking.uri") and "tracking=server" in overrides)]
-    with pytest.raises(PipelineError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(PipelineError, match=re.escape(message)):
         run_pipeline(compose([*base, "quant=naive", "stages=[calibrate,quantize,evaluate]", *overrides]), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 

@@ -32,23 +32,19 @@ log = logging.getLogger(__name__)
 
 
 def check_config(cfg) -> None:
-    """Before any run opens: bad `profile.*` sizes, or a `profile.dump` glob or `profile.trace` site that names no site.
+    """Before any run opens: bad `profile.*` sizes (the runner checks the dump globs and trace site against the model).
 
     A dump or trace that cannot run (`quant=none` or `profile.enabled=false`) is a warning, not an error,
     so that a sweep over recipes may include `none`.
     """
-    requested = bool(cfg.profile.dump or cfg.profile.trace)
     if not (cfg.quant.enabled and cfg.profile.enabled):
-        if requested:
+        if cfg.profile.dump or cfg.profile.trace:
             why = "quant=none has no quantized sites" if not cfg.quant.enabled else "profile.enabled=false"
             log.warning("profile.dump / profile.trace are ignored: %s", why)
         return
-    from pipeline.models import load_model
-    from pipeline.profile.profiler import check_request, check_sizes
+    from pipeline.profile.profiler import check_sizes
 
     check_sizes(cfg.profile)
-    if requested:
-        check_request(cfg.profile, attach_sites(load_model(cfg.model).model), quantized_only=False)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
