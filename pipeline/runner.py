@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -27,6 +27,9 @@ from pipeline.config import Stage
 from pipeline.errors import PipelineError
 from pipeline.models import LoadedModel, load_model
 from pipeline.tracking import Tracker, flatten, resolve_run_dir
+
+if TYPE_CHECKING:
+    from pipeline.quant.recipe import SiteSpec
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,11 @@ class StageContext:
             where = f"{self.run_dir}" + (f" or {self.source_dir}" if self.source_dir else "")
             raise PipelineError(f"no {stage}/{name} in {where}: run stage '{stage}' first or pass from_run=<run dir or MLflow run id>")
         return None
+
+    def made_earlier(self, stage: str, consumer: str) -> bool:
+        """True when `stage` runs in this chain before `consumer`, so `consumer` reads this run's artifacts, not from_run's."""
+        order = [Stage(s).value for s in self.cfg.stages]
+        return stage in order and consumer in order and order.index(stage) < order.index(consumer)
 
     def write_summary(self) -> Path:
         return write_json(self.run_dir / SUMMARY, self.summary)
@@ -99,11 +107,15 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, job_label: str = "") -> dict[st
     tracker.connect()
     source_dir = resolve_run_dir(cfg.from_run, cfg.tracking, run_dir / ".from_run") if cfg.from_run else None
     _check_data(cfg, fp32)
-    _check_site_names(cfg, stages, fp32)
-    for stage in stages:  # stage-specific config checks (e.g. search.objective), before any run is opened
-        check = getattr(importlib.import_module(f"pipeline.stages.{stage.value}"), "check_config", None)
-        if check is not None:
-            check(cfg)
+    specs = _check_site_names(cfg, stages, fp32)
+    modules = [importlib.import_module(f"pipeline.stages.{stage.value}") for stage in stages]
+    for module in modules:  # stage-specific config checks (e.g. search.objective), before any run is opened
+        if hasattr(module, "check_config"):
+            module.check_config(cfg)
+    ctx = StageContext(cfg, run_dir, source_dir, tracker, device, fp32)
+    for module in modules:  # artifacts a stage reads from from_run: there, fitting this model and recipe
+        if hasattr(module, "check_inputs"):
+            module.check_inputs(ctx, specs)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
@@ -111,7 +123,6 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, job_label: str = "") -> dict[st
     run_name = cfg.tracking.run_name or f"{fp32.name}-{cfg.quant.name}-{'+'.join(s.value for s in stages)}" + (f" [{job_label}]" if job_label else "")
     tags = {"model": fp32.name, "timm_name": fp32.timm_name, "data": _data_tag(cfg), "quant": cfg.quant.name, "run_dir": str(run_dir), "stages": ",".join(s.value for s in stages)}
     tracker.start(run_name, flatten(resolved), tags)
-    ctx = StageContext(cfg, run_dir, source_dir, tracker, device, fp32)
     failed = True
     try:
         tracker.log_artifact(run_dir / "config.yaml")
@@ -168,23 +179,24 @@ def _check_data(cfg: DictConfig, fp32: LoadedModel) -> None:
         raise PipelineError(f"unknown data.kind '{cfg.data.kind}' (imagefolder or synthetic)")
 
 
-def _check_site_names(cfg: DictConfig, stages: list[Stage], fp32: LoadedModel) -> None:
-    """Check what names sites against one site graph of the model.
+def _check_site_names(cfg: DictConfig, stages: list[Stage], fp32: LoadedModel) -> dict[str, SiteSpec] | None:
+    """Check what names sites against one site graph of the model; returns the resolved recipe (None for quant=none).
 
     The recipe is resolved (a bad width, observer, rounding, role or glob fails here), and with
     `evaluate` and a profile, the `profile.dump` globs and the `profile.trace` site are checked.
     """
     if not cfg.quant.enabled:
-        return
+        return None
     from pipeline.quant.recipe import resolve_recipe
     from pipeline.quant.sites import attach_sites
 
     graph = attach_sites(fp32.model)
-    resolve_recipe(cfg.quant, graph)
+    specs = resolve_recipe(cfg.quant, graph, verbose=True)
     if Stage.evaluate in stages and cfg.profile.enabled and (cfg.profile.dump or cfg.profile.trace):
         from pipeline.profile.profiler import check_request
 
         check_request(cfg.profile, graph, quantized_only=False)
+    return specs
 
 
 def _data_tag(cfg: DictConfig) -> str:

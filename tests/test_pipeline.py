@@ -64,6 +64,7 @@ def test_quantized_evaluate_without_quantize_stage_is_an_error(tmp_path, tiny_ov
 
     with pytest.raises(PipelineError, match="no quantize/sites.json .* run stage 'quantize' first"):
         run_pipeline(compose([*tiny_overrides, "quant=naive", "stages=[evaluate]"]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # found before any run opened
 
 
 @needs_assets
@@ -109,12 +110,25 @@ def test_bad_setting_is_one_error_before_any_run_opens(tmp_path, tiny_overrides,
     assert not (tmp_path / "run").exists()
 
 
-def test_evaluate_from_run_with_another_recipe_is_an_error(tmp_path, tiny_overrides):
-    """A run labelled quant=recommended must not evaluate what an earlier run quantized with quant=naive."""
+def test_from_run_with_another_recipe_is_an_error_before_any_run_opens(tmp_path, tiny_overrides, mlflow_uri):
+    """A run labelled quant=recommended must not evaluate (or quantize) what an earlier run made with quant=naive."""
     from pipeline.errors import PipelineError
 
-    run_pipeline(compose([*tiny_overrides, "quant=naive", "stages=[calibrate,quantize]"]), tmp_path / "first")
-    with pytest.raises(PipelineError, match=r"quant=naive\) was quantized with another recipe than quant=recommended asks for"):
-        run_pipeline(compose([*tiny_overrides, "quant=recommended", "stages=[evaluate]", f"from_run={tmp_path / 'first'}"]), tmp_path / "second")
-    with pytest.raises(PipelineError, match=r"'bits': \(8, 6\)"):  # same recipe name, another width
-        run_pipeline(compose([*tiny_overrides, "quant=naive", "quant.act.bits=6", "stages=[evaluate]", f"from_run={tmp_path / 'first'}"]), tmp_path / "third")
+    first = tmp_path / "first"
+    run_pipeline(compose([*tiny_overrides, "quant=naive", "stages=[calibrate,quantize]"]), first)
+    runs_before = len(runs_of(mlflow_uri)[1])
+    cases = [
+        (["quant=recommended", "stages=[evaluate]"], r"quant=naive\) was quantized with another recipe than quant=recommended asks for"),
+        (["quant=naive", "quant.act.bits=6", "stages=[evaluate]"], r"'bits': \(8, 6\)"),  # same recipe name, another width
+        (["quant=recommended", "stages=[quantize,evaluate]"], r"recipe differs from the calibrated one"),
+        (["quant=recommended", "stages=[sensitivity]"], r"recipe differs from the calibrated one"),
+        (["model.kwargs.depth=3", "quant=naive", "stages=[evaluate]"], r"quantized state in .* belongs to another model"),
+    ]
+    for i, (overrides, message) in enumerate(cases):
+        with pytest.raises(PipelineError, match=message):
+            run_pipeline(compose([*tiny_overrides, *overrides, f"from_run={first}"]), tmp_path / f"run{i}")
+        assert not (tmp_path / f"run{i}").exists()
+    assert len(runs_of(mlflow_uri)[1]) == runs_before
+    # the same recipe still evaluates from that run, and quantize then evaluate in one chain reads this run's artifacts
+    summary = run_pipeline(compose([*tiny_overrides, "quant=naive", "stages=[quantize,evaluate]", f"from_run={first}"]), tmp_path / "again")
+    assert (tmp_path / "again" / "quantize" / "sites.json").exists() and 0 <= summary["agreement"] <= 1

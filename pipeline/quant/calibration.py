@@ -64,6 +64,26 @@ class CalibState:
         return cls(read_tensors(folder / STATE_FILE), read_json(folder / INDEX_FILE))
 
 
+def check_model(index: Mapping[str, Any], fingerprint: str, where: str) -> None:
+    """A calibration or quantized state (its JSON index) must come from the model being run."""
+    meta = index.get("meta", {})
+    if meta.get("model") != fingerprint:
+        raise PipelineError(f"{where} belongs to another model ({meta.get('model_name')})")
+
+
+def check_calibrated(specs: Mapping[str, SiteSpec], index: Mapping[str, Any]) -> None:
+    """The recipe must match what was calibrated (observer, granularity, signedness...); `index` is the state's JSON index."""
+    for name, spec in specs.items():
+        entry = index["sites"].get(name)
+        if not spec.needs_observer:
+            continue
+        if entry is None or not entry["bits"]:
+            raise PipelineError(f"site {name} was not calibrated: run calibrate with this recipe")
+        if entry["spec"] != spec.calibration_key():
+            diff = {k: (entry["spec"].get(k), v) for k, v in spec.calibration_key().items() if entry["spec"].get(k) != v}
+            raise PipelineError(f"site {name}: recipe differs from the calibrated one {diff}: rerun calibrate")
+
+
 def calibration_widths(spec: SiteSpec, candidate_bits: list[int]) -> list[int]:
     return sorted({spec.bits, *candidate_bits})
 

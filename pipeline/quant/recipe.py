@@ -91,8 +91,12 @@ _SPEC_FIELDS = {f.name for f in fields(SiteSpec)}
 log = logging.getLogger(__name__)
 
 
-def resolve_recipe(quant: Mapping[str, Any], graph: SiteGraph) -> dict[str, SiteSpec]:
-    """One validated SiteSpec per site of `graph` for the `quant` config node."""
+def resolve_recipe(quant: Mapping[str, Any], graph: SiteGraph, verbose: bool = False) -> dict[str, SiteSpec]:
+    """One validated SiteSpec per site of `graph` for the `quant` config node.
+
+    `verbose` logs which per_channel / ptf requests stayed per_tensor (the runner's up-front check
+    does, so the line appears once per run rather than once per stage).
+    """
     quant = _plain(quant)
     if not quant.get("enabled", False):
         return {name: replace(ACT_DEFAULT, enabled=False) for name in graph.names()}
@@ -123,7 +127,7 @@ def resolve_recipe(quant: Mapping[str, Any], graph: SiteGraph) -> dict[str, Site
             if fnmatch.fnmatchcase(name, pattern):
                 spec = _overlay(spec, partial, f"quant.sites['{pattern}']")
         specs[name] = _check_site(spec, name, site.role, graph)
-    if kept_per_tensor:
+    if kept_per_tensor and verbose:
         log.info("per_channel / ptf kept per_tensor where integer hardware cannot run them: %s", ", ".join(kept_per_tensor))
     for name, spec in specs.items():
         scores = specs.get(name.rsplit(".", 1)[0] + ".scores")

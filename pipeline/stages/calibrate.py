@@ -6,11 +6,13 @@ qparams at every candidate width and its observer statistics.
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping
 
+from pipeline.artifacts import read_json
 from pipeline.data import make_subset
-from pipeline.quant.calibration import calibrate
-from pipeline.quant.recipe import resolve_recipe
+from pipeline.quant.calibration import INDEX_FILE, calibrate, check_calibrated, check_model
+from pipeline.quant.recipe import SiteSpec, resolve_recipe
 from pipeline.quant.sites import attach_sites
 from pipeline.runner import StageContext
 
@@ -27,3 +29,17 @@ def run(ctx: StageContext) -> dict[str, Any]:
     state.save(ctx.out_dir)
     calibrated = sum(1 for e in state.index["sites"].values() if e["bits"])
     return {"calib_images": len(subset), "calib_sites": calibrated}
+
+
+def find_calibration(ctx: StageContext) -> tuple[Path, dict[str, Any]]:
+    """This run's or from_run's calibrate folder and its JSON index, checked to belong to the run's model."""
+    calib_dir = ctx.find("calibrate", INDEX_FILE).parent
+    index = read_json(calib_dir / INDEX_FILE)
+    check_model(index, ctx.fp32.fingerprint, f"calibration state in {calib_dir}")
+    return calib_dir, index
+
+
+def check_calibration_input(ctx: StageContext, specs: Mapping[str, SiteSpec] | None, consumer: str) -> None:
+    """Before any run opens: a calibration that stage `consumer` reads from an earlier run fits the model and recipe."""
+    if ctx.cfg.quant.enabled and not ctx.made_earlier("calibrate", consumer):
+        check_calibrated(specs, find_calibration(ctx)[1])

@@ -47,6 +47,14 @@ def check_config(cfg) -> None:
     check_sizes(cfg.profile)
 
 
+def check_inputs(ctx: StageContext, specs) -> None:
+    """Before any run opens: a quantized model from from_run holds this model and recipe."""
+    if ctx.cfg.quant.enabled and not ctx.made_earlier("quantize", "evaluate"):
+        from pipeline.stages.quantize import find_quantized
+
+        find_quantized(ctx, specs)
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg
     subset = make_subset(cfg.data, ctx.fp32, "eval")

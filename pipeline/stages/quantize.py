@@ -10,24 +10,30 @@ model from these files for the later stages.
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.artifacts import read_json, write_json
 from pipeline.errors import PipelineError
-from pipeline.quant.calibration import CalibState, bind, describe_bound
+from pipeline.quant.calibration import INDEX_FILE, CalibState, bind, check_calibrated, check_model, describe_bound
 from pipeline.quant.gptq import HESSIAN_KEY
 from pipeline.quant.recipe import SiteSpec, resolve_recipe
 from pipeline.quant.sites import SiteGraph, attach_sites
 from pipeline.runner import StageContext
+from pipeline.stages.calibrate import check_calibration_input, find_calibration
+
+
+def check_inputs(ctx: StageContext, specs: Mapping[str, SiteSpec]) -> None:
+    """Before any run opens: a calibration from from_run fits the model and recipe."""
+    check_calibration_input(ctx, specs, "quantize")
+
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    calib_dir = ctx.find("calibrate", "index.json").parent
+    calib_dir, _ = find_calibration(ctx)
     state = CalibState.load(calib_dir)
-    if state.index["meta"].get("model") != ctx.fp32.fingerprint:
-        raise PipelineError(f"calibration state in {calib_dir} belongs to another model ({state.index['meta'].get('model_name')})")
     graph = attach_sites(ctx.fp32.model)
     specs = resolve_recipe(ctx.cfg.quant, graph)
-    check_calibrated(specs, state)
+    check_calibrated(specs, state.index)
     bound = bind(graph, specs, state)
     selected = CalibState(dict(bound), {"meta": {**state.index["meta"], "recipe": ctx.cfg.quant.name}, "sites": {}})
     for name, site in graph.sites.items():
@@ -49,30 +55,26 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "mean_bits": sum(s["bits"] for s in live) / max(1, len(live)),
     }
 
-def check_calibrated(specs: Mapping[str, SiteSpec], state: CalibState) -> None:
-    """The recipe must match what was calibrated (observer, granularity, signedness...)."""
-    for name, spec in specs.items():
-        entry = state.index["sites"].get(name)
-        if not spec.needs_observer:
-            continue
-        if entry is None or not entry["bits"]:
-            raise PipelineError(f"site {name} was not calibrated: run calibrate with this recipe")
-        if entry["spec"] != spec.calibration_key():
-            diff = {k: (entry["spec"].get(k), v) for k, v in spec.calibration_key().items() if entry["spec"].get(k) != v}
-            raise PipelineError(f"site {name}: recipe differs from the calibrated one {diff}: rerun calibrate")
+
+def find_quantized(ctx: StageContext, wanted: Mapping[str, SiteSpec]) -> tuple[Path, dict[str, SiteSpec], dict[str, int]]:
+    """This run's or from_run's quantize folder, its specs and bound widths, checked to hold the run's model and recipe.
+
+    Reads the JSON files only, so the runner can call it before any run opens.
+    """
+    qdir = ctx.find("quantize", "sites.json").parent
+    index = read_json(qdir / INDEX_FILE)
+    check_model(index, ctx.fp32.fingerprint, f"quantized state in {qdir}")
+    sites = read_json(qdir / "sites.json")
+    specs = {name: SiteSpec(**entry["spec"]) for name, entry in sites.items()}
+    check_same_recipe(specs, wanted, f"{qdir} (quant={index['meta'].get('recipe')})", ctx.cfg.quant.name)
+    return qdir, specs, {name: entry["bits"] for name, entry in sites.items() if entry["bits"]}
+
 
 def load_quantized(ctx: StageContext) -> tuple[SiteGraph, dict[str, SiteSpec]]:
     """The quantized model from this run's (or from_run's) quantize artifacts."""
-    qdir = ctx.find("quantize", "sites.json").parent
-    sites = read_json(qdir / "sites.json")
-    state = CalibState.load(qdir)
-    if state.index["meta"].get("model") != ctx.fp32.fingerprint:
-        raise PipelineError(f"quantized state in {qdir} belongs to another model ({state.index['meta'].get('model_name')})")
     graph = attach_sites(ctx.fp32.model)
-    specs = {name: SiteSpec(**entry["spec"]) for name, entry in sites.items()}
-    check_same_recipe(specs, resolve_recipe(ctx.cfg.quant, graph), f"{qdir} (quant={state.index['meta'].get('recipe')})", ctx.cfg.quant.name)
-    bits = {name: entry["bits"] for name, entry in sites.items() if entry["bits"]}
-    bind(graph, specs, state, bits)
+    qdir, specs, bits = find_quantized(ctx, resolve_recipe(ctx.cfg.quant, graph))
+    bind(graph, specs, CalibState.load(qdir), bits)
     return graph.to(ctx.device), specs
 
 
@@ -84,4 +86,5 @@ def check_same_recipe(quantized: Mapping[str, SiteSpec], wanted: Mapping[str, Si
             diff = {k: (v, getattr(spec, k)) for k, v in asdict(have).items() if v != getattr(spec, k)} if have else "not in the quantized model"
             raise PipelineError(f"{where} was quantized with another recipe than quant={name} asks for (site {site}: {diff}): pass the same quant overrides or rerun quantize")
 
-__all__ = ["run", "load_quantized", "check_calibrated", "check_same_recipe"]
+
+__all__ = ["run", "check_inputs", "find_quantized", "load_quantized", "check_same_recipe"]

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import read_json, write_json
 from pipeline.errors import PipelineError
-from pipeline.quant.calibration import CalibState
+from pipeline.quant.calibration import CalibState, check_calibrated
 from pipeline.quant.recipe import SiteSpec, check_widths, resolve_recipe
 from pipeline.quant.sites import SiteGraph, attach_sites
 from pipeline.search.objective import OBJECTIVES, Evaluator, metrics_of
@@ -79,12 +79,10 @@ class SearchSetup:
 def prepare(cfg: DictConfig, fp32, device: torch.device, calib_dir: Path, sensitivity: dict | None) -> SearchSetup:
     from pipeline.data import make_subset
     from pipeline.inference import fp32_logits
-    from pipeline.stages.quantize import check_calibrated
-
     state = CalibState.load(calib_dir)
     graph = attach_sites(fp32.model)
     specs = resolve_recipe(cfg.quant, graph)
-    check_calibrated(specs, state)
+    check_calibrated(specs, state.index)
     subset = make_subset(cfg.data, fp32, "search")
     ref, labels, _ = fp32_logits(fp32.model, fp32.fingerprint, subset, device, cfg.cache_dir)
     batches = [x for x, _ in subset.loader]  # decoded once
@@ -213,14 +211,21 @@ def test_metrics(ctx, setup: SearchSetup, assignments: Mapping[str, Mapping[str,
     return out
 
 
+def check_inputs(ctx, specs) -> None:
+    """Before any run opens: a calibration from from_run fits the model and recipe."""
+    from pipeline.stages.calibrate import check_calibration_input
+
+    check_calibration_input(ctx, specs, "search")
+
+
 def run(ctx) -> dict[str, Any]:
     from pipeline.search.report import export_recipe, pareto_png, write_trials_csv
-    from pipeline.stages.sensitivity import load_state
+    from pipeline.stages.calibrate import find_calibration
 
     cfg = ctx.cfg
     s = cfg.search
     check_config(cfg)
-    _, calib_dir = load_state(ctx)
+    calib_dir, _ = find_calibration(ctx)
     sensitivity, sens_path = load_sensitivity(ctx, ctx.out_dir)
     setup = prepare(cfg, ctx.fp32, ctx.device, calib_dir, sensitivity)
     space = setup.space

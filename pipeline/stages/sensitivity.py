@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from pipeline.artifacts import read_json
 from pipeline.errors import PipelineError
-from pipeline.quant.calibration import CalibState
+from pipeline.quant.calibration import CalibState, check_calibrated
 from pipeline.quant.recipe import check_widths, resolve_recipe
 from pipeline.quant.sites import attach_sites
 from pipeline.runner import StageContext
@@ -45,6 +45,8 @@ def check_config(cfg: DictConfig) -> None:
         check_widths(f"search.{key}", cfg.search[key])
     if s.hutchinson_iters < 0 or s.hutchinson_tol < 0:
         raise PipelineError("sensitivity.hutchinson_iters and sensitivity.hutchinson_tol must be >= 0")
+    if not cfg.quant.enabled:
+        raise PipelineError("sensitivity needs a quantization recipe (quant=recommended, naive, ...), not quant=none")
 
 
 def labelled_batches(loader: Iterable, images: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -62,12 +64,11 @@ def labelled_batches(loader: Iterable, images: int, batch_size: int) -> list[tup
     return list(zip(x.split(batch_size), y.split(batch_size)))
 
 
-def load_state(ctx: StageContext) -> tuple[CalibState, Path]:
-    calib_dir = ctx.find("calibrate", "index.json").parent
-    state = CalibState.load(calib_dir)
-    if state.index["meta"].get("model") != ctx.fp32.fingerprint:
-        raise PipelineError(f"calibration state in {calib_dir} belongs to another model ({state.index['meta'].get('model_name')})")
-    return state, calib_dir
+def check_inputs(ctx: StageContext, specs) -> None:
+    """Before any run opens: a calibration from from_run fits the model and recipe."""
+    from pipeline.stages.calibrate import check_calibration_input
+
+    check_calibration_input(ctx, specs, "sensitivity")
 
 
 def wanted_widths(cfg: DictConfig) -> tuple[list[int], list[int]]:
@@ -95,16 +96,14 @@ def compute(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     from pipeline.data import make_subset
     from pipeline.sensitivity.compute import SensitivitySettings
     from pipeline.sensitivity.run import compute_sensitivity, write_report
-    from pipeline.stages.quantize import check_calibrated
+    from pipeline.stages.calibrate import find_calibration
 
     cfg = ctx.cfg
     check_config(cfg)
-    if not cfg.quant.enabled:
-        raise PipelineError("sensitivity needs a quantization recipe (quant=recommended, naive, ...), not quant=none")
-    state, _ = load_state(ctx)
+    state = CalibState.load(find_calibration(ctx)[0])
     graph = attach_sites(ctx.fp32.model)
     specs = resolve_recipe(cfg.quant, graph)
-    check_calibrated(specs, state)
+    check_calibrated(specs, state.index)
     s = cfg.sensitivity
     subset = make_subset(cfg.data, ctx.fp32, "calib")
     need = max(s.batches, s.noise_batches) * s.batch_size
