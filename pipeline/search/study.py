@@ -35,20 +35,18 @@ import logging
 import random
 import time
 import warnings
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from pipeline import PROJECT_ROOT
 from pipeline.errors import PipelineError
 from pipeline.search.goal import better, direction_of
-from pipeline.search.priors import Priors, greedy_fill, local_move, raise_probabilities, repair
+from pipeline.search.priors import Priors, greedy_fill, raise_probabilities, repair
 from pipeline.search.space import Levels, SearchSpace
 
 log = logging.getLogger(__name__)
 
 METHODS = ("prior", "random", "greedy")
-MAX_REDRAWS = 8
 
 
 def default_storage() -> str:
@@ -165,85 +163,16 @@ def open_study(storage, name: str, direction: str, sampler, fingerprint: str):
 # -- sampler -------------------------------------------------------------------------------
 
 
-def _trial_seed(seed: int, number: int) -> int:
+def trial_seed(seed: int, number: int) -> int:
+    """The random seed of trial `number` in a study seeded `seed` (reproducible whichever worker runs it)."""
     return (seed * 1_000_003 + number * 7919 + 12345) % (2**31 - 1)
 
 
 def make_sampler(space: SearchSpace, budget: float, method: str, priors: Priors | None, probs: Mapping[str, float] | None, seed: int, n_startup: int, temperature: float = 0.5):
-    import optuna
-    from optuna.distributions import CategoricalDistribution
-    from optuna.samplers import BaseSampler, TPESampler
-    from optuna.trial import TrialState
+    """The study's sampler: joint draws of every group's level, repaired to the budget (`sampler.BudgetSampler`)."""
+    from pipeline.search.sampler import BudgetSampler
 
-    class BudgetSampler(BaseSampler):
-        """Joint (relative) sampling of every group's level, repaired to the budget before Optuna records it."""
-
-        def __init__(self) -> None:
-            self.dists = {g.name: CategoricalDistribution(list(range(g.levels))) for g in space.groups if g.levels > 1}
-
-        def before_trial(self, study, trial) -> None:
-            # Optuna starts a trial's heartbeat thread only after ask() has sampled: a worker killed
-            # in between would leave a RUNNING trial without heartbeat, which never goes stale and
-            # blocks every other worker. The first heartbeat is therefore recorded here.
-            from optuna.storages._heartbeat import is_heartbeat_enabled
-
-            if is_heartbeat_enabled(study._storage):
-                study._storage.record_heartbeat(trial._trial_id)
-
-        def infer_relative_search_space(self, study, trial):
-            return dict(self.dists)
-
-        def _draw(self, name: str, rng: random.Random) -> int:
-            g = space.by_name[name]
-            if method == "prior" and probs is not None:
-                return rng.randrange(1, g.levels) if rng.random() < probs.get(name, 0.0) else 0
-            return rng.randrange(g.levels)
-
-        def sample_relative(self, study, trial, search_space):
-            if not search_space:
-                return {}
-            rng = random.Random(_trial_seed(seed, trial.number))
-            trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))
-            taken = {space.key(t.params or t.system_attrs.get("fixed_params", {})) for t in trials if t.number != trial.number}
-            complete = sum(1 for t in trials if t.state == TrialState.COMPLETE)
-            incumbent = _incumbent(study) if method == "prior" and complete >= n_startup else None
-            for attempt in range(MAX_REDRAWS):  # a proposal that repeats a measured assignment is drawn again
-                params: dict[str, Any] = {}
-                source = "prior-draw" if method == "prior" else method
-                if method == "prior" and complete >= n_startup:
-                    if incumbent is not None and (trial.number + attempt) % 2 == 0:
-                        params = local_move(space, priors, incumbent, budget, rng, temperature, exclude=taken) or {}
-                        source = "local"
-                    if not params:
-                        tpe = TPESampler(seed=_trial_seed(seed, trial.number) + attempt, n_startup_trials=0, multivariate=True, constant_liar=True)
-                        params = tpe.sample_relative(study, trial, search_space)
-                        source = "tpe"
-                if not params:
-                    params = {n: self._draw(n, rng) for n in search_space}
-                levels, lowered = repair(space, params, budget, priors if method != "random" else None, rng)
-                if space.key(levels) not in taken:
-                    break
-            trial_source[trial.number] = source
-            trial_lowered[trial.number] = lowered
-            return {n: levels[n] for n in search_space}
-
-        def sample_independent(self, study, trial, param_name, param_distribution):
-            if param_name in space.by_name:
-                return self._draw(param_name, random.Random(_trial_seed(seed, trial.number) + zlib.crc32(param_name.encode())))
-            return optuna.samplers.RandomSampler().sample_independent(study, trial, param_name, param_distribution)
-
-    def _incumbent(study) -> dict[str, int] | None:
-        try:
-            best = study.best_trial
-        except ValueError:
-            return None
-        return {k: int(v) for k, v in best.params.items()}
-
-    trial_source: dict[int, str] = {}
-    trial_lowered: dict[int, int] = {}
-    sampler = BudgetSampler()
-    sampler.trial_source, sampler.trial_lowered = trial_source, trial_lowered
-    return sampler
+    return BudgetSampler(space, budget, method, priors, probs, seed, n_startup, temperature)
 
 
 # -- trial loop -----------------------------------------------------------------------------
@@ -307,10 +236,10 @@ class TrialObjective:
         fixed = dict(getattr(trial, "_fixed_params", {}) or {})  # enqueued (seeds, greedy steps, retries)
         proposed = {} if len(fixed) >= len(self.space.groups) else trial.relative_params  # the sampler's joint draw, already repaired
         raw = {g.name: int(fixed.get(g.name, proposed.get(g.name, 0))) for g in self.space.groups if g.levels > 1}
-        levels, lowered = repair(self.space, raw, self.budget, self.priors if self.method != "random" else None, random.Random(_trial_seed(self.seed, trial.number)))
+        levels, lowered = repair(self.space, raw, self.budget, self.priors if self.method != "random" else None, random.Random(trial_seed(self.seed, trial.number)))
         write_params(trial, {n: v for n, v in levels.items() if n in raw}, self.space)
-        lowered += getattr(self.sampler, "trial_lowered", {}).pop(trial.number, 0)
-        source = source or getattr(self.sampler, "trial_source", {}).pop(trial.number, self.method)
+        lowered += self.sampler.trial_lowered.pop(trial.number, 0)
+        source = source or self.sampler.trial_source.pop(trial.number, self.method)
         cost = self.space.cost(levels)
         assert cost <= self.budget + 1e-9, (cost, self.budget)
         key = self.space.key(levels)

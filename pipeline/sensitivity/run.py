@@ -102,19 +102,8 @@ def compute_sensitivity(
         site = graph[name]
         kind = "weight" if site.role == "weight" else "act"
         widths = sorted(probe.qweights[name]) if kind == "weight" else probe.act_bits[name]
-        measured: dict[str, float] = {}
-        for key, source in (("noise", noise), ("isolated", isolated)):
-            if name in source:
-                measured.update({f"{key}_kl": source[name]["kl"], f"{key}_loss": source[name]["loss"], f"{key}_agreement": source[name]["agreement"]})
-        scores: dict[str, dict[str, float]] = {}
-        for method in ("noise_kl", "noise_loss"):
-            if method in measured and nb in widths:
-                scores[method] = {str(b): measured[method] * probe.noise_factor(name, b, nb) for b in widths}
-        for method, key in (("isolated_kl", "kl"), ("isolated_loss", "loss")):
-            if all(name in isolated_at.get(b, {}) for b in widths) and widths:
-                scores[method] = {str(b): isolated_at[b][name][key] for b in widths}  # measured at every width
-        if name in hess:
-            scores["hessian"] = {str(b): v for b, v in sorted(hess[name].items())}
+        measured = {f"{key}_{m}": source[name][m] for key, source in (("noise", noise), ("isolated", isolated)) if name in source for m in ("kl", "loss", "agreement")}
+        scores = _site_scores(probe, name, widths, measured, isolated_at, hess.get(name), nb)
         trace = traces["weights"].get(name) if kind == "weight" else (traces["acts"].get(name) or {}).get("trace")
         sites[name] = {
             "role": site.role,
@@ -148,6 +137,23 @@ def compute_sensitivity(
     }
     result["ranking"] = rank_statistics(result)
     return result
+
+
+def _site_scores(
+    probe: SensitivityProbe, name: str, widths: Sequence[int], measured: Mapping[str, float], isolated_at: Mapping[int, Mapping[str, Mapping[str, float]]], hess: Mapping[int, float] | None, noise_bits: int
+) -> dict[str, dict[str, float]]:
+    """One site's scores {method: {width: score}}: noise scores scaled from `noise_bits` to each width by
+    the quantizer's noise power, isolated scores measured at every width, Hessian scores as computed."""
+    scores: dict[str, dict[str, float]] = {}
+    for method in ("noise_kl", "noise_loss"):
+        if method in measured and noise_bits in widths:
+            scores[method] = {str(b): measured[method] * probe.noise_factor(name, b, noise_bits) for b in widths}
+    for method, key in (("isolated_kl", "kl"), ("isolated_loss", "loss")):
+        if widths and all(name in isolated_at.get(b, {}) for b in widths):
+            scores[method] = {str(b): isolated_at[b][name][key] for b in widths}
+    if hess is not None:
+        scores["hessian"] = {str(b): v for b, v in sorted(hess.items())}
+    return scores
 
 
 def measured_at(result: Mapping[str, Any], method: str, kind: str | None = None) -> dict[str, float]:

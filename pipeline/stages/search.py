@@ -219,7 +219,7 @@ def check_inputs(ctx, specs) -> None:
 
 
 def run(ctx) -> dict[str, Any]:
-    from pipeline.search.report import export_recipe, pareto_png, write_trials_csv
+    from pipeline.search.report import pareto_png, write_trials_csv
     from pipeline.stages.calibrate import find_calibration
 
     cfg = ctx.cfg
@@ -233,23 +233,12 @@ def run(ctx) -> dict[str, Any]:
         raise PipelineError(f"search.budget={float(s.budget):g} is below the minimum possible cost {space.min_cost():.4f} (every site at its lowest width)")
     storage_url = s.storage or default_storage()
     write_json(ctx.out_dir / "space.json", {**space.describe(), "budget": float(s.budget), "groups": [{"name": g.name, "members": g.members, "widths": g.widths, "cost": g.step_cost} for g in space.groups]})
-    t0 = time.perf_counter()
-    workers = spawn_workers(ctx, calib_dir, sens_path, storage_url, int(s.workers) - 1)
-    try:
-        runs = run_methods(cfg, ctx.fp32, setup, storage_url, ctx.tracker)
-    finally:
-        for p in workers:
-            p.join()
-    bad = [p.exitcode for p in workers if p.exitcode != 0]
-    if bad:
-        raise PipelineError(f"{len(bad)} search worker process(es) failed (exit codes {bad})")
-    search_s = time.perf_counter() - t0
+    runs, search_s = _run_studies(ctx, setup, calib_dir, sens_path, storage_url)
 
     objective = s.objective
     records = [r for run in runs.values() for r in run.records]
     bests = {m: run.best(objective) for m, run in runs.items() if run.best(objective) is not None}
-    main = methods_of(cfg)[0]
-    overall = bests.get(main) if len(runs) == 1 else _best_of(bests.values(), objective)
+    overall = bests.get(methods_of(cfg)[0]) if len(runs) == 1 else _best_of(bests.values(), objective)
     references = {"all_low": space.lowest(), "all_high": space.highest()}
     ref_search = {name: setup.evaluator.evaluate(space.widths(levels)) for name, levels in references.items()}
     tests: dict[str, dict[str, float]] = {}
@@ -258,7 +247,6 @@ def run(ctx) -> dict[str, Any]:
         assignments.update({name: space.widths(levels) for name, levels in references.items()})
         tests = test_metrics(ctx, setup, assignments)
 
-    # Files
     write_trials_csv(ctx.out_dir / "trials.csv", records)
     png = pareto_png(records, objective, float(s.budget), {f"{n} ({space.cost(l):.2f})": (space.cost(l), ref_search[n][objective]) for n, l in references.items()}, overall)
     (ctx.out_dir / "plots").mkdir(exist_ok=True)
@@ -268,37 +256,72 @@ def run(ctx) -> dict[str, Any]:
         "budget": float(s.budget),
         "storage": storage_url,
         "space": space.describe(),
-        "methods": {},
+        "methods": {m: _method_entry(run, bests.get(m), space, tests.get(f"best_{m}")) for m, run in runs.items()},
         "references": {n: {"cost": space.cost(l), "search": ref_search[n], "test": tests.get(n)} for n, l in references.items()},
         "search_s": search_s,
     }
-    for m, run in runs.items():
-        best = bests.get(m)
-        results["methods"][m] = {
-            "study": run.study_name,
-            "trials": len(run.records),
-            "evaluations": run.evaluations,
-            "evaluated_here": run.evaluated_here,
-            "seconds": run.seconds,
-            "best": None if best is None else {"trial": best.number, "value": best.value, "cost": best.cost, "source": best.source, "search": best.metrics, "raised": space.raised(best.levels), "test": tests.get(f"best_{m}")},
-            "mean_trial_s": sum(r.trial_s for r in run.records) / max(1, len(run.records)),
-            "mean_eval_s": sum(r.metrics.get("eval_s", 0.0) for r in run.records if r.duplicate_of is None) / max(1, run.evaluations),
-        }
     metrics: dict[str, Any] = {"search_trials": len(records), "search_groups": len(space.groups), "search_min_cost": space.min_cost()}
     if overall is not None:
-        widths = space.widths(overall.levels)
-        results["best"] = {"method": overall.method, "trial": overall.number, "value": overall.value, "cost": overall.cost, "raised": space.raised(overall.levels), "roles_raised": _roles_raised(setup.graph, space, overall.levels), "test": tests.get(f"best_{overall.method}")}
-        write_json(ctx.out_dir / "best_assignment.json", {"method": overall.method, "trial": overall.number, "cost": overall.cost, "levels": overall.levels, "widths": widths})
-        recipe_name = f"search_{cfg.quant.name}_{overall.method}_{space_hash({'w': widths})}"
-        base_bits = {n: spec.bits for n, spec in setup.specs.items()}
-        comment = f"{ctx.fp32.name}, base {cfg.quant.name}, budget {float(s.budget):g}, {objective}={overall.value:.6g}, cost {overall.cost:.4f}"
-        export_recipe(ctx.out_dir / "recipe.yaml", cfg.quant, base_bits, widths, recipe_name, comment)
-        export_recipe(ctx.out_dir / "quant" / f"{recipe_name}.yaml", cfg.quant, base_bits, widths, recipe_name, comment)
-        results["recipe"] = recipe_name
+        test = tests.get(f"best_{overall.method}")
+        results["best"] = {"method": overall.method, "trial": overall.number, "value": overall.value, "cost": overall.cost, "raised": space.raised(overall.levels), "roles_raised": _roles_raised(setup.graph, space, overall.levels), "test": test}
+        results["recipe"] = _export_best(ctx, setup, overall)
         metrics.update({f"search_best_{objective}": overall.value, "search_best_cost": overall.cost, "search_best_raised_groups": len(space.raised(overall.levels))})
-        if f"best_{overall.method}" in tests:
-            t = tests[f"best_{overall.method}"]
-            metrics.update({"search_test_top1": t["top1"], "search_test_agreement": t["agreement"], "search_test_kl": t["kl"]})
+        if test is not None:
+            metrics.update({"search_test_top1": test["top1"], "search_test_agreement": test["agreement"], "search_test_kl": test["kl"]})
+    metrics.update(_per_method_metrics(results))
+    write_json(ctx.out_dir / "results.json", results)
+    ctx.summary["search_results"] = results
+    return metrics
+
+
+def _run_studies(ctx, setup: SearchSetup, calib_dir: Path, sens_path: Path | None, storage_url: str) -> tuple[dict[str, MethodRun], float]:
+    """Every method's study, with `search.workers - 1` helper processes on the same storage; (runs, seconds)."""
+    t0 = time.perf_counter()
+    workers = spawn_workers(ctx, calib_dir, sens_path, storage_url, int(ctx.cfg.search.workers) - 1)
+    try:
+        runs = run_methods(ctx.cfg, ctx.fp32, setup, storage_url, ctx.tracker)
+    finally:
+        for p in workers:
+            p.join()
+    bad = [p.exitcode for p in workers if p.exitcode != 0]
+    if bad:
+        raise PipelineError(f"{len(bad)} search worker process(es) failed (exit codes {bad})")
+    return runs, time.perf_counter() - t0
+
+
+def _method_entry(run: MethodRun, best: TrialRecord | None, space: SearchSpace, test: dict[str, float] | None) -> dict[str, Any]:
+    """One method's block of results.json: its study, trial counts, timings (s) and best trial."""
+    return {
+        "study": run.study_name,
+        "trials": len(run.records),
+        "evaluations": run.evaluations,
+        "evaluated_here": run.evaluated_here,
+        "seconds": run.seconds,
+        "best": None if best is None else {"trial": best.number, "value": best.value, "cost": best.cost, "source": best.source, "search": best.metrics, "raised": space.raised(best.levels), "test": test},
+        "mean_trial_s": sum(r.trial_s for r in run.records) / max(1, len(run.records)),
+        "mean_eval_s": sum(r.metrics.get("eval_s", 0.0) for r in run.records if r.duplicate_of is None) / max(1, run.evaluations),
+    }
+
+
+def _export_best(ctx, setup: SearchSetup, best: TrialRecord) -> str:
+    """Write best_assignment.json and the best assignment as a recipe (recipe.yaml, quant/<name>.yaml); returns its name."""
+    from pipeline.search.report import export_recipe
+
+    cfg = ctx.cfg
+    widths = setup.space.widths(best.levels)
+    write_json(ctx.out_dir / "best_assignment.json", {"method": best.method, "trial": best.number, "cost": best.cost, "levels": best.levels, "widths": widths})
+    name = f"search_{cfg.quant.name}_{best.method}_{space_hash({'w': widths})}"
+    base_bits = {n: spec.bits for n, spec in setup.specs.items()}
+    comment = f"{ctx.fp32.name}, base {cfg.quant.name}, budget {float(cfg.search.budget):g}, {cfg.search.objective}={best.value:.6g}, cost {best.cost:.4f}"
+    export_recipe(ctx.out_dir / "recipe.yaml", cfg.quant, base_bits, widths, name, comment)
+    export_recipe(ctx.out_dir / "quant" / f"{name}.yaml", cfg.quant, base_bits, widths, name, comment)
+    return name
+
+
+def _per_method_metrics(results: Mapping[str, Any]) -> dict[str, float]:
+    """MLflow metrics `search/<method or reference>/<name>` from results.json's methods and references."""
+    objective = results["objective"]
+    metrics: dict[str, float] = {}
     for m, entry in results["methods"].items():
         best = entry["best"]
         metrics[f"search/{m}/trials"] = entry["trials"]
@@ -307,17 +330,15 @@ def run(ctx) -> dict[str, Any]:
         if best is not None:
             metrics[f"search/{m}/best"] = best["value"]
             metrics[f"search/{m}/best_cost"] = best["cost"]
-            for k, v in (best["test"] or {}).items():
-                if k in ("top1", "agreement", "kl"):
-                    metrics[f"search/{m}/test_{k}"] = v
+            metrics.update(_test_metrics(f"search/{m}", best["test"]))
     for n, entry in results["references"].items():
         metrics[f"search/{n}/{objective}"] = entry["search"][objective]
-        for k, v in (entry["test"] or {}).items():
-            if k in ("top1", "agreement", "kl"):
-                metrics[f"search/{n}/test_{k}"] = v
-    write_json(ctx.out_dir / "results.json", results)
-    ctx.summary["search_results"] = results
+        metrics.update(_test_metrics(f"search/{n}", entry["test"]))
     return metrics
+
+
+def _test_metrics(prefix: str, test: Mapping[str, float] | None) -> dict[str, float]:
+    return {f"{prefix}/test_{k}": v for k, v in (test or {}).items() if k in ("top1", "agreement", "kl")}
 
 
 def _best_of(records, objective: str) -> TrialRecord | None:
