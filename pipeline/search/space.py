@@ -196,7 +196,21 @@ def build_space(
             elements[n] = graph.module(n.rsplit(".", 1)[0]).weight.numel()
         elif n not in elements:
             raise PipelineError(f"site {n} saw no tensor in a forward pass")
-    # Union-find over the tie rules.
+    groups = []
+    for root, ms in tied_members(graph, names, ties).items():
+        widths = {m: (weight_bits if kinds[m] == "weight" else act_bits) for m in ms}
+        if len({len(w) for w in widths.values()}) > 1:
+            raise PipelineError(f"tied group of {root} mixes weights {weight_bits} and activations {act_bits}: tied sites need as many candidate widths")
+        groups.append(Group(group_name(ms), ms, {m: list(w) for m, w in widths.items()}))
+    groups = [g for g in groups if g.levels > 1] + [g for g in groups if g.levels == 1]
+    norm = sum((weight_cost_weight if kinds[n] == "weight" else act_cost_weight) * elements[n] for n in names)
+    if norm <= 0:
+        raise PipelineError("search: the cost weights give every site zero cost (search.weight_cost_weight / act_cost_weight)")
+    return SearchSpace(groups, kinds, elements, norm, weight_cost_weight, act_cost_weight)
+
+
+def tied_members(graph: SiteGraph, names: Sequence[str], ties: Sequence[str]) -> dict[str, list[str]]:
+    """{root site: member sites in `names` order}: sites joined when any tie rule gives them the same key (union-find)."""
     parent = {n: n for n in names}
 
     def find(x: str) -> str:
@@ -218,17 +232,7 @@ def build_space(
     members: dict[str, list[str]] = {}
     for n in names:
         members.setdefault(find(n), []).append(n)
-    groups = []
-    for root, ms in members.items():
-        widths = {m: (weight_bits if kinds[m] == "weight" else act_bits) for m in ms}
-        if len({len(w) for w in widths.values()}) > 1:
-            raise PipelineError(f"tied group of {root} mixes weights {weight_bits} and activations {act_bits}: tied sites need as many candidate widths")
-        groups.append(Group(group_name(ms), ms, {m: list(w) for m, w in widths.items()}))
-    groups = [g for g in groups if g.levels > 1] + [g for g in groups if g.levels == 1]
-    norm = sum((weight_cost_weight if kinds[n] == "weight" else act_cost_weight) * elements[n] for n in names)
-    if norm <= 0:
-        raise PipelineError("search: the cost weights give every site zero cost (search.weight_cost_weight / act_cost_weight)")
-    return SearchSpace(groups, kinds, elements, norm, weight_cost_weight, act_cost_weight)
+    return members
 
 
 def group_name(members: Sequence[str]) -> str:

@@ -28,11 +28,12 @@ logit KL vs FP32 (nats) grows when ONE site is quantized at a width `b`, everyth
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -282,30 +283,10 @@ def hessian_traces(probe: SensitivityProbe, batches: list[Tensor], labels: list[
     try:
         for bi, (images, y) in enumerate(zip(batches, labels)):
             images, y = images.to(device), y.to(device)
-            acts = probe.acts if settings.activation_hessian else []
-            # Shapes (and, for log2 sites, the values) of each activation site on this batch.
-            seen: dict[str, Tensor | torch.Size] = {}
-            log2 = {n for n in acts if probe.specs[n].quantizer == "log2"}
-            graph.set_tap(lambda s, x, out: seen.__setitem__(s.name, x.detach() if s.name in log2 else x.shape), acts)
-            with torch.no_grad():
-                model(images)
-            graph.set_tap(None, acts)
-            acts = [n for n in acts if n in seen]
-            deltas = [torch.zeros(seen[n].shape if n in log2 else seen[n], device=device, requires_grad=True) for n in acts]
-            reducers: list[Any] = [None] * len(wparams)
-            for n in acts:
-                site = graph[n]
-                if n in log2:
-                    x2 = seen[n].square()
-                    reducers.append(lambda p, x2=x2: (p * x2).sum().reshape(1))
-                elif probe.specs[n].channelwise:
-                    reducers.append(lambda p, axis=site.axis: p.movedim(axis, -1).reshape(-1, p.shape[axis]).sum(0))
-                else:
-                    reducers.append(lambda p: p.sum().reshape(1))
-            contexts = [replace_forward(graph[n], lambda x, d=d: x + d) for n, d in zip(acts, deltas)]
-            for c in contexts:
-                c.__enter__()
-            try:
+            acts, deltas, reducers = _activation_perturbations(probe, images, settings.activation_hessian)
+            with contextlib.ExitStack() as stack:  # each activation site outputs x + δ, δ = 0 with a gradient
+                for n, d in zip(acts, deltas):
+                    stack.enter_context(replace_forward(graph[n], lambda x, d=d: x + d))
                 result = hutchinson_trace(
                     lambda: F.cross_entropy(model(images), y),
                     [*wparams, *deltas],
@@ -313,11 +294,8 @@ def hessian_traces(probe: SensitivityProbe, batches: list[Tensor], labels: list[
                     tol=settings.hutchinson_tol,
                     generator=gen,
                     min_iters=settings.hutchinson_min_iters,
-                    diag_reduce=reducers,
+                    diag_reduce=[None] * len(wparams) + reducers,
                 )
-            finally:
-                for c in reversed(contexts):
-                    c.__exit__(None, None, None)
             iters.append(result.iters)
             converged.append(result.converged)
             for n, t in zip(probe.weights, result.traces[: len(wparams)]):
@@ -326,12 +304,43 @@ def hessian_traces(probe: SensitivityProbe, batches: list[Tensor], labels: list[
                 entry = acc_a.setdefault(n, {"trace": 0.0, "diag": torch.zeros_like(d, dtype=torch.float64)})
                 entry["trace"] += t / len(batches)
                 entry["diag"] = entry["diag"] + d.double().cpu() / len(batches)
-            del deltas, seen, result
+            del deltas, reducers, result
     finally:
         for p, flag in saved.items():
             p.requires_grad_(flag)
         graph.set_tap(None)
     return {"weights": acc_w, "acts": acc_a, "iters": iters, "converged": converged, "seconds": time.perf_counter() - t0}
+
+
+def _activation_perturbations(probe: SensitivityProbe, images: Tensor, enabled: bool) -> tuple[list[str], list[Tensor], list[Callable[[Tensor], Tensor]]]:
+    """(sites, δ, reducers) for the activation Hessian on one batch (empty when not `enabled`).
+
+    δ is a zero tensor (requires grad) of the site's output shape on `images`; the reducer turns
+    Hutchinson's diagonal estimate of that δ into the site's figure: a sum per channel for
+    channelwise sites, one sum for per-tensor sites, and Σ diag·x² for log2 sites (their error
+    scales with the value).
+    """
+    graph = probe.graph
+    acts = probe.acts if enabled else []
+    log2 = {n for n in acts if probe.specs[n].quantizer == "log2"}
+    seen: dict[str, Tensor | torch.Size] = {}  # shapes, and for log2 sites the values
+    graph.set_tap(lambda s, x, out: seen.__setitem__(s.name, x.detach() if s.name in log2 else x.shape), acts)
+    try:
+        with torch.no_grad():
+            graph.model(images)
+    finally:
+        graph.set_tap(None, acts)
+    acts = [n for n in acts if n in seen]
+    deltas = [torch.zeros(seen[n].shape if n in log2 else seen[n], device=images.device, requires_grad=True) for n in acts]
+    reducers: list[Callable[[Tensor], Tensor]] = []
+    for n in acts:
+        if n in log2:
+            reducers.append(lambda p, x2=seen[n].square(): (p * x2).sum().reshape(1))
+        elif probe.specs[n].channelwise:
+            reducers.append(lambda p, axis=graph[n].axis: p.movedim(axis, -1).reshape(-1, p.shape[axis]).sum(0))
+        else:
+            reducers.append(lambda p: p.sum().reshape(1))
+    return acts, deltas, reducers
 
 
 def hessian_scores(probe: SensitivityProbe, traces: Mapping[str, Any]) -> dict[str, dict[int, float]]:
