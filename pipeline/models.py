@@ -90,7 +90,7 @@ def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
         raise PipelineError(f"bad kwargs for timm model '{name}': {e}") from None
     except (OSError, RuntimeError, ValueError) as e:
         if pretrained:
-            raise PipelineError(f"could not fetch pretrained weights for '{name}' (no network? use model.checkpoint=...): {e}".splitlines()[0]) from None
+            raise PipelineError(f"could not fetch pretrained weights for '{name}' (no network? use model.checkpoint=..., or HF_HUB_OFFLINE=1 to read only the local Hugging Face cache and skip the hub's retries): {e}".splitlines()[0]) from None
         raise PipelineError(f"could not build timm model '{name}': {e}".splitlines()[0]) from None
 
 

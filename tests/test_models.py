@@ -56,6 +56,17 @@ def test_missing_checkpoint_and_unknown_model():
         load_model(ModelConfig(name="vit_tinyy"))
 
 
+def test_pretrained_weights_offline_and_not_cached_is_one_error(tmp_path, monkeypatch):
+    """model.pretrained=true with HF_HUB_OFFLINE and an empty cache: one line naming the model and the remedies."""
+    import huggingface_hub.constants as hf
+
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(PipelineError, match=r"could not fetch pretrained weights for 'vit_tiny_patch16_224' .*model\.checkpoint=.*HF_HUB_OFFLINE=1") as err:
+        load_model(ModelConfig(name="vit_tiny_patch16_224", pretrained=True))
+    assert "\n" not in str(err.value)
+
+
 @needs_assets
 def test_reference_card_loads_float32_with_card_mean_std():
     loaded = load_model(ModelConfig(card=str(REFERENCE_CARD)))
