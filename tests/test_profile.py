@@ -179,7 +179,24 @@ def test_row_limit_takes_evenly_strided_rows():
     full, sampled = SiteStats(), SiteStats()
     full.add_rows(ref, test)
     sampled.add_rows(ref, test, limit=6)  # stride 2: rows 0, 2, ..., 10, all unchanged
-    assert full.top1 / full.rows == 0.5 and sampled.rows == 6 and sampled.top1 / sampled.rows == 1.0
+    assert full.top1 / full.rows == 0.5 and sampled.rows == 12 and sampled.top1 / sampled.rows == 1.0
+
+
+def test_sampled_batches_weigh_by_their_size():
+    """Batches of different sizes (a last, short batch): sampled top-1 rates and FP32 histograms weigh each by its size."""
+    torch.manual_seed(0)
+    rows = SiteStats()
+    big, small = torch.rand(3000, 8), torch.rand(1000, 8)
+    rows.add_rows(big, big.clone(), limit=500)  # every argmax kept
+    rows.add_rows(small, -small, limit=500)  # every argmax moved
+    assert rows.rows == 4000 and rows.top1 / rows.rows == 0.75  # not 0.5, the mean of the two sampled batches
+    hist = SiteStats()
+    low, high = torch.rand(3200, 100) * 0.5, torch.rand(800, 100) * 0.5 + 0.5  # both larger than HIST_SAMPLES
+    low[0, 0], low[0, 1] = 0.0, 1.0  # the histogram's range is set on the first batch: [0, 1]
+    hist.add_pair(low, low.clone())
+    hist.add_pair(high, high.clone())
+    ref = hist.histograms()["ref"]
+    assert float(ref[128:].sum() / ref.sum()) == pytest.approx(0.2, abs=0.005)  # 80,000 of 400,000 values lie in [0.5, 1]
 
 
 # -- flags ------------------------------------------------------------------------------

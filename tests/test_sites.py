@@ -108,3 +108,13 @@ def test_sites_see_the_tensors_they_name():
 def test_non_vit_is_rejected():
     with pytest.raises(PipelineError, match="not a timm VisionTransformer"):
         attach_sites(timm.create_model("resnet10t", num_classes=10))
+
+
+def test_qparams_bind_on_the_sites_device():
+    """A graph moved to a device before its first bind (sensitivity and search on CUDA) gets its qparams there."""
+    from pipeline.quant.recipe import SiteSpec
+    from pipeline.quant.sites import Site
+
+    site = Site("blocks.0.attn.sv", "sv_attn").to("meta")  # any device other than the calibration state's CPU
+    site.bind(SiteSpec(bits=8), 8, torch.ones(4), torch.zeros(4, dtype=torch.int32))
+    assert site.scale.device.type == "meta" and site.zero_point.device.type == "meta"

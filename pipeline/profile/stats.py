@@ -13,7 +13,9 @@ quantized tensor takes only those values, so no pass over it is needed. The
 FP32 tensor's value histogram (for the KL) is built from an evenly strided
 sample of whole rows, at most HIST_SAMPLES values per batch (every value of
 smaller tensors; see `spread_sample`), and the softmax rows' top-k hit rates from at most ROW_SAMPLES rows
-per batch; everything else (energies, cosines, code counts) uses every value.
+per batch; a sampled batch weighs by its full size (values, rows), so batches of different sizes
+combine as if every value had been counted. Everything else (energies, cosines, code counts) uses
+every value.
 """
 
 from __future__ import annotations
@@ -167,9 +169,21 @@ class SiteStats:
         if self.hist_range is None:
             self._set_range(r, t)
         self.elements += ref.numel()
-        self._ref_counts = self._count(self._ref_counts, self._bin_index(spread_sample(r, HIST_SAMPLES)), self.bins)
+        self._ref_counts = self._count_sample(self._ref_counts, r)
         if self._values is None:
-            self._test_counts = self._count(self._test_counts, self._bin_index(spread_sample(t, HIST_SAMPLES)), self.bins)
+            self._test_counts = self._count_sample(self._test_counts, t)
+
+    def _count_sample(self, total: Tensor | None, x: Tensor) -> Tensor:
+        """total + x's value histogram from an evenly spread sample of at most HIST_SAMPLES values.
+
+        A sampled batch's counts are scaled up to its number of values, so that batches of
+        different sizes weigh by their size: (bins,) float64, an estimate of x's full counts.
+        """
+        sample = spread_sample(x, HIST_SAMPLES)
+        counts = torch.bincount(memory_order(self._bin_index(sample)), minlength=self.bins).double()
+        if sample.numel() < x.numel():
+            counts.mul_(x.numel() / sample.numel())
+        return counts if total is None else total.add_(counts)
 
     def _set_range(self, r: Tensor, t: Tensor) -> None:
         """[min, max] over ref and test (test's from its used code values when known): one host sync."""
@@ -198,11 +212,11 @@ class SiteStats:
         With `limit`, batches of more rows contribute an evenly strided sample of at most `limit` rows
         (attention maps: thousands of rows per batch, where top-k is the costliest metric).
         """
-        if limit is not None and ref.numel() // ref.shape[-1] > limit:
+        rows = ref.numel() // ref.shape[-1]  # a sampled batch still weighs by all its rows
+        if limit is not None and rows > limit:
             flat_r, flat_t = ref.reshape(-1, ref.shape[-1]), test.reshape(-1, test.shape[-1])
-            stride = -(-flat_r.shape[0] // limit)
+            stride = -(-rows // limit)
             ref, test = flat_r[::stride], flat_t[::stride]
-        rows = ref.numel() // ref.shape[-1]
         ks = (1, 5) if ref.shape[-1] > 5 else (1,)
         rates = topk_hit_rates(ref, test, ks)
         self.top1 += rates[0] * rows
@@ -241,7 +255,8 @@ class SiteStats:
             raise ValueError("no batch was added")
         norm_r, norm_d, norm_t = torch.cat(self._tokens, dim=1).double()
         sq_r, sq_d = norm_r.square(), norm_d.square()
-        # d = r - t: <r, t> = (|r|^2 + |t|^2 - |d|^2) / 2 (float32 norms: cosines good to ~1e-7)
+        # d = r - t: <r, t> = (|r|^2 + |t|^2 - |d|^2) / 2 from float32 norms: the cosine's error is about
+        # 1e-7 * |r| / |t|, so exact to ~1e-7 unless the quantized token is orders of magnitude smaller
         cos = cosine_from_dots((sq_r + norm_t.square() - sq_d) / 2, norm_r, norm_t)
         signal, noise, cos_mean, cos_min = torch.stack([sq_r.sum(), sq_d.sum(), cos.mean(), cos.min()]).tolist()
         out: dict[str, float | int | None] = {

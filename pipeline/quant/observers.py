@@ -27,9 +27,11 @@ from torch import Tensor, nn
 from pipeline.quant.quantizers import choose_qparams, fake_quantize_broadcast, qrange
 
 GRANULARITIES = ("per_tensor", "per_channel")
-MAX_QUANTILE_SAMPLES = 1 << 16  # per-batch percentile sample per channel: cheap, EMA smooths the noise
-TOPK_TAIL = 4096  # row_quantile uses topk when the quantile lies this close to either end
-"""The percentile observer subsamples longer rows to this many values before selecting order statistics."""
+MAX_QUANTILE_SAMPLES = 1 << 16
+"""The percentile observer subsamples longer rows to this many values before selecting order statistics
+(per batch and channel: cheap, and the EMA smooths the sampling noise)."""
+TOPK_TAIL = 4096
+"""row_quantile selects by topk when the quantile lies this close to either end of a row."""
 OMSE_CHUNK_BYTES = 256 * 1024 * 1024
 """Memory budget for the omse candidate search; candidates are evaluated in chunks that fit."""
 OMSE_LOSSES = ("l1", "l2", "huber")
@@ -334,7 +336,7 @@ class PercentileObserver(EmaObserver):
     """Per-batch percentiles instead of min/max, combined across batches like EmaObserver.
 
     batch range = (quantile(1 - alpha), quantile(alpha)) per row, linear interpolation (see row_quantile);
-    rows longer than 2^20 are first subsampled deterministically (spread_column_subsample).
+    rows longer than MAX_QUANTILE_SAMPLES (2^16) are first subsampled deterministically (spread_column_subsample).
     Warm-up: min of the lower / max of the upper percentiles; afterwards the EMA with sigma.
     """
 
@@ -363,10 +365,11 @@ class OmseObserver(Observer):
     """Range search minimising the quantization error (OMSE-style) over a stored sample of the data.
 
     forward: running min/max, plus a uniform random sample of at most ``max_samples`` columns (values per
-        channel) over everything seen so far: each column gets a pseudo-random key from a generator seeded
-        with (seed, batch number), and the sample keeps the columns with the smallest keys ("bottom-k"
-        sampling). Every observed column is equally likely to be kept, whatever the batch, and the result
-        is deterministic given the inputs. All channels share the same columns (token positions).
+        channel) over everything seen so far: each batch offers ``max_samples`` of its columns (drawn with
+        replacement), each with a pseudo-random key from a generator seeded with (seed, batch number), and
+        the sample keeps the columns with the smallest keys ("bottom-k" sampling). Over batches of equal
+        size every column is equally likely to be kept (a short last batch is slightly over-represented),
+        and the result is deterministic given the inputs. All channels share the same columns (token positions).
     calculate_qparams: candidate ranges [r * min_val, r * max_val], first for r in linspace(1, min_ratio,
         grid), then ``grid`` finer ratios around each channel's best (symmetric modes use
         r * max(|min|, |max|) through choose_qparams); each candidate's error fq(x) - x over the sample

@@ -75,6 +75,7 @@ class Site(nn.Module):
         self.qmin = self.qmax = 0
         self.register_buffer("scale", None, persistent=False)
         self.register_buffer("zero_point", None, persistent=False)
+        self.register_buffer("device_anchor", torch.empty(0), persistent=False)  # moves with .to(): the device qparams bind to
 
     @property
     def block(self) -> int | None:
@@ -101,9 +102,8 @@ class Site(nn.Module):
         self.spec, self.bits = spec, bits
         if spec.quantizer == "uniform":
             self.qmin, self.qmax = qrange(bits, spec.signed)
-            device = self.scale.device if self.scale is not None else None
-            self.scale = scale.to(device or scale.device, torch.float32)
-            self.zero_point = zero_point.to(self.scale.device, torch.float32)
+            self.scale = scale.to(self.device_anchor.device, torch.float32)
+            self.zero_point = zero_point.to(self.device_anchor.device, torch.float32)
         else:
             self.qmin, self.qmax = 0, 2**bits - 1
             self.scale = self.zero_point = None
