@@ -77,6 +77,20 @@ def split_dir(cfg: DataConfig, split: str) -> Path:
     return path
 
 
+def check_calibration_split(cfg: DataConfig) -> None:
+    """Calibration and search must never read the evaluation images: the calibration split may not be the
+    evaluation split or contain it (e.g. data.calib_split=. with the evaluation split under the root)."""
+    if cfg.kind == "synthetic":
+        same = cfg.calib_split == cfg.eval_split
+    elif not cfg.root:
+        return  # split_dir names the missing data.root
+    else:
+        calib, evaluation = (Path(cfg.root) / cfg.calib_split).resolve(), (Path(cfg.root) / cfg.eval_split).resolve()
+        same = calib == evaluation or calib in evaluation.parents
+    if same:
+        raise PipelineError(f"data.calib_split='{cfg.calib_split}' would read the evaluation split '{cfg.eval_split}': calibration and search use other images")
+
+
 def build_dataset(cfg: DataConfig, loaded: LoadedModel, split: str) -> Dataset:
     if cfg.kind == "synthetic":
         g = torch.Generator().manual_seed(hash_int(f"{cfg.seed}/{split}"))
@@ -118,8 +132,11 @@ def make_subset(cfg: DataConfig, loaded: LoadedModel, purpose: str) -> DataSubse
         indices = order[: clamp_size(cfg.eval_size, len(order), "data.eval_size")]
     elif purpose == "calib":
         indices = order[: clamp_size(cfg.calib_size, len(order), "data.calib_size")]
-    elif purpose == "search":
-        indices = order.flip(0)[: clamp_size(cfg.search_size, len(order), "data.search_size")]
+    elif purpose == "search":  # from the back of the permutation, never reaching the calibration images
+        available = len(order) - (len(order) if cfg.calib_size <= 0 else min(cfg.calib_size, len(order)))
+        if available == 0:
+            raise PipelineError(f"data.calib_size={cfg.calib_size} takes all {len(order)} images of split '{split}': the search subset must be disjoint from them, lower data.calib_size")
+        indices = order.flip(0)[: clamp_size(cfg.search_size, available, "data.search_size")]
     else:
         raise ValueError(f"unknown subset purpose '{purpose}'")
     if indices.numel() == 0:

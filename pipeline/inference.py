@@ -27,11 +27,12 @@ def predict(model: nn.Module, subset: DataSubset, device: torch.device, desc: st
 
 
 def fp32_logits(model: nn.Module, fingerprint: str, subset: DataSubset, device: torch.device, cache_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """FP32 logits and labels of `subset`, cached per (model weights, subset).
+    """FP32 logits and labels of `subset`, cached per (model fingerprint, subset, device type).
 
-    Returns (logits (N, K), labels (N,), cache_hit).
+    The device type is in the key because CUDA kernels (TF32 convolutions, fused attention) round
+    differently from the CPU's. Returns (logits (N, K), labels (N,), cache_hit).
     """
-    path = Path(cache_dir) / "fp32_logits" / f"{fingerprint}-{subset.key}.safetensors"
+    path = Path(cache_dir) / "fp32_logits" / f"{fingerprint}-{subset.key}-{torch.device(device).type}.safetensors"
     if path.is_file():
         cached = read_tensors(path)
         if cached["logits"].shape[0] == len(subset):

@@ -43,7 +43,12 @@ class LoadedModel:
 def load_model(cfg: ModelConfig) -> LoadedModel:
     """Build the FP32 model the config names (card, checkpoint or hub weights)."""
     if cfg.card:
-        return _load_card(Path(cfg.card), dict(cfg.kwargs))
+        if cfg.checkpoint or cfg.pretrained:
+            raise PipelineError(f"model.card ({cfg.card}) brings its own weights: drop model.checkpoint / model.pretrained, or use model=timm")
+        loaded = _load_card(Path(cfg.card), dict(cfg.kwargs))
+        if cfg.name != loaded.timm_name:
+            raise PipelineError(f"model.name={cfg.name} differs from the card's timm model '{loaded.timm_name}': use model=timm for another architecture")
+        return loaded
     model = _create(cfg.name, cfg.pretrained, dict(cfg.kwargs))
     source: dict[str, Any] = {"timm_name": cfg.name, "pretrained": cfg.pretrained}
     if cfg.checkpoint:
@@ -55,7 +60,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     if img_size:  # kwargs such as img_size=32 change the input, not the pretrained cfg
         data_config["input_size"] = (data_config["input_size"][0], *img_size)
     name = Path(cfg.checkpoint).stem if cfg.checkpoint else cfg.name
-    return _finish(model, name, cfg.name, data_config, plain_transform=False, source=source)
+    return _finish(model, name, cfg.name, dict(cfg.kwargs), data_config, plain_transform=False, source=source)
 
 
 def _load_card(card_path: Path, extra_kwargs: dict[str, Any]) -> LoadedModel:
@@ -76,7 +81,7 @@ def _load_card(card_path: Path, extra_kwargs: dict[str, Any]) -> LoadedModel:
     img_size = img_size if isinstance(img_size, (tuple, list)) else (img_size, img_size)
     data_config = {"input_size": (3, *img_size), "mean": mean, "std": std, "interpolation": "bilinear", "crop_pct": 1.0}
     source = {"card": str(card_path), "weights": str(weights), "timm_name": timm_name}
-    return _finish(model, card_path.stem, timm_name, data_config, plain_transform=True, source=source)
+    return _finish(model, card_path.stem, timm_name, kwargs, data_config, plain_transform=True, source=source)
 
 
 def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
@@ -139,9 +144,12 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def state_fingerprint(model: nn.Module) -> str:
-    """SHA-1 (16 hex digits) of the model's state dict: names, dtypes and bytes."""
+def model_fingerprint(model: nn.Module, timm_name: str, kwargs: dict[str, Any]) -> str:
+    """SHA-1 (16 hex digits) of what fixes the model's function: the timm architecture and its kwargs
+    (some, such as num_heads or act_layer, change the outputs but no weight shape), the timm version,
+    and the state dict (names, dtypes and bytes). Keys the FP32 logits cache and the stage states."""
     h = hashlib.sha1()
+    h.update(json.dumps({"timm_name": timm_name, "kwargs": kwargs, "timm": timm.__version__}, sort_keys=True, default=str).encode())
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
         h.update(str(v.dtype).encode())
@@ -149,8 +157,8 @@ def state_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _finish(model: nn.Module, name: str, timm_name: str, data_config: dict[str, Any], plain_transform: bool, source: dict[str, Any]) -> LoadedModel:
+def _finish(model: nn.Module, name: str, timm_name: str, kwargs: dict[str, Any], data_config: dict[str, Any], plain_transform: bool, source: dict[str, Any]) -> LoadedModel:
     model = model.float().eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return LoadedModel(model, name, timm_name, data_config, plain_transform, state_fingerprint(model), source)
+    return LoadedModel(model, name, timm_name, data_config, plain_transform, model_fingerprint(model, timm_name, kwargs), source)

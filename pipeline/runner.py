@@ -150,9 +150,9 @@ def _run_stage(ctx: StageContext, stage: Stage, fn: Callable[[StageContext], dic
             metrics = fn(ctx) or {}
             metrics[f"{stage.value}_s"] = round(time.time() - t0, 3)
             ctx.tracker.log_metrics({k: v for k, v in metrics.items() if _is_number(v)})
+            ctx.tracker.log_artifact(tmp, stage.value)  # before the rename: a failed upload leaves no finished folder
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            ctx.tracker.log_artifact(final, stage.value)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         ctx.out_dir = None
@@ -162,21 +162,26 @@ def _run_stage(ctx: StageContext, stage: Stage, fn: Callable[[StageContext], dic
 
 def _check_data(cfg: DictConfig, fp32: LoadedModel) -> None:
     """Fail early on a missing or empty data root or a bad loader setting (the stages build loaders later)."""
-    from pipeline.data import split_dir
+    from pipeline.data import check_calibration_split, split_dir
 
     if int(cfg.data.batch_size) < 1:
         raise PipelineError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
     if int(cfg.data.num_workers) < 0:
         raise PipelineError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    for key in ("calib_size", "eval_size", "search_size"):
+        if int(cfg.data[key]) < 0:
+            raise PipelineError(f"data.{key} must be >= 0 (0 = all), got {cfg.data[key]}")
+    if cfg.data.kind not in ("imagefolder", "synthetic"):
+        raise PipelineError(f"unknown data.kind '{cfg.data.kind}' (imagefolder or synthetic)")
+    needs_calib = any(Stage(s) in (Stage.calibrate, Stage.sensitivity, Stage.search) for s in cfg.stages)
+    needs_eval = Stage.evaluate in [Stage(s) for s in cfg.stages] or (Stage.search in [Stage(s) for s in cfg.stages] and cfg.search.test)
+    if needs_calib:
+        check_calibration_split(cfg.data)
     if cfg.data.kind == "imagefolder":
-        needs_eval = any(Stage(s) == Stage.evaluate for s in cfg.stages)
-        needs_calib = any(Stage(s) in (Stage.calibrate, Stage.sensitivity, Stage.search) for s in cfg.stages)
         if needs_eval:
             split_dir(cfg.data, cfg.data.eval_split)
         if needs_calib:
             split_dir(cfg.data, cfg.data.calib_split)
-    elif cfg.data.kind != "synthetic":
-        raise PipelineError(f"unknown data.kind '{cfg.data.kind}' (imagefolder or synthetic)")
 
 
 def _check_site_names(cfg: DictConfig, stages: list[Stage], fp32: LoadedModel) -> dict[str, SiteSpec] | None:

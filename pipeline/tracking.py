@@ -115,13 +115,16 @@ class Tracker:
         self.log_params(params)
 
     def end(self, failed: bool = False) -> None:
-        """Terminate the parent run; on failure also any stage run an interrupt left RUNNING (stopped mid-`create_run`)."""
+        """Terminate the parent run; on failure also any stage run or run below a stage (a search trial)
+        that an interrupt left RUNNING (for example stopped mid-`create_run`)."""
         if not (self.enabled and self.parent_id):
             return
         if failed:
-            unfinished = f"tags.mlflow.parentRunId = '{self.parent_id}' and attributes.status = 'RUNNING'"
-            for run in self.client.search_runs([self.experiment_id], filter_string=unfinished):
-                self.client.set_terminated(run.info.run_id, "FAILED")
+            stages = self.client.search_runs([self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}'")
+            ours = {self.parent_id, *(run.info.run_id for run in stages)}
+            for run in self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'"):
+                if run.data.tags.get("mlflow.parentRunId") in ours:
+                    self.client.set_terminated(run.info.run_id, "FAILED")
         self.client.set_terminated(self.parent_id, "FAILED" if failed else "FINISHED")
 
     # -- stages -------------------------------------------------------------------

@@ -40,6 +40,28 @@ def test_synthetic_subsets_are_fixed_and_nested():
     assert images.shape == (10, 3, 32, 32) and labels.max() < 10
 
 
+def test_search_subset_stays_disjoint_from_calibration_when_they_would_overlap():
+    cfg = DataConfig(kind="synthetic", synthetic_size=40, calib_size=30, search_size=20, num_workers=0)
+    calib, search = make_subset(cfg, fake_model(), "calib"), make_subset(cfg, fake_model(), "search")
+    assert len(search) == 10 and not set(calib.indices.tolist()) & set(search.indices.tolist())
+    with pytest.raises(PipelineError, match=r"data.calib_size=0 takes all 40 images of split 'train': the search subset must be disjoint"):
+        make_subset(DataConfig(kind="synthetic", synthetic_size=40, calib_size=0, num_workers=0), fake_model(), "search")
+
+
+def test_calibration_split_may_not_be_or_contain_the_evaluation_split(tmp_path):
+    from pipeline.data import check_calibration_split
+
+    for split in ("train", "test"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+        (tmp_path / split / "cat" / "0.png").write_bytes(b"")
+    check_calibration_split(DataConfig(root=str(tmp_path), calib_split="train", eval_split="test"))
+    for calib in ("test", ".", str(tmp_path / "test")):
+        with pytest.raises(PipelineError, match="would read the evaluation split 'test'"):
+            check_calibration_split(DataConfig(root=str(tmp_path), calib_split=calib, eval_split="test"))
+    with pytest.raises(PipelineError, match="would read the evaluation split"):
+        check_calibration_split(DataConfig(kind="synthetic", calib_split="test", eval_split="test"))
+
+
 def test_without_first_loads_the_rest_of_the_subset_in_order():
     cfg = DataConfig(kind="synthetic", synthetic_size=40, eval_size=10, batch_size=4, num_workers=0)
     subset = make_subset(cfg, fake_model(), "eval")

@@ -56,6 +56,18 @@ def test_missing_checkpoint_and_unknown_model():
         load_model(ModelConfig(name="vit_tinyy"))
 
 
+def test_fingerprint_tells_apart_architectures_that_share_the_weights(tmp_path):
+    """num_heads changes the function but no weight shape: same checkpoint, other outputs, other fingerprint."""
+    ref = timm.create_model(TINY_VIT["name"], **TINY_VIT["kwargs"])
+    save_file(ref.state_dict(), str(tmp_path / "w.safetensors"))
+    three = load_model(tiny_cfg(checkpoint=str(tmp_path / "w.safetensors")))
+    six = load_model(ModelConfig(name=TINY_VIT["name"], kwargs={**TINY_VIT["kwargs"], "num_heads": 6}, checkpoint=str(tmp_path / "w.safetensors")))
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.equal(three.model(x), six.model(x))
+    assert three.fingerprint != six.fingerprint
+    assert load_model(tiny_cfg(checkpoint=str(tmp_path / "w.safetensors"))).fingerprint == three.fingerprint
+
+
 def test_pretrained_weights_offline_and_not_cached_is_one_error(tmp_path, monkeypatch):
     """model.pretrained=true with HF_HUB_OFFLINE and an empty cache: one line naming the model and the remedies."""
     import huggingface_hub.constants as hf
@@ -65,6 +77,17 @@ def test_pretrained_weights_offline_and_not_cached_is_one_error(tmp_path, monkey
     with pytest.raises(PipelineError, match=r"could not fetch pretrained weights for 'vit_tiny_patch16_224' .*model\.checkpoint=.*HF_HUB_OFFLINE=1") as err:
         load_model(ModelConfig(name="vit_tiny_patch16_224", pretrained=True))
     assert "\n" not in str(err.value)
+
+
+@needs_assets
+def test_a_card_with_another_name_checkpoint_or_hub_weights_is_an_error(tmp_path):
+    """A card brings its own architecture and weights: other model settings would be silently ignored."""
+    with pytest.raises(PipelineError, match="differs from the card's timm model 'vit_tiny_patch16_224'"):
+        load_model(ModelConfig(name="deit_small_patch16_224", card=str(REFERENCE_CARD)))
+    with pytest.raises(PipelineError, match=r"brings its own weights: drop model.checkpoint / model.pretrained"):
+        load_model(ModelConfig(card=str(REFERENCE_CARD), checkpoint=str(tmp_path / "w.pt")))
+    with pytest.raises(PipelineError, match=r"brings its own weights"):
+        load_model(ModelConfig(card=str(REFERENCE_CARD), pretrained=True))
 
 
 @needs_assets

@@ -99,6 +99,8 @@ def test_reference_quantized_on_small_subset(tmp_path, mlflow_uri):
         (["stages=[calibrate,sensitivity]", "sensitivity.widths=[1]"], "sensitivity.widths=1 is outside 2..16"),
         (["stages=[calibrate,search]", "search.weight_bits=[]"], "search.weight_bits is empty"),
         (["tracking=server"], "tracking=server needs tracking.uri="),
+        (["data.eval_size=-1"], "data.eval_size must be >= 0 (0 = all), got -1"),
+        (["data.calib_split=val", "data.eval_split=val"], "data.calib_split='val' would read the evaluation split 'val'"),
     ],
 )
 def test_bad_setting_is_one_error_before_any_run_opens(tmp_path, tiny_overrides, overrides, message):
@@ -132,3 +134,27 @@ def test_from_run_with_another_recipe_is_an_error_before_any_run_opens(tmp_path,
     # the same recipe still evaluates from that run, and quantize then evaluate in one chain reads this run's artifacts
     summary = run_pipeline(compose([*tiny_overrides, "quant=naive", "stages=[quantize,evaluate]", f"from_run={first}"]), tmp_path / "again")
     assert (tmp_path / "again" / "quantize" / "sites.json").exists() and 0 <= summary["agreement"] <= 1
+
+
+def test_a_failed_run_fails_what_an_interrupt_left_running_below_its_stages(tmp_path):
+    """A search trial's run (below the stage run) left RUNNING by an interrupt ends FAILED with its parent;
+    another pipeline's RUNNING runs are left alone."""
+    from pipeline.config import TrackingConfig
+    from pipeline.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    other = Tracker(TrackingConfig(uri=uri))
+    other.connect()
+    other.start("other", {}, {})
+    tracker = Tracker(TrackingConfig(uri=uri))
+    tracker.connect()
+    tracker.start("run", {}, {})
+    with pytest.raises(KeyboardInterrupt):
+        with tracker.stage("search"):
+            trial = tracker.client.create_run(tracker.experiment_id, run_name="trial 3", tags={"mlflow.parentRunId": tracker.active_id})
+            raise KeyboardInterrupt
+    tracker.end(failed=True)
+    client = MlflowClient(uri)
+    assert client.get_run(trial.info.run_id).info.status == "FAILED"
+    assert client.get_run(tracker.parent_id).info.status == "FAILED"
+    assert client.get_run(other.parent_id).info.status == "RUNNING"

@@ -289,6 +289,28 @@ def test_a_trial_asked_but_never_run_goes_stale(tmp_path):
     assert study.get_trials(deepcopy=False)[trial.number].state == optuna.trial.TrialState.FAIL
 
 
+def test_a_retried_trial_evaluates_the_levels_it_records(tmp_path):
+    """The heartbeat retry re-creates a dead trial as WAITING with its params (and no fixed params):
+    the retry must evaluate those levels, so that Optuna's record matches the measured metrics."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    from pipeline.search.study import TrialObjective, make_sampler, open_storage, open_study
+
+    space = fake_search.fake_space()
+    sampler = make_sampler(space, fake_search.BUDGET, "random", None, None, 0, 0)
+    study, _ = open_study(open_storage(f"sqlite:///{tmp_path}/s.db"), "retry", "minimize", sampler, "fp")
+    dead = {g.name: int(i in (1, 2)) for i, g in enumerate(space.groups)}  # what the dead worker had drawn
+    retry = optuna.create_trial(state=optuna.trial.TrialState.WAITING, params=dead, distributions={n: CategoricalDistribution([0, 1]) for n in dead}, system_attrs={"failed_trial": 0, "retry_history": [0]})
+    study.add_trial(retry)  # as RetryHeartbeatStaleTrialCallback does
+    evaluated = []
+    objective = TrialObjective(space, lambda widths: evaluated.append(dict(widths)) or fake_search.fake_metrics(widths), fake_search.BUDGET, "kl", "random", None, 5, sampler)
+    study.optimize(objective, n_trials=1)
+    trial = study.trials[-1]
+    assert trial.params == dead and trial.user_attrs["result"]["levels"] == dead
+    assert evaluated == [space.widths(dead)]
+
+
 def test_a_trial_killed_before_its_first_heartbeat_goes_stale(tmp_path):
     """A worker killed between Optuna creating its trial and the first heartbeat leaves a RUNNING
     trial with no heartbeat: it must go stale after the grace period (and be retried), or every
@@ -391,3 +413,39 @@ def test_budget_below_minimum_and_foreign_sensitivity_fail_before_any_trial(tmp_
     foreign.write_text(json.dumps({"meta": {"model": "0123abcd", "model_name": "vit_other"}, "sites": {}}))
     with pytest.raises(PipelineError, match="belong to another model \\(vit_other"):
         run_pipeline(compose([*base, "search.method=prior", f"search.sensitivity={foreign}"]), tmp_path / "foreign")
+    assert not (tmp_path / "foreign").exists()  # found before any run opened
+    with pytest.raises(PipelineError, match="search.sensitivity=.*missing.json: file not found"):
+        run_pipeline(compose([*base, "search.method=prior", f"search.sensitivity={tmp_path / 'missing.json'}"]), tmp_path / "missing")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_exported_recipe_reproduces_the_assignment_when_the_base_names_the_site_before_a_glob(tmp_path):
+    """An exact `sites` entry of the base followed by a glob that also sets its width: the export must
+    keep the entry's other fields and win over the glob."""
+    from omegaconf import OmegaConf
+
+    from pipeline.config import QuantConfig
+    from pipeline.search.report import export_recipe
+
+    graph = attach_sites(tiny_outlier_model())
+    base = {"name": "base", "enabled": True, "weight": {"gptq": True}, "sites": {"head.weight": {"gptq": False}, "head.*": {"bits": 16}}}
+    specs = resolve_recipe(base, graph)
+    assert (specs["head.weight"].bits, specs["head.weight"].gptq) == (16, False)
+    path = export_recipe(tmp_path / "r.yaml", base, {n: sp.bits for n, sp in specs.items()}, {"head.weight": 8}, "exported")
+    again = resolve_recipe(OmegaConf.merge(OmegaConf.structured(QuantConfig), OmegaConf.load(path)), graph)
+    assert (again["head.weight"].bits, again["head.weight"].gptq) == (8, False)
+    assert {n: sp for n, sp in again.items() if n != "head.weight"} == {n: sp for n, sp in specs.items() if n != "head.weight"}
+
+
+def test_a_rerun_resumes_its_study_and_another_seed_gets_its_own(tmp_path, tiny_overrides):
+    from pipeline.runner import run_pipeline
+
+    run_pipeline(compose(search_overrides(tiny_overrides, tmp_path, "stages=[calibrate]")), tmp_path / "calib")
+    base = search_overrides(tiny_overrides, tmp_path, "stages=[search]", f"from_run={tmp_path / 'calib'}", "search.method=random", "search.trials=2", "search.test=false")
+
+    def random_run(name: str, *extra: str) -> dict:
+        return run_pipeline(compose([*base, *extra]), tmp_path / name)["search_results"]["methods"]["random"]
+
+    first, again, other = random_run("first"), random_run("again"), random_run("other", "search.seed=1")
+    assert first["study"] == again["study"] and again["evaluated_here"] == 0  # the same study: nothing left to do
+    assert other["study"] != first["study"] and other["evaluated_here"] == 2  # a sweep over seeds shares no trials

@@ -146,3 +146,11 @@ def test_bad_noise_kind_is_one_clear_error(tmp_path, tiny_overrides):
     with pytest.raises(PipelineError, match="sensitivity.noise: unknown noise 'pink'"):
         run_pipeline(compose([*tiny_overrides, "quant=naive", "stages=[calibrate,sensitivity]", "sensitivity.noise=pink"]), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_weights_are_quantized_at_the_noise_width_even_when_no_other_setting_names_it():
+    """Noise scores of weights are measured at sensitivity.noise_bits: that width must be among the probe's."""
+    from pipeline.stages.sensitivity import wanted_widths
+
+    weights, acts = wanted_widths(compose(["sensitivity.noise_bits=6"]))
+    assert 6 in weights and 6 not in acts  # activations need a calibration at 6 bits (candidate_bits)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+
 import csv
 import io
 import math
@@ -87,7 +89,14 @@ def export_recipe(path: Path, base_quant: Mapping[str, Any], base_bits: Mapping[
     recipe["name"] = name
     sites = dict(recipe.get("sites") or {})
     for site, bits in widths.items():
-        if base_bits.get(site) != bits:
+        if base_bits.get(site) == bits:
+            continue
+        if site in sites:  # re-added last, so no later glob of the base overrides its width; it keeps what
+            # every entry matching it set, in file order (entries apply field by field, last wins)
+            merged = {k: v for pattern, entry in sites.items() if fnmatch.fnmatchcase(site, pattern) for k, v in (entry or {}).items()}
+            del sites[site]
+            sites[site] = {**merged, "bits": int(bits)}
+        else:
             sites[site] = {"bits": int(bits)}
     recipe["sites"] = sites
     text = OmegaConf.to_yaml(OmegaConf.create(_without_unset(recipe)))

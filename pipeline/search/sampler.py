@@ -63,7 +63,8 @@ class BudgetSampler(BaseSampler):
             return {}
         rng = random.Random(trial_seed(self.seed, trial.number))
         trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))
-        taken = {self.space.key(t.params or t.system_attrs.get("fixed_params", {})) for t in trials if t.number != trial.number}
+        proposals = (t.params or t.system_attrs.get("fixed_params") for t in trials if t.number != trial.number)
+        taken = {self.space.key(p) for p in proposals if p}  # a trial still being sampled has no levels yet
         guided = self.method == "prior" and sum(1 for t in trials if t.state == TrialState.COMPLETE) >= self.n_startup
         incumbent = _incumbent(study) if guided else None
         for attempt in range(MAX_REDRAWS):

@@ -233,7 +233,9 @@ class TrialObjective:
             raise optuna.TrialPruned("greedy: no queued step for this trial")
         if _surplus(study, trial.number, self.n_trials):
             raise optuna.TrialPruned("surplus: the study already has its trials")
-        fixed = dict(getattr(trial, "_fixed_params", {}) or {})  # enqueued (seeds, greedy steps, retries)
+        # Enqueued levels (seeds, greedy steps), and the levels of a trial re-created by the heartbeat retry,
+        # which carries the dead trial's params (not as fixed params): both are evaluated as given.
+        fixed = {**trial.params, **(getattr(trial, "_fixed_params", {}) or {})}
         proposed = {} if len(fixed) >= len(self.space.groups) else trial.relative_params  # the sampler's joint draw, already repaired
         raw = {g.name: int(fixed.get(g.name, proposed.get(g.name, 0))) for g in self.space.groups if g.levels > 1}
         levels, lowered = repair(self.space, raw, self.budget, self.priors if self.method != "random" else None, random.Random(trial_seed(self.seed, trial.number)))

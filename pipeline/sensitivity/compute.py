@@ -160,7 +160,7 @@ def act_noise_fn(probe: SensitivityProbe, name: str, b: int, settings: Sensitivi
             u = _unit_noise(x.shape, settings.noise, gen).to(x.device, x.dtype)
             y = x * torch.exp2(u * step)
             if settings.noise_clip:
-                y = y.masked_fill(x < 2.0 ** -((2**b - 1) * step), 0.0).clamp_max(1.0)
+                y = y.masked_fill(x < 2.0 ** -((2**b - 0.5) * step), 0.0).clamp_max(1.0)  # the quantizer's flush-to-zero point
             return y
         return log2_noise
     scale, zp = probe.state.qparams(name, b)
@@ -215,6 +215,7 @@ def noise_injection(probe: SensitivityProbe, runner: SuffixRunner, fp_logits: li
     """{site: {kl, loss, agreement}} with noise of width `noise_bits` at one site at a time."""
     fp_loss = F.cross_entropy(torch.cat(fp_logits).double(), torch.cat(labels)).item()
     out: dict[str, dict[str, float]] = {}
+    skipped: list[str] = []
     nb = settings.noise_bits
     for index, name in enumerate(tqdm(names if names is not None else probe.names, desc="noise injection", unit="site", leave=False)):
         site = probe.graph[name]
@@ -227,9 +228,12 @@ def noise_injection(probe: SensitivityProbe, runner: SuffixRunner, fp_logits: li
                 out[name] = output_change(runner, start, fp_logits, labels, fp_loss)
         else:
             if nb not in probe.act_bits[name]:
+                skipped.append(name)
                 continue
             with replace_forward(site, act_noise_fn(probe, name, nb, settings, gen)):
                 out[name] = output_change(runner, start, fp_logits, labels, fp_loss)
+    if skipped:
+        log.warning("noise scores: %d activation sites were not calibrated at sensitivity.noise_bits=%d (e.g. %s): add it to quant.candidate_bits to score them", len(skipped), nb, skipped[0])
     return out
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -61,6 +61,10 @@ def check_config(cfg: DictConfig) -> None:
         raise PipelineError("search.weight_cost_weight and search.act_cost_weight must be >= 0")
     if not cfg.quant.enabled:
         raise PipelineError("search needs a quantization recipe as its base (quant=recommended, naive, ...), not quant=none")
+    if s.method != "random":  # the priors' sensitivity scores may be computed inside the search
+        from pipeline.stages.sensitivity import check_config as check_sensitivity
+
+        check_sensitivity(cfg)
 
 
 @dataclass
@@ -93,17 +97,24 @@ def prepare(cfg: DictConfig, fp32, device: torch.device, calib_dir: Path, sensit
 
 
 def fingerprint(cfg: DictConfig, fp32, setup: SearchSetup, method: str) -> dict[str, Any]:
+    """What a study's trials depend on: a run whose fingerprint matches resumes the study (more trials
+    may be asked for); any other gets its own study. Sweeps over any of these keys never share trials."""
     s = cfg.search
-    recipe = space_hash({n: spec.calibration_key() | {"bits": spec.bits, "enabled": spec.enabled} for n, spec in setup.specs.items()})
+    sampler = {"seed": int(s.seed)}
+    if method == "prior":
+        sampler.update(prior=s.prior, seeds=int(s.seeds), n_startup=int(s.n_startup), temperature=float(s.prior_temperature))
+    elif method == "greedy":
+        sampler.update(prior=s.prior, greedy_width=int(s.greedy_width))
     return {
         "model": fp32.fingerprint,
-        "recipe": recipe,
+        "recipe": space_hash({n: asdict(spec) for n, spec in setup.specs.items()}),
+        "calibration": setup.state.index["meta"].get("subset"),
         "space": space_hash(setup.space.fingerprint()),
         "objective": s.objective,
         "budget": float(s.budget),
         "search_subset": setup.search_key,
         "method": method,
-        "prior": s.prior if method != "random" else None,
+        "sampler": sampler,
     }
 
 
@@ -154,10 +165,7 @@ def trial_logger(tracker, objective: str):
 def load_sensitivity(ctx, out_dir: Path) -> tuple[dict | None, Path | None]:
     """The sensitivity scores: search.sensitivity, this run / from_run, or computed now (into search/sensitivity/)."""
     cfg = ctx.cfg
-    explicit = cfg.search.get("sensitivity")
-    path = Path(explicit) if explicit else ctx.find("sensitivity", "sensitivity.json", required=False)
-    if explicit and not path.is_file():
-        raise PipelineError(f"search.sensitivity={explicit}: file not found")
+    path = _sensitivity_file(ctx)
     if path is None:
         if cfg.search.method == "random":
             return None, None
@@ -166,13 +174,29 @@ def load_sensitivity(ctx, out_dir: Path) -> tuple[dict | None, Path | None]:
         log.info("search: no sensitivity scores found; computing them first")
         compute(ctx, out_dir / "sensitivity")
         path = out_dir / "sensitivity" / "sensitivity.json"
-    data = read_json(path)
-    meta = data.get("meta", {})
-    if meta.get("model") != ctx.fp32.fingerprint:
-        raise PipelineError(f"sensitivity scores in {path} belong to another model ({meta.get('model_name')}, not {ctx.fp32.name}): rerun the sensitivity stage")
-    if meta.get("recipe") != cfg.quant.name:
-        log.warning("sensitivity scores in %s were computed with recipe %s, the search uses %s", path, meta.get("recipe"), cfg.quant.name)
+    data = _read_sensitivity(ctx, path)
+    if data["meta"].get("recipe") != cfg.quant.name:
+        log.warning("sensitivity scores in %s were computed with recipe %s, the search uses %s", path, data["meta"].get("recipe"), cfg.quant.name)
     return data, path
+
+
+def _sensitivity_file(ctx) -> Path | None:
+    """search.sensitivity (which must exist), else sensitivity.json of this run or from_run, else None."""
+    explicit = ctx.cfg.search.get("sensitivity")
+    if explicit:
+        if not Path(explicit).is_file():
+            raise PipelineError(f"search.sensitivity={explicit}: file not found")
+        return Path(explicit)
+    return ctx.find("sensitivity", "sensitivity.json", required=False)
+
+
+def _read_sensitivity(ctx, path: Path) -> dict[str, Any]:
+    """The scores in `path`, checked to belong to the run's model."""
+    data = read_json(path)
+    data.setdefault("meta", {})
+    if data["meta"].get("model") != ctx.fp32.fingerprint:
+        raise PipelineError(f"sensitivity scores in {path} belong to another model ({data['meta'].get('model_name')}, not {ctx.fp32.name}): rerun the sensitivity stage")
+    return data
 
 
 def spawn_workers(ctx, calib_dir: Path, sensitivity_path: Path | None, storage_url: str, count: int) -> list[multiprocessing.Process]:
@@ -212,10 +236,15 @@ def test_metrics(ctx, setup: SearchSetup, assignments: Mapping[str, Mapping[str,
 
 
 def check_inputs(ctx, specs) -> None:
-    """Before any run opens: a calibration from from_run fits the model and recipe."""
+    """Before any run opens: a calibration from from_run fits the model and recipe, and sensitivity
+    scores given or found in from_run exist and belong to the model."""
     from pipeline.stages.calibrate import check_calibration_input
 
     check_calibration_input(ctx, specs, "search")
+    if ctx.cfg.search.get("sensitivity") or not ctx.made_earlier("sensitivity", "search"):
+        path = _sensitivity_file(ctx)
+        if path is not None:
+            _read_sensitivity(ctx, path)
 
 
 def run(ctx) -> dict[str, Any]:
@@ -280,6 +309,10 @@ def _run_studies(ctx, setup: SearchSetup, calib_dir: Path, sens_path: Path | Non
     workers = spawn_workers(ctx, calib_dir, sens_path, storage_url, int(ctx.cfg.search.workers) - 1)
     try:
         runs = run_methods(ctx.cfg, ctx.fp32, setup, storage_url, ctx.tracker)
+    except BaseException:  # Ctrl-C / SIGTERM or an error here: stop the helpers (their trials go stale and are retried on a rerun)
+        for p in workers:
+            p.terminate()
+        raise
     finally:
         for p in workers:
             p.join()

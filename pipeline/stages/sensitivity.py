@@ -72,8 +72,9 @@ def check_inputs(ctx: StageContext, specs) -> None:
 
 
 def wanted_widths(cfg: DictConfig) -> tuple[list[int], list[int]]:
-    """(weight widths, activation widths) to score: sensitivity.widths, the search's candidates and the recipe's."""
-    weights = sorted({*cfg.sensitivity.widths, *cfg.search.weight_bits, *cfg.quant.candidate_bits})
+    """(weight widths, activation widths) to score: sensitivity.widths, the search's candidates and the recipe's
+    (weights, quantized from the tensor itself, at noise_bits too: the noise scores' reference width)."""
+    weights = sorted({*cfg.sensitivity.widths, *cfg.search.weight_bits, *cfg.quant.candidate_bits, cfg.sensitivity.noise_bits})
     acts = sorted({*cfg.search.act_bits, *cfg.quant.candidate_bits})
     return weights, acts
 
