@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_quant import compose  # noqa: E402
+from pipeline.artifacts import write_text  # noqa: E402
 from pipeline.config import register_configs, register_resolvers  # noqa: E402
 from pipeline.data import make_subset  # noqa: E402
 from pipeline.inference import classification_metrics, fp32_logits, predict  # noqa: E402
@@ -83,6 +84,8 @@ def evaluate_widths(model_name: str, recipe: str, widths, calib_images: int, dev
             "sv_attn_quantizer_sqnr_db": [round(own[f"blocks.{i}.attn.sv"], 2) for i in range(len(fp32.model.blocks))],
             "calibrate_s": round(calib_s, 1),
             "images": q["images"],
+            "device": device.type,
+            "threads": torch.get_num_threads(),
         }
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if not k.startswith("sv_attn")}), flush=True)
@@ -159,8 +162,7 @@ def main() -> None:
             if args.widths:
                 widths = [w for w in ALL_WIDTHS if w[0] in args.widths.split(",")]
             rows = _merge_rows(rows, evaluate_widths(model_name, recipe, widths, args.calib, device, args.eval))
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"calib_images": args.calib, "rows": rows}, indent=2) + "\n")
+            write_text(out, json.dumps({"calib_images": args.calib, "rows": rows}, indent=2) + "\n")  # atomic
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ Each regime is one pipeline run (`stages=[calibrate,sensitivity,search] search.m
 everything it measures is also in MLflow and in its run folder. The search objective (logit KL
 vs FP32) is measured on `--search-size` train images (disjoint from calibration); the best
 assignment of each method and the all-lowest / all-highest references are re-evaluated on the
-first `--eval-size` test images. Speed: mean wall time per trial (everything the study loop
-does: sampling, repair, storage, MLflow, the forward pass) vs one quantized forward pass over
-the search subset, interleaved in the same process (see `speed`). Writes bench/results/search.json. Usage:
+first `--eval-size` test images. Speed: median wall time per `random` trial (everything the study
+loop does for it: sampling, repair, storage, MLflow, the forward pass) vs one quantized forward pass
+over the search subset, interleaved in the same process (see `speed`); each regime's
+`trial_cost_ratio` is a rough whole-study figure for the prior method. Writes bench/results/search.json. Usage:
     .venv/bin/python bench/bench_search.py [--regimes a,b,c] [--trials 30] [--threads 1] [--speed-trials 6]
     .venv/bin/python bench/bench_search.py --regimes= --speed-trials 6   # only the speed ratio (needs regime a's run)
 """
@@ -31,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pipeline.artifacts import write_text  # noqa: E402
 from pipeline.config import register_configs, register_resolvers  # noqa: E402
 
 REGIMES = {
@@ -259,14 +261,14 @@ def main() -> None:
         report["regimes"][name] = row
         run_dirs[name] = calib_dir
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        write_text(out, json.dumps(report, indent=2) + "\n")  # atomic
         print(json.dumps(report["regimes"][name], indent=2), flush=True)
     if args.speed_trials > 0 and "a" in run_dirs:
         spec = REGIMES["a"]
         cfg = compose([f"model={spec['model']}", f"quant={spec['quant']}", f"data.search_size={args.search_size}", "data.num_workers=0", f"threads={args.threads}", "device=cpu", f"search.budget={spec['budget']}"])
         torch.set_num_threads(args.threads)
         report["speed"] = speed(run_dirs["a"], cfg, args.speed_trials)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        write_text(out, json.dumps(report, indent=2) + "\n")  # atomic
         print(json.dumps(report["speed"], indent=2), flush=True)
 
 

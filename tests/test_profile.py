@@ -238,6 +238,24 @@ def test_mlflow_keys_name_the_leaf_when_a_block_has_several_sites_of_a_role():
     sites = {"blocks.0.attn.sv": ("sv_attn", 0), "blocks.0.norm1": ("norm_out", 0), "blocks.0.norm2": ("norm_out", 0), "head.in": ("head_in", None)}
     assert series_keys(sites, "cos") == {"blocks.0.attn.sv": "cos/sv_attn", "blocks.0.norm1": "cos/norm_out/norm1", "blocks.0.norm2": "cos/norm_out/norm2"}
 
+    # a recipe leaving some sites FP32: one site of a role per block, but not the same kind in every block
+    partial = {"blocks.0.attn.v": ("qkv", 0), "blocks.1.attn.q": ("qkv", 1), "blocks.2.attn.q": ("qkv", 2), "blocks.2.attn.v": ("qkv", 2), "blocks.3.attn.sv": ("sv_attn", 3)}
+    assert series_keys(partial, "sqnr") == {
+        "blocks.0.attn.v": "sqnr/qkv/attn_v", "blocks.1.attn.q": "sqnr/qkv/attn_q", "blocks.2.attn.q": "sqnr/qkv/attn_q", "blocks.2.attn.v": "sqnr/qkv/attn_v", "blocks.3.attn.sv": "sqnr/sv_attn",
+    }
+
+
+def test_artifacts_are_readable_like_a_plain_write(tmp_path):
+    import os
+    import stat
+
+    from pipeline.artifacts import write_text
+
+    (tmp_path / "plain.txt").write_text("x")
+    write_text(tmp_path / "atomic.txt", "x")
+    mode = lambda name: stat.S_IMODE(os.stat(tmp_path / name).st_mode)  # noqa: E731
+    assert mode("atomic.txt") == mode("plain.txt")
+
 
 # -- trace, dump, errors ----------------------------------------------------------------
 

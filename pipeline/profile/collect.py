@@ -43,14 +43,16 @@ class BatchRecorder:
 
 
 def first_images(loader: Iterable, n: int) -> Iterator[torch.Tensor]:
-    """Yield image batches until `n` images have been yielded (the last batch is cut)."""
+    """Yield image batches until `n` images have been yielded (the last batch is cut; no batch is read past it)."""
     seen = 0
+    if n <= 0:
+        return
     for images, _ in loader:
-        if seen >= n:
-            return
         take = min(n - seen, images.shape[0])
         seen += take
         yield images[:take]
+        if seen >= n:
+            return
 
 
 def forward_segments(model: nn.Module) -> list[Segment]:

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from pipeline.artifacts import atomic_path
-from pipeline.profile.report import _finite, _png
+from pipeline.profile.report import _png, block_series
 
 METRICS = {
     "sqnr_db": "SQNR (dB)",
@@ -47,8 +47,9 @@ def compare_png(profiles: Mapping[str, Sequence[Mapping[str, Any]]], roles: Sequ
         for c, role in enumerate(roles):
             ax = fig.add_subplot(len(metrics), len(roles), r * len(roles) + c + 1)
             for label, rows in profiles.items():
-                picked = sorted((row for row in rows if row.get("role") == role and row.get("block") is not None), key=lambda row: row["block"])
-                ax.plot([row["block"] for row in picked], [_finite(row.get(metric)) for row in picked], marker="o", markersize=3, linewidth=1.2, label=label)
+                leaves = block_series(rows, metric).get(role, {})
+                for leaf, (blocks, values) in leaves.items():  # roles such as residual or qkv have several sites a block
+                    ax.plot(blocks, values, marker="o", markersize=3, linewidth=1.2, label=label if len(leaves) == 1 else f"{label} {leaf}")
             if r == 0:
                 ax.set_title(role, fontsize=10)
             if c == 0:

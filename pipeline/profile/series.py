@@ -2,7 +2,7 @@
 
 Per-site metrics are logged as MLflow series `<prefix>/<role>` with step = block
 index (the MLflow UI then draws "metric by block" for each role), or
-`<prefix>/<role>/<leaf>` when a block has several sites of that role
+`<prefix>/<role>/<leaf>` when the role has several kinds of site in the blocks
 (`sqnr/qkv/attn_q`, `sqnr/norm_out/norm1`, `sqnr/weight/mlp_fc1_weight`).
 Sites outside blocks (patch embedding, final norm, head) are in the tables only.
 """
@@ -14,20 +14,20 @@ from typing import Any, Mapping
 
 
 def series_keys(sites: Mapping[str, tuple[str, int | None]], prefix: str) -> dict[str, str]:
-    """MLflow key per site: `<prefix>/<role>`, or `<prefix>/<role>/<leaf>` when a block has several sites of that role.
+    """MLflow key per site: `<prefix>/<role>`, or `<prefix>/<role>/<leaf>` when the role's sites have several
+    leaves (the name after `blocks.i.`) over all blocks, so that one series never mixes two kinds of site,
+    even when a recipe leaves some of them in FP32.
 
     `sites` maps site name -> (role, block); sites outside blocks get no key.
     """
-    per_block: dict[tuple[str, int], int] = {}
-    for role, block in sites.values():
-        if block is not None:
-            per_block[(role, block)] = per_block.get((role, block), 0) + 1
+    leaves = {name: name.split(".", 2)[2] for name, (_, block) in sites.items() if block is not None}
+    per_role: dict[str, set[str]] = {}
+    for name, leaf in leaves.items():
+        per_role.setdefault(sites[name][0], set()).add(leaf)
     keys = {}
-    for name, (role, block) in sites.items():
-        if block is None:
-            continue
-        leaf = name.split(".", 2)[2].replace(".", "_")
-        keys[name] = f"{prefix}/{role}/{leaf}" if per_block[(role, block)] > 1 else f"{prefix}/{role}"
+    for name, leaf in leaves.items():
+        role = sites[name][0]
+        keys[name] = f"{prefix}/{role}/{leaf.replace('.', '_')}" if len(per_role[role]) > 1 else f"{prefix}/{role}"
     return keys
 
 
@@ -77,8 +77,9 @@ def summary_metrics(rows: list[Mapping[str, Any]]) -> dict[str, float]:
     for r in rows:
         by_role.setdefault(r["role"], []).append(r["sqnr_db"])
     finite = [v for r in rows if math.isfinite(v := r["sqnr_db"])]
-    if rows:
-        out["sqnr_min"] = min(r["sqnr_db"] for r in rows)
+    acts = [r["sqnr_db"] for r in rows if r["role"] != "weight"]
+    if acts:  # activation sites, as evaluate reports it without the profile (weights: sqnr_min/weight)
+        out["sqnr_min"] = min(acts)
         out["profile/worst_sqnr"] = out["sqnr_min"]
     for role, values in by_role.items():
         out[f"sqnr_min/{role}"] = min(values)
