@@ -11,7 +11,9 @@ logit KL vs FP32 (nats) grows when ONE site is quantized at a width `b`, everyth
     activations: the same quantity with the expected noise energy spread per channel,
              Omega(b) = sum_c diag(H)_c * step_c(b)^2 / 12  (diag summed per channel, from
              E[v * Hv]; = Tr(H)/n * E||Q_b(a) - a||^2 for a per-tensor scale); log2 (softmax)
-             sites: sum_i diag(H)_i * x_i^2 * (ln 2)^2 / 12 (relative rounding in the log domain).
+             sites: sum_i diag(H)_i * e_b(x_i)^2, e_b(x)^2 = x^2 (ln 2)^2 / 12 * 4^-frac_bits
+             (relative rounding in the log domain) where the grid keeps x, x^2 where width b
+             flushes it to zero (x < 2^-((2^b - 1/2) * 2^-frac_bits)): more bits add range.
   The expected loss increase is about Omega / 2.
 - `noise_kl`, `noise_loss`: noise injection. Noise with the variance of the site's rounding
   noise at `noise_bits` (uniform U(-step/2, step/2), or Gaussian with variance step^2/12, with
@@ -19,7 +21,8 @@ logit KL vs FP32 (nats) grows when ONE site is quantized at a width `b`, everyth
   increase of the task loss and the logit KL vs FP32 are measured. Weights get the same with
   the effective weight's per-element step. log2 sites get multiplicative noise 2^u,
   u ~ U(-1/2, 1/2). Other widths are extrapolated by the ratio of mean squared steps (the
-  rounding-noise variance; for weights the ratio of ||Q_b(W) - W||^2), exact to first order.
+  rounding-noise variance; for weights the ratio of ||Q_b(W) - W||^2; for log2 sites the ratio
+  of sum e_b(x)^2 over the noise batches, as above), exact to first order.
 - `isolated_kl`, `isolated_loss`, `isolated_agreement`: the site really quantized alone (the
   profiler's isolated mode) on the same batches, at every width it can take (clipping included:
   a range that clips at 8 bits clips at 16 too). At `noise_bits` it is the reference the other
@@ -51,6 +54,14 @@ from pipeline.sensitivity.probe import replace_forward, replace_weight, weight_o
 log = logging.getLogger(__name__)
 
 LOG2_NOISE = math.log(2) ** 2 / 12  # E[(u ln 2)^2], u ~ U(-1/2, 1/2): relative noise energy of log2 rounding (frac_bits 0)
+
+
+def log2_error_sq(x: Tensor, bits: int, frac_bits: int) -> Tensor:
+    """Expected squared error (x's shape) of the log2 quantizer at `bits` on probabilities x: the rounding
+    noise x^2 * LOG2_NOISE * 4^-frac_bits where the grid keeps x, x^2 where it flushes x to zero."""
+    step = 2.0**-frac_bits
+    x2 = x.square()
+    return torch.where(x < 2.0 ** -((2**bits - 0.5) * step), x2, x2 * (LOG2_NOISE * step * step))
 METHODS = ("noise_kl", "noise_loss", "hessian", "isolated_kl", "isolated_loss")
 
 
@@ -108,6 +119,7 @@ class SensitivityProbe:
                 self.qweights[name][b] = module.qweight.detach().clone()
                 self.wscales[name][b] = scale.detach().clone()
         self.act_bits = {n: act_widths(state, n, specs[n], act_wanted) for n in self.acts}
+        self.log2_energy: dict[str, dict[int, float]] = {}  # log2 sites: sum of e_b(x)^2 per width over the noise batches
         graph.set_mode("fp")
         for name in self.weights:
             graph.module(name.rsplit(".", 1)[0]).qweight = None
@@ -129,7 +141,8 @@ class SensitivityProbe:
             base = self.weight_error_energy(name, nb)
             return self.weight_error_energy(name, b) / base if base > 0 else 0.0
         if self.specs[name].quantizer == "log2":
-            return 1.0
+            energy = self.log2_energy.get(name, {})
+            return energy[b] / energy[nb] if energy.get(nb) and b in energy else 1.0
         return float(self.act_step_sq(name, b).mean() / self.act_step_sq(name, nb).mean().clamp_min(1e-300))
 
 
@@ -156,7 +169,11 @@ def act_noise_fn(probe: SensitivityProbe, name: str, b: int, settings: Sensitivi
     if spec.quantizer == "log2":
         step = 2.0**-spec.frac_bits  # the log2 grid's step (frac_bits fractional exponent bits)
 
+        energy = probe.log2_energy.setdefault(name, {})
+
         def log2_noise(x: Tensor) -> Tensor:
+            for width in probe.act_bits[name]:  # for extrapolating the score from width b to the others
+                energy[width] = energy.get(width, 0.0) + float(log2_error_sq(x.double(), width, spec.frac_bits).sum())
             u = _unit_noise(x.shape, settings.noise, gen).to(x.device, x.dtype)
             y = x * torch.exp2(u * step)
             if settings.noise_clip:
@@ -268,7 +285,8 @@ def isolated_quantization(probe: SensitivityProbe, runner: SuffixRunner, fp_logi
 def hessian_traces(probe: SensitivityProbe, batches: list[Tensor], labels: list[Tensor], settings: SensitivitySettings) -> dict[str, Any]:
     """Hutchinson over every weight site's parameter and (optionally) every activation site, averaged over batches.
 
-    Returns {"weights": {site: trace}, "acts": {site: {"trace", "diag" (per channel or (1,)), "x2_diag" (log2 sites)}},
+    Returns {"weights": {site: trace}, "acts": {site: {"trace", "diag" (per channel, (1,), or for log2 sites
+    sum diag * e_b(x)^2 per width of `probe.act_bits`)}},
     "iters": [...], "converged": [...], "seconds": s}.
     """
     graph, device = probe.graph, probe.device
@@ -321,8 +339,8 @@ def _activation_perturbations(probe: SensitivityProbe, images: Tensor, enabled: 
 
     δ is a zero tensor (requires grad) of the site's output shape on `images`; the reducer turns
     Hutchinson's diagonal estimate of that δ into the site's figure: a sum per channel for
-    channelwise sites, one sum for per-tensor sites, and Σ diag·x² for log2 sites (their error
-    scales with the value).
+    channelwise sites, one sum for per-tensor sites, and for log2 sites Σ diag·e_b(x)² per width
+    (`log2_error_sq`: their error scales with the value, and a narrow grid flushes small ones to zero).
     """
     graph = probe.graph
     acts = probe.acts if enabled else []
@@ -338,8 +356,9 @@ def _activation_perturbations(probe: SensitivityProbe, images: Tensor, enabled: 
     deltas = [torch.zeros(seen[n].shape if n in log2 else seen[n], device=images.device, requires_grad=True) for n in acts]
     reducers: list[Callable[[Tensor], Tensor]] = []
     for n in acts:
-        if n in log2:
-            reducers.append(lambda p, x2=seen[n].square(): (p * x2).sum().reshape(1))
+        if n in log2:  # one figure per width: sum diag * e_b(x)^2
+            errors = torch.stack([log2_error_sq(seen[n], b, probe.specs[n].frac_bits) for b in probe.act_bits[n]])
+            reducers.append(lambda p, errors=errors: (errors * p).flatten(1).sum(1))
         elif probe.specs[n].channelwise:
             reducers.append(lambda p, axis=graph[n].axis: p.movedim(axis, -1).reshape(-1, p.shape[axis]).sum(0))
         else:
@@ -355,9 +374,8 @@ def hessian_scores(probe: SensitivityProbe, traces: Mapping[str, Any]) -> dict[s
         out[name] = {b: trace / n * probe.weight_error_energy(name, b) for b in probe.qweights[name]}
     for name, entry in traces["acts"].items():
         diag = entry["diag"]
-        if probe.specs[name].quantizer == "log2":
-            relative = LOG2_NOISE * 4.0 ** -probe.specs[name].frac_bits  # the log step shrinks by 2^-frac_bits
-            out[name] = {b: float(diag.sum()) * relative for b in probe.act_bits[name]}
+        if probe.specs[name].quantizer == "log2":  # diag holds sum diag(H) * e_b(x)^2, one entry per width
+            out[name] = {b: float(diag[i]) for i, b in enumerate(probe.act_bits[name])}
             continue
         scores = {}
         for b in probe.act_bits[name]:
