@@ -111,14 +111,15 @@ def seeded_order(n: int, seed: int, split: str) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def clamp_size(size: int, available: int, what: str) -> int:
-    """0 = all; a size larger than what is available is clamped with a warning."""
+def clamp_size(size: int, available: int, what: str, warn: bool = True) -> int:
+    """0 = all; a size larger than what is available is clamped (with a warning unless `warn` is False)."""
     if size < 0:
         raise PipelineError(f"{what} must be >= 0, got {size}")
     if size == 0:
         return available
     if size > available:
-        log.warning("%s=%d is larger than the %d images available; using %d", what, size, available, available)
+        if warn:
+            log.warning("%s=%d is larger than the %d images available; using %d", what, size, available, available)
         return available
     return size
 
@@ -133,7 +134,7 @@ def make_subset(cfg: DataConfig, loaded: LoadedModel, purpose: str) -> DataSubse
     elif purpose == "calib":
         indices = order[: clamp_size(cfg.calib_size, len(order), "data.calib_size")]
     elif purpose == "search":  # from the back of the permutation, never reaching the calibration images
-        available = len(order) - (len(order) if cfg.calib_size <= 0 else min(cfg.calib_size, len(order)))
+        available = len(order) - clamp_size(cfg.calib_size, len(order), "data.calib_size", warn=False)  # warned by calibrate
         if available == 0:
             raise PipelineError(f"data.calib_size={cfg.calib_size} takes all {len(order)} images of split '{split}': the search subset must be disjoint from them, lower data.calib_size")
         indices = order.flip(0)[: clamp_size(cfg.search_size, available, "data.search_size")]

@@ -106,7 +106,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, job_label: str = "") -> dict[st
     tracker = Tracker(cfg.tracking)
     tracker.connect()
     source_dir = resolve_run_dir(cfg.from_run, cfg.tracking, run_dir / ".from_run") if cfg.from_run else None
-    _check_data(cfg, fp32)
+    _check_data(cfg, stages)
     specs = _check_site_names(cfg, stages, fp32)
     modules = [importlib.import_module(f"pipeline.stages.{stage.value}") for stage in stages]
     for module in modules:  # stage-specific config checks (e.g. search.objective), before any run is opened
@@ -160,7 +160,7 @@ def _run_stage(ctx: StageContext, stage: Stage, fn: Callable[[StageContext], dic
     log.info("stage %s done in %.1f s", stage.value, time.time() - t0)
 
 
-def _check_data(cfg: DictConfig, fp32: LoadedModel) -> None:
+def _check_data(cfg: DictConfig, stages: list[Stage]) -> None:
     """Fail early on a missing or empty data root or a bad loader setting (the stages build loaders later)."""
     from pipeline.data import check_calibration_split, split_dir
 
@@ -173,8 +173,8 @@ def _check_data(cfg: DictConfig, fp32: LoadedModel) -> None:
             raise PipelineError(f"data.{key} must be >= 0 (0 = all), got {cfg.data[key]}")
     if cfg.data.kind not in ("imagefolder", "synthetic"):
         raise PipelineError(f"unknown data.kind '{cfg.data.kind}' (imagefolder or synthetic)")
-    needs_calib = any(Stage(s) in (Stage.calibrate, Stage.sensitivity, Stage.search) for s in cfg.stages)
-    needs_eval = Stage.evaluate in [Stage(s) for s in cfg.stages] or (Stage.search in [Stage(s) for s in cfg.stages] and cfg.search.test)
+    needs_calib = any(s in (Stage.calibrate, Stage.sensitivity, Stage.search) for s in stages)
+    needs_eval = Stage.evaluate in stages or (Stage.search in stages and cfg.search.test)
     if needs_calib:
         check_calibration_split(cfg.data)
     if cfg.data.kind == "imagefolder":

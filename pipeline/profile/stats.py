@@ -180,7 +180,7 @@ class SiteStats:
         different sizes weigh by their size: (bins,) float64, an estimate of x's full counts.
         """
         sample = spread_sample(x, HIST_SAMPLES)
-        counts = torch.bincount(memory_order(self._bin_index(sample)), minlength=self.bins).double()
+        counts = self._count(None, self._bin_index(sample), self.bins).double()
         if sample.numel() < x.numel():
             counts.mul_(x.numel() / sample.numel())
         return counts if total is None else total.add_(counts)

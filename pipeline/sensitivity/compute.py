@@ -56,12 +56,17 @@ log = logging.getLogger(__name__)
 LOG2_NOISE = math.log(2) ** 2 / 12  # E[(u ln 2)^2], u ~ U(-1/2, 1/2): relative noise energy of log2 rounding (frac_bits 0)
 
 
+def log2_flush_point(bits: int, frac_bits: int) -> float:
+    """The probability below which the log2 quantizer at `bits` outputs 0: its rounded code
+    round(-log2 p * 2^frac_bits) passes 2^bits - 1, i.e. p < 2^-((2^bits - 1/2) / 2^frac_bits)."""
+    return 2.0 ** -((2**bits - 0.5) * 2.0**-frac_bits)
+
+
 def log2_error_sq(x: Tensor, bits: int, frac_bits: int) -> Tensor:
     """Expected squared error (x's shape) of the log2 quantizer at `bits` on probabilities x: the rounding
     noise x^2 * LOG2_NOISE * 4^-frac_bits where the grid keeps x, x^2 where it flushes x to zero."""
-    step = 2.0**-frac_bits
     x2 = x.square()
-    return torch.where(x < 2.0 ** -((2**bits - 0.5) * step), x2, x2 * (LOG2_NOISE * step * step))
+    return torch.where(x < log2_flush_point(bits, frac_bits), x2, x2 * (LOG2_NOISE * 4.0**-frac_bits))
 METHODS = ("noise_kl", "noise_loss", "hessian", "isolated_kl", "isolated_loss")
 
 
@@ -177,7 +182,7 @@ def act_noise_fn(probe: SensitivityProbe, name: str, b: int, settings: Sensitivi
             u = _unit_noise(x.shape, settings.noise, gen).to(x.device, x.dtype)
             y = x * torch.exp2(u * step)
             if settings.noise_clip:
-                y = y.masked_fill(x < 2.0 ** -((2**b - 0.5) * step), 0.0).clamp_max(1.0)  # the quantizer's flush-to-zero point
+                y = y.masked_fill(x < log2_flush_point(b, spec.frac_bits), 0.0).clamp_max(1.0)
             return y
         return log2_noise
     scale, zp = probe.state.qparams(name, b)
