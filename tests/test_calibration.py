@@ -105,6 +105,25 @@ def test_per_channel_scales_fold_into_the_consuming_weight():
     torch.testing.assert_close(torch.nn.functional.linear(sv(x), proj.qweight), integer_path, rtol=1e-4, atol=1e-4)
 
 
+def test_folded_weights_keep_16_bit_resolution():
+    # 16-bit per-channel activation scales (~1e-4) folded into 16-bit weights give weight steps far
+    # below float32 eps; they must not be floored there (that left the folded model at ~10 dB).
+    sqnrs = {}
+    for granularity in ("per_tensor", "per_channel"):
+        model = tiny_model()
+        graph = attach_sites(model)
+        roles = {role: {"granularity": granularity} for role in ("linear_in", "norm_out", "sv_attn", "mlp_act")}
+        specs = resolve_recipe({"enabled": True, "weight": {"bits": 16, "granularity": "per_channel", "symmetric": True}, "act": {"bits": 16}, "roles": roles}, graph)
+        data = batches(2)
+        state = calibrate(graph, specs, data, CPU, [16])
+        with torch.no_grad():
+            ref = model(data[0][0])
+            bind(graph, specs, state)
+            sqnrs[granularity] = sqnr(ref, graph.model(data[0][0]))
+    assert (graph.module("blocks.0.attn.qkv").weight_site.scale < 1e-7).any()  # folded steps below eps, kept
+    assert sqnrs["per_channel"] > 55 and sqnrs["per_channel"] > sqnrs["per_tensor"] - 3
+
+
 def test_per_channel_image_input_folds_into_the_patch_embedding():
     _, graph, specs, state = calibrated("recommended", "quant.weight.observer=minmax", "quant.weight.gptq=false")
     bind(graph, specs, state)

@@ -158,6 +158,16 @@ def test_constant_zero_range_gets_eps_scale():
         assert torch.equal(fake_quantize(torch.zeros(3), scale, zero_point, 0, 255), torch.zeros(3))
 
 
+def test_tiny_ranges_keep_their_resolution_and_dead_channels_a_relative_scale():
+    # A weight folded with 16-bit activation scales spans ~1e-6: its step must not be floored at eps.
+    scale, _ = choose_qparams(t(-1e-6), t(1e-6), 16, signed=True, symmetric=True)
+    assert torch.equal(scale, t(1e-6) / 32767)
+    # A dead channel (range 0) among live ones: eps times the largest scale, so dividing by it stays finite.
+    scale, zero_point = choose_qparams(t([0.0, -2e-6]), t([0.0, 1e-6]), 8, signed=False, symmetric=False)
+    live = t(3e-6) / 255
+    assert torch.equal(scale, torch.stack([live * MIN_SCALE, live])) and zero_point.tolist() == [0, 170]
+
+
 def test_per_channel_qparams_shapes():
     scale, zero_point = choose_qparams(t([-1.0, 0.0, -4.0]), t([1.0, 2.55, 2.0]), 8, True, True)
     assert scale.shape == (3,) and zero_point.shape == (3,)

@@ -21,7 +21,7 @@ ROUNDING_MODES = ("half_up", "half_even")
 MIN_BITS = 2
 MAX_BITS = 16
 MIN_SCALE = torch.finfo(torch.float32).eps
-"""Smallest scale choose_qparams returns, so a constant tensor (min == max) still gets a usable scale."""
+"""Scale choose_qparams gives a range of width 0 when every channel's range is 0 (an all-zero tensor)."""
 
 _LOW_PRECISION_FLOATS = (torch.float16, torch.bfloat16)
 
@@ -116,7 +116,11 @@ def choose_qparams(
        asymmetric:          scale = (hi - lo) / (qmax - qmin),
                             zero_point = clamp(qmin - round_to_int(lo / scale), qmin, qmax)
                             (the integer "zero-point nudge": the representable range shifts by < scale/2)
-    3. scale is clamped to >= MIN_SCALE (float32 eps), so min == max (e.g. an all-zero tensor) is valid.
+    3. A range of width 0 (min == max == 0) still gets a usable scale: scales are raised to at least
+       float32 eps times the largest scale of the tensor (a dead channel among live ones), or to
+       MIN_SCALE when every range is 0. The floor is relative, not absolute: data whose whole range
+       is tiny keep their resolution (a weight folded with 16-bit activation scales has steps near
+       1e-9, far below eps).
     """
     qmin, qmax = qrange(bits, signed)
     check_rounding_mode(rounding)
@@ -125,12 +129,19 @@ def choose_qparams(
     hi = torch.clamp(max_val.to(torch.float32), min=0.0)
     if symmetric:
         magnitude = torch.maximum(-lo, hi) if signed else hi
-        scale = (magnitude / qmax).clamp_(min=MIN_SCALE)
+        scale = _raise_zero_scales(magnitude / qmax)
         zero_point = torch.zeros_like(scale, dtype=torch.int32)
     else:
-        scale = ((hi - lo) / (qmax - qmin)).clamp_(min=MIN_SCALE)
+        scale = _raise_zero_scales((hi - lo) / (qmax - qmin))
         zero_point = (qmin - round_to_int(lo / scale, rounding)).clamp_(qmin, qmax).to(torch.int32)
     return scale, zero_point
+
+
+def _raise_zero_scales(scale: Tensor) -> Tensor:
+    """Scales (0-d or (C,), >= 0) raised to >= eps * max(scale), or to MIN_SCALE where all are 0 (no host sync)."""
+    largest = scale.max()
+    floor = torch.where(largest > 0, largest * torch.finfo(torch.float32).eps, torch.full_like(largest, MIN_SCALE))
+    return torch.maximum(scale, floor)
 
 
 def power_of_two_factor_scales(scale: Tensor, max_shift: int, frac_bits: int = 0) -> tuple[Tensor, Tensor, Tensor]:
