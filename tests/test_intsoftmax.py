@@ -10,6 +10,7 @@ from pipeline.quant.intsoftmax import (
     EXP_POLY_B,
     EXP_POLY_C,
     exp_constants,
+    exp_input_shift,
     floor_log2,
     int_exp,
     int_softmax_fake,
@@ -122,12 +123,22 @@ def test_rounded_log2_matches_float_log2():
 # ---------------------------------------------------------------------------------------------- softmax
 
 
+def test_exp_input_shift_reaches_the_fine_step():
+    assert [exp_input_shift(x) for x in (2**-12, 2**-12 * 1.01, 1 / 64, 0.0944, 1e-6, 1000.0)] == [0, 1, 6, 9, 0, 22]
+    with pytest.raises(ValueError, match="scale must be a positive finite float"):
+        exp_input_shift(0.0)
+
+
 def test_int_softmax_by_hand():
-    # exp codes [11326, 5663] (see test_int_exp_by_hand), sum 16989
+    # scale 1/64 -> the codes shift left by 6 onto the step 2^-12, where q_ln2 = floor(ln2 * 4096) = 2839,
+    # q_b = floor(1.353 * 4096) = 5541, q_c = floor(0.344 * 2^24 / 0.3585) = 16098639.
+    assert exp_input_shift(1 / 64) == 6 and exp_constants(2**-12)[:3] == (2839, 5541, 16098639)
+    # codes [0, -44] -> [0, -2816]: z = 0 for both (2816 < 2839); exp codes 5541^2 + q_c = 46801320 and
+    # (5541 - 2816)^2 + q_c = 23524264, sum 70325584
     codes, zero_mask = int_softmax_log2(ints([[0, -44]]), 1 / 64, out_bits=8)
-    v0, v1 = (11326 << 16) // 16989, (5663 << 16) // 16989
-    assert (v0, v1) == (43690, 21845)
-    # floor(log2 43690) = 15, 43690^2 < 2^31 -> 15 -> code 1; floor(log2 21845) = 14, 21845^2 < 2^29 -> code 2
+    v0, v1 = (46801320 << 16) // 70325584, (23524264 << 16) // 70325584
+    assert (v0, v1) == (43613, 21922)
+    # floor(log2 43613) = 15, 43613^2 < 2^31 -> 15 -> code 1; floor(log2 21922) = 14, 21922^2 < 2^29 -> code 2
     assert codes.dtype == torch.uint8 and zero_mask.dtype == torch.bool
     assert codes.tolist() == [[1, 2]] and not zero_mask.any()
     # the float softmax agrees: softmax([0, -0.6875]) = [0.665, 0.335] -> -log2 = [0.59, 1.58] -> [1, 2]
@@ -145,13 +156,30 @@ def test_equal_scores_give_equal_probabilities():
 
 
 def test_dominant_score_gets_code_zero_and_tiny_ones_flush_to_zero():
-    codes, zero_mask = int_softmax_log2(ints([[640, 0, 0, 0], [0, 0, 0, 64]]), 1 / 64, out_bits=4)
-    # row 0: the others are 10 below the max: q = -640, z = 14, q_p = -24: (62^2 + 3930) >> 14 = 0 -> flushed
-    assert codes[0, 0].item() == 0 and zero_mask[0].tolist() == [False, True, True, True]
-    # row 1: the others are 1 below: q = -64, z = 1, q_p = -20: (66^2 + 3930) >> 1 = 4143;
-    # v = floor(11326 * 2^16 / (11326 + 3 * 4143)) = 31246, 31246^2 >= 2^29 -> round(log2 v) = 15 -> code 1
+    # scale 1/64 (shift 6, constants as in test_int_softmax_by_hand; row maximum's exp code 46801320)
+    codes, zero_mask = int_softmax_log2(ints([[640, 0, 0, 0], [768, 0, 0, 0], [0, 0, 0, 64]]), 1 / 64, out_bits=4)
+    # row 0: the others are 10 below the max: q = -640 << 6 = -40960, z = 14, q_p = -1214:
+    # (4327^2 + q_c) >> 14 = 2125; v = floor(2125 * 2^16 / 46807695) = 2 -> code 16 - 1 = 15, the last 4-bit level
+    # (float: e^-10 = 2^-14.4; v's 16 fractional bits hold it as 2)
+    assert codes[0].tolist() == [0, 15, 15, 15] and not zero_mask[0].any()
+    # row 1: 12 below: q = -49152, z = 17, q_p = -889: (4652^2 + q_c) >> 17 = 287; v = floor(287 * 2^16 / 46802181) = 0 -> flushed
+    assert codes[1, 0].item() == 0 and zero_mask[1].tolist() == [False, True, True, True]
+    # row 2: the others are 1 below: q = -4096, z = 1, q_p = -1257: (4284^2 + q_c) >> 1 = 17225647;
+    # v = floor(46801320 * 2^16 / (46801320 + 3 * 17225647)) = 31145, 31145^2 >= 2^29 -> round(log2 v) = 15 -> code 1
     # (float: softmax = e / (e + 3) = 0.475 -> -log2 = 1.07 -> 1)
-    assert codes[1].tolist() == [3, 3, 3, 1] and not zero_mask[1].any()
+    assert codes[2].tolist() == [3, 3, 3, 1] and not zero_mask[2].any()
+
+
+def test_int_softmax_on_coarse_8_bit_scores_matches_the_float_log2_softmax():
+    # 8-bit scores of a real ViT have steps near 0.1, and above ln 2 for wide ranges: without the shift onto
+    # a fine grid, q_ln2 = floor(ln2 / 0.0944) = 7 (ln2 read as 0.661) and p = 2^-9 flushed to zero.
+    for scale in (0.0944, 1.5):
+        s = round_to_int(scores(2, 3, 16, 16, std=3.0, seed=4) / scale) * scale
+        integer = int_softmax_fake(s, scale, 8)
+        reference = fake_log2_quantize(torch.softmax(s, dim=-1), 8)
+        large = reference >= 2**-12
+        assert (integer[large] == reference[large]).float().mean() >= 0.97
+        assert ((integer == 0) & large).sum() == 0  # nothing above 2^-12 is flushed
 
 
 def test_int_softmax_along_another_dim():

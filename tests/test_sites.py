@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from timm.layers import GluMlp
 
 from pipeline.errors import PipelineError
 from pipeline.profile.collect import forward_segments
@@ -108,6 +109,23 @@ def test_sites_see_the_tensors_they_name():
 def test_non_vit_is_rejected():
     with pytest.raises(PipelineError, match="not a timm VisionTransformer"):
         attach_sites(timm.create_model("resnet10t", num_classes=10))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        (dict(global_pool="map"), "attention pooling"),
+        (dict(mlp_layer=GluMlp, act_layer="silu"), "MLP type GluMlp"),
+        (dict(norm_layer="rmsnorm"), "norm type RmsNorm"),
+        (dict(attn_layer="diff"), "attention type DiffAttention"),
+    ],
+)
+def test_vit_parts_the_sites_do_not_cover_are_rejected_by_name(kwargs, named):
+    # Each would otherwise leave tensors unquantized (the pool's MLP, a gated MLP's fc2 input, RmsNorm outputs) or crash.
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10, depth=1, **kwargs).eval()
+    with pytest.raises(PipelineError, match=f"not supported here: .*{named}"):
+        attach_sites(model)
 
 
 def test_qparams_bind_on_the_sites_device():

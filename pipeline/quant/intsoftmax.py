@@ -25,6 +25,11 @@ EXP_POLY_C = 0.344
 MAX_SHIFT = 62
 """Right-shift counts are capped here: every exp code is < 2^62 (checked), so the result is then 0."""
 MAX_FRAC_BITS = 30
+EXP_INPUT_STEP = 2.0**-12
+"""int_softmax_log2 left-shifts the score codes until one step is at most this (in the scores' real
+units) before int_exp: I-BERT's exp is exact enough only on a fine input grid (its inputs are 32-bit
+accumulators). On 8-bit scores (steps near 0.1) q_ln2 = floor(ln2 / scale) would be off by up to
+15% and the polynomial would hold about 8 bits, flushing probabilities near 2^-9 to zero."""
 MAX_SCORE_CODE = 2**40
 """int_softmax_fake clamps score codes to +-2^40, so -inf (masked) scores get probability 0."""
 _INT64_LIMIT = 2**63
@@ -44,6 +49,14 @@ def exp_constants(scale: float) -> tuple[int, int, int, float]:
     if q_b**2 + q_c >= 2**MAX_SHIFT:
         raise ValueError(f"scale {scale!r} is too small: exp codes would not fit in int64")
     return q_ln2, q_b, q_c, EXP_POLY_A * scale**2
+
+
+def exp_input_shift(scale: float) -> int:
+    """Left shift k >= 0 of the score codes that brings one step to scale / 2^k <= EXP_INPUT_STEP."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 < scale < math.inf:
+        raise ValueError(f"scale must be a positive finite float, got {scale!r}")
+    mantissa, exponent = math.frexp(scale / EXP_INPUT_STEP)  # ratio = mantissa * 2^exponent, mantissa in [0.5, 1)
+    return max(0, exponent - 1 if mantissa == 0.5 else exponent)
 
 
 def _check_integer_tensor(name: str, values: Tensor) -> None:
@@ -113,7 +126,9 @@ def int_softmax_log2(
     """Integer softmax with log2-coded output along ``dim``, as an NPU computes it.
 
     1. q = scores_q - max(scores_q along dim)                     (int64, <= 0)
-    2. e = int_exp(q, scale)                                        (int64 codes of exp)
+       saturated at the code whose exp is 0 anyway (x <= -63 ln 2), then q << k with
+       k = exp_input_shift(scale), so that int_exp sees the fine step scale / 2^k <= 2^-12
+    2. e = int_exp(q << k, scale / 2^k)                             (int64 codes of exp)
     3. v = floor(e * 2^frac_bits / sum(e along dim))                (fixed-point probability, 0..2^frac_bits)
     4. code = frac_bits - round(log2 v), half up (round_log2_half_up), clamped at 0
     5. zero_mask = (v == 0) | (code > 2^out_bits - 1); codes are clamped to [0, 2^out_bits - 1].
@@ -123,7 +138,8 @@ def int_softmax_log2(
 
     Args:
         scores_q: integer attention scores, e.g. (B, H, N, N); real value scores_q * scale.
-        scale: input scale (see int_exp).
+        scale: input scale (real value per score code), any positive float: the codes are shifted
+            onto a fine grid first (exp_input_shift), as an NPU widens 8-bit scores before its exp.
         out_bits: bits of the log2 code (2..16).
         frac_bits: fractional bits of the fixed-point probability v (1..30).
     Returns:
@@ -133,14 +149,18 @@ def int_softmax_log2(
     _, code_max = qrange(out_bits, False)
     if isinstance(frac_bits, bool) or not isinstance(frac_bits, Integral) or not 1 <= frac_bits <= MAX_FRAC_BITS:
         raise ValueError(f"frac_bits must be an integer in 1..{MAX_FRAC_BITS}, got {frac_bits!r}")
-    q_ln2, q_b, q_c, _ = exp_constants(scale)
+    shift = exp_input_shift(scale)
+    fine_scale = math.ldexp(scale, -shift)
+    q_ln2, q_b, q_c, _ = exp_constants(fine_scale)
     row_length = scores_q.shape[dim] if scores_q.ndim else 1
     if ((q_b**2 + q_c) << frac_bits) >= _INT64_LIMIT or (q_b**2 + q_c) * row_length >= _INT64_LIMIT:
         raise ValueError(f"scale {scale!r} is too small for frac_bits={frac_bits}: intermediates overflow int64")
 
     q = scores_q.to(torch.int64)
     q = q - q.amax(dim=dim, keepdim=True)
-    exp_codes, _ = _int_exp_nonpositive(q, scale)
+    if shift:  # below -63 ln2 every exp code is 0 (z >= 63): saturating there keeps q << shift inside int64
+        q = q.clamp_(min=-(math.ceil(63 * math.log(2.0) / scale) + 1)) << shift
+    exp_codes, _ = _int_exp_nonpositive(q, fine_scale)
     row_sum = exp_codes.sum(dim=dim, keepdim=True)  # >= 1: the row maximum has q = 0 and exp code q_b^2 + q_c
     probability = torch.div(exp_codes << frac_bits, row_sum, rounding_mode="floor")
     codes = frac_bits - round_log2_half_up(probability)
@@ -155,7 +175,7 @@ def int_softmax_fake(scores: Tensor, scale: float, out_bits: int, dim: int = -1)
     scores_q = clamp(round_to_int(scores / scale), -2^40, 2^40) (symmetric, zero point 0, no bit-width clamp),
     then int_softmax_log2 and log2_dequantize. -inf scores (masks) give probability 0.
     """
-    exp_constants(scale)  # validates scale before dividing by it
+    exp_input_shift(scale)  # validates scale before dividing by it
     compute = scores.to(torch.float32) if scores.dtype in (torch.float16, torch.bfloat16) else scores
     scores_q = round_to_int(compute / scale, in_place=True).clamp_(-MAX_SCORE_CODE, MAX_SCORE_CODE).to(torch.int64)
     codes, zero_mask = int_softmax_log2(scores_q, scale, out_bits, dim)

@@ -358,6 +358,9 @@ def attach_sites(model: nn.Module) -> SiteGraph:
     Attention, Block = _attention_classes()
     if not hasattr(model, "blocks") or not any(type(b) is Block for b in model.blocks):
         raise PipelineError(f"{type(model).__name__} is not a timm VisionTransformer with Block modules; quant sites need a ViT/DeiT")
+    unsupported = _unsupported_parts(model, Attention, Block)
+    if unsupported:
+        raise PipelineError(f"{type(model).__name__}: quant sites cover timm ViT/DeiT blocks (Attention, Mlp, LayerNorm); not supported here: {'; '.join(unsupported)}")
     qmodel = copy.deepcopy(model).eval()
     for name, module in list(qmodel.named_modules()):
         if type(module) is nn.Conv2d:
@@ -380,6 +383,37 @@ def attach_sites(model: nn.Module) -> SiteGraph:
     qmodel.blocks[0].register_forward_pre_hook(_input_site_pre_hook)
     sites = {s.name: s for s in _forward_order(qmodel)}
     return SiteGraph(qmodel, sites, _fold_pairs(qmodel, sites))
+
+
+def _unsupported_parts(model: nn.Module, Attention: type, Block: type) -> list[str]:
+    """Parts of a timm ViT that the site pass would leave unquantized or fold wrongly (one entry per kind).
+
+    Attention pooling, attention variants and output gates, gated MLPs (no single GELU output feeding
+    fc2) and norms other than LayerNorm (RmsNorm: the norm sites and their folds are LayerNorm's).
+    """
+    from timm.layers import Mlp
+
+    found: dict[str, None] = {}  # ordered set
+    if getattr(model, "attn_pool", None) is not None:
+        found["attention pooling (global_pool='map')"] = None
+    for block in model.blocks:
+        if type(block) is not Block:
+            found[f"block type {type(block).__name__}"] = None
+            continue
+        if type(block.attn) is not Attention:
+            found[f"attention type {type(block.attn).__name__}"] = None
+        elif getattr(block.attn, "gate", None) is not None:
+            found["gated attention output"] = None
+        if type(block.mlp) is not Mlp:
+            found[f"MLP type {type(block.mlp).__name__}"] = None
+        for norm in (block.norm1, block.norm2):
+            if not isinstance(norm, nn.LayerNorm):
+                found[f"norm type {type(norm).__name__}"] = None
+    for path in ("norm", "fc_norm", "norm_pre"):
+        norm = getattr(model, path, None)
+        if norm is not None and not isinstance(norm, (nn.LayerNorm, nn.Identity)):
+            found[f"{path} type {type(norm).__name__}"] = None
+    return list(found)
 
 
 def _add_output_site(module: nn.Module, name: str, role: str) -> None:
