@@ -4,6 +4,9 @@ Bad input ends with one line on stderr (`error: ...`) and exit code 2; config
 typos end with Hydra's own validation message, except an unknown stage or role on the
 command line (one line). SIGTERM is handled like Ctrl-C: the running stage's temp folder
 is removed, its MLflow runs are marked FAILED, and the process exits with code 130.
+In a multirun sweep (`-m`), a job that fails prints its line and the sweep goes on to
+the next job; the process then exits with code 2 and a line counting the failed jobs
+(Ctrl-C still stops the whole sweep).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pipeline.errors import PipelineError
 register_resolvers()
 register_configs()
 log = logging.getLogger("pipeline")
+_sweep = {"jobs": 0, "failed": []}  # this process's multirun jobs (the CLI's own record, read after the sweep)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -32,14 +36,25 @@ def main(cfg: DictConfig) -> None:
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    job_label = hydra_cfg.job.override_dirname if hydra_cfg.mode == RunMode.MULTIRUN else ""
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    job_label = hydra_cfg.job.override_dirname if multirun else ""
     signal.signal(signal.SIGTERM, _interrupt)
+    _sweep["jobs"] += 1
     try:
         summary = run_pipeline(cfg, run_dir, job_label)
     except PipelineError as e:
-        _fail(run_dir, str(e), 2)
+        if not multirun:
+            _fail(run_dir, str(e), 2)
+        _fail_job(run_dir, f"job #{hydra_cfg.job.num}: {_one_line(str(e))}")
+        return
     except KeyboardInterrupt:
         _fail(run_dir, "interrupted (SIGTERM or Ctrl-C): the running stage left nothing behind", 130)
+    except Exception:  # a bug, not bad input: clean up, then Hydra prints the traceback
+        if multirun:
+            _fail_job(run_dir, None)
+        else:
+            _cleanup(run_dir)
+        raise
     log.info("summary: %s", {k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
     log.info("run folder: %s", run_dir)
 
@@ -48,13 +63,33 @@ def _interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def _fail(run_dir: Path, message: str, code: int) -> None:
+def _cleanup(run_dir: Path) -> None:
     from pipeline.runner import cleanup_failed_run
 
     cleanup_failed_run(run_dir)
+
+
+def _fail(run_dir: Path, message: str, code: int) -> None:
+    _cleanup(run_dir)
     logging.shutdown()
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    print(f"error: {_one_line(message)}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def _fail_job(run_dir: Path, message: str | None) -> None:
+    """A failed multirun job: cleaned up and recorded; the sweep goes on."""
+    _cleanup(run_dir)
+    _sweep["failed"].append(run_dir)
+    if message:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def _one_line(message: str) -> str:
+    """The error's own line: a DataLoader worker re-raises it inside a copy of the worker's traceback."""
+    if "Traceback" not in message:
+        return message
+    last = message.strip().splitlines()[-1]
+    return last.split(f"{PipelineError.__name__}: ", 1)[-1]
 
 
 def check_overrides(argv: list[str]) -> str | None:
@@ -66,8 +101,8 @@ def check_overrides(argv: list[str]) -> str | None:
         key, _, value = arg.lstrip("+~").partition("=")
         if key.startswith("quant.roles.") and key.split(".")[2] not in ROLES:
             return f"unknown role '{key.split('.')[2]}' in {arg} (roles: {', '.join(ROLES)})"
-        if key != "stages" or not value:
-            continue
+        if key != "stages" or not value or any(sign in value for sign in ("(", "${")):
+            continue  # sweep functions (choice(...)) and interpolations are Hydra's to check
         for name in value.replace("[", ",").replace("]", ",").split(","):
             if name.strip() and name.strip() not in Stage.__members__:
                 return f"unknown stage '{name.strip()}' in {arg} (stages: {', '.join(Stage.__members__)})"
@@ -80,3 +115,6 @@ if __name__ == "__main__":
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
     main()
+    if _sweep["failed"]:
+        print(f"error: {len(_sweep['failed'])} of the sweep's {_sweep['jobs']} jobs failed (see the lines above)", file=sys.stderr)
+        sys.exit(2)

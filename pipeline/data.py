@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import default_loader
 
 from pipeline.config import DataConfig
 from pipeline.errors import PipelineError
@@ -71,10 +74,46 @@ def split_dir(cfg: DataConfig, split: str) -> Path:
     path = root / split
     if not path.is_dir():
         raise PipelineError(f"split folder '{split}' not found under data root {root}")
-    classes = [d for d in path.iterdir() if d.is_dir()]
-    if not classes or not any(f.suffix.lower() in IMAGE_SUFFIXES for d in classes for f in d.iterdir()):
+    classes = class_names(path)
+    empty = [c for c in classes if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in (path / c).iterdir())]
+    if len(empty) == len(classes):
         raise PipelineError(f"data split {path} is empty (expected one folder of images per class)")
+    if empty:
+        raise PipelineError(f"data split {path}: class folder(s) without images: {', '.join(empty[:5])}")
     return path
+
+
+def class_names(path: Path) -> list[str]:
+    """The class folders of an ImageFolder split, sorted (label order); hidden folders (.ipynb_checkpoints) are not classes."""
+    return sorted(entry.name for entry in os.scandir(path) if entry.is_dir() and not entry.name.startswith("."))
+
+
+def check_splits(cfg: DataConfig, loaded: LoadedModel, splits: list[str]) -> None:
+    """Before any run opens: each split has one folder per model class, the splits name the same classes
+    (labels are folder indices), and card models (fed without resizing) get images of their input size."""
+    if cfg.kind != "imagefolder":
+        return
+    first: tuple[str, list[str]] | None = None
+    for split in dict.fromkeys(splits):
+        path = split_dir(cfg, split)
+        classes = class_names(path)
+        if len(classes) != loaded.num_classes:
+            raise PipelineError(f"data split {path} has {len(classes)} class folders, model {loaded.name} has {loaded.num_classes} classes")
+        if first is not None and classes != first[1]:
+            raise PipelineError(f"data splits '{first[0]}' and '{split}' name different class folders: labels would not match")
+        first = first or (split, classes)
+        if loaded.plain_transform:
+            _check_image_size(path / classes[0], tuple(loaded.data_config["input_size"][1:]), loaded.name)
+
+
+def _check_image_size(class_dir: Path, size: tuple[int, int], model: str) -> None:
+    from PIL import Image
+
+    image = next(f for f in sorted(class_dir.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES)
+    with Image.open(image) as im:
+        height_width = (im.height, im.width)
+    if height_width != size:
+        raise PipelineError(f"{image} is {height_width[0]}x{height_width[1]} pixels; model {model} takes {size[0]}x{size[1]} images as they are (no resize)")
 
 
 def check_calibration_split(cfg: DataConfig) -> None:
@@ -86,9 +125,9 @@ def check_calibration_split(cfg: DataConfig) -> None:
         return  # split_dir names the missing data.root
     else:
         calib, evaluation = (Path(cfg.root) / cfg.calib_split).resolve(), (Path(cfg.root) / cfg.eval_split).resolve()
-        same = calib == evaluation or calib in evaluation.parents
+        same = calib == evaluation or calib in evaluation.parents or evaluation in calib.parents
     if same:
-        raise PipelineError(f"data.calib_split='{cfg.calib_split}' would read the evaluation split '{cfg.eval_split}': calibration and search use other images")
+        raise PipelineError(f"data.calib_split='{cfg.calib_split}' and data.eval_split='{cfg.eval_split}' share images: calibration and search use other images than evaluation")
 
 
 def build_dataset(cfg: DataConfig, loaded: LoadedModel, split: str) -> Dataset:
@@ -100,9 +139,36 @@ def build_dataset(cfg: DataConfig, loaded: LoadedModel, split: str) -> Dataset:
         return TensorDataset(images, labels)
     if cfg.kind != "imagefolder":
         raise PipelineError(f"unknown data.kind '{cfg.kind}' (imagefolder or synthetic)")
-    from torchvision.datasets import ImageFolder
+    return _image_folder(split_dir(cfg, split), build_transform(loaded))
 
-    return ImageFolder(str(split_dir(cfg, split)), transform=build_transform(loaded))
+
+def _image_folder(path: Path, transform=None) -> Dataset:
+    try:
+        return _ImageFolder(str(path), transform=transform, loader=_load_image)
+    except FileNotFoundError as e:  # a class folder without images of a known type
+        raise PipelineError(f"data split {path}: {e}") from None
+
+
+def _load_image(file: str):
+    try:
+        return default_loader(file)
+    except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+        raise PipelineError(f"cannot read image {file}: {e}") from None
+
+
+class _ImageFolder(ImageFolder):
+    """torchvision's ImageFolder without hidden folders as classes (labels are indices into class_names)."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = class_names(Path(directory))
+        return classes, {name: i for i, name in enumerate(classes)}
+
+
+def split_size(cfg: DataConfig, split: str) -> int:
+    """Number of images in a split (synthetic: data.synthetic_size), without decoding any."""
+    if cfg.kind == "synthetic":
+        return int(cfg.synthetic_size)
+    return len(_image_folder(split_dir(cfg, split)).samples)
 
 
 def seeded_order(n: int, seed: int, split: str) -> torch.Tensor:
@@ -124,8 +190,12 @@ def clamp_size(size: int, available: int, what: str, warn: bool = True) -> int:
     return size
 
 
-def make_subset(cfg: DataConfig, loaded: LoadedModel, purpose: str) -> DataSubset:
-    """purpose: 'calib' (front of calib_split), 'search' (back of calib_split) or 'eval'."""
+def make_subset(cfg: DataConfig, loaded: LoadedModel, purpose: str, calib_images: int | None = None) -> DataSubset:
+    """purpose: 'calib' (front of calib_split), 'search' (back of calib_split) or 'eval'.
+
+    `calib_images` (search): how many images at the front the calibration actually used (a calibration
+    read from another run may have used another data.calib_size); default: data.calib_size.
+    """
     split = cfg.eval_split if purpose == "eval" else cfg.calib_split
     dataset = build_dataset(cfg, loaded, split)
     order = seeded_order(len(dataset), cfg.seed, split)
@@ -134,9 +204,10 @@ def make_subset(cfg: DataConfig, loaded: LoadedModel, purpose: str) -> DataSubse
     elif purpose == "calib":
         indices = order[: clamp_size(cfg.calib_size, len(order), "data.calib_size")]
     elif purpose == "search":  # from the back of the permutation, never reaching the calibration images
-        available = len(order) - clamp_size(cfg.calib_size, len(order), "data.calib_size", warn=False)  # warned by calibrate
+        used = clamp_size(cfg.calib_size, len(order), "data.calib_size", warn=False) if calib_images is None else min(calib_images, len(order))
+        available = len(order) - used  # the calibration size was warned about by calibrate
         if available == 0:
-            raise PipelineError(f"data.calib_size={cfg.calib_size} takes all {len(order)} images of split '{split}': the search subset must be disjoint from them, lower data.calib_size")
+            raise PipelineError(f"the calibration used all {len(order)} images of split '{split}': the search subset must be disjoint from them, lower data.calib_size")
         indices = order.flip(0)[: clamp_size(cfg.search_size, available, "data.search_size")]
     else:
         raise ValueError(f"unknown subset purpose '{purpose}'")
@@ -144,8 +215,19 @@ def make_subset(cfg: DataConfig, loaded: LoadedModel, purpose: str) -> DataSubse
         raise PipelineError(f"the {purpose} subset of split '{split}' is empty")
     loader = subset_loader(dataset, indices, cfg.batch_size, cfg.num_workers)
     source = f"synthetic/{cfg.synthetic_size}" if cfg.kind == "synthetic" else str(Path(cfg.root).resolve())
-    key = hashlib.sha1(f"{source}|{split}|{loaded.data_config}|{cfg.seed}".encode() + indices.numpy().tobytes()).hexdigest()[:16]
-    return DataSubset(split, indices, loader, key)
+    digest = hashlib.sha1(f"{source}|{split}|{loaded.data_config}|{cfg.seed}".encode() + indices.numpy().tobytes())
+    if cfg.kind == "imagefolder":
+        _hash_files(digest, dataset, indices)
+    return DataSubset(split, indices, loader, digest.hexdigest()[:16])
+
+
+def _hash_files(digest, dataset, indices: torch.Tensor) -> None:
+    """Add the chosen images' paths, labels, sizes and modification times to `digest`, so that caches keyed
+    by the subset (FP32 logits) see images replaced or class folders renamed under the same root."""
+    for i in indices.tolist():
+        file, label = dataset.samples[i]
+        stat = os.stat(file)
+        digest.update(f"{file}|{label}|{stat.st_size}|{stat.st_mtime_ns};".encode())
 
 
 def subset_loader(dataset: Dataset, indices: torch.Tensor, batch_size: int, num_workers: int) -> DataLoader:

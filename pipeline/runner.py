@@ -106,7 +106,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, job_label: str = "") -> dict[st
     tracker = Tracker(cfg.tracking)
     tracker.connect()
     source_dir = resolve_run_dir(cfg.from_run, cfg.tracking, run_dir / ".from_run") if cfg.from_run else None
-    _check_data(cfg, stages)
+    _check_data(cfg, stages, fp32)
     specs = _check_site_names(cfg, stages, fp32)
     modules = [importlib.import_module(f"pipeline.stages.{stage.value}") for stage in stages]
     for module in modules:  # stage-specific config checks (e.g. search.objective), before any run is opened
@@ -122,9 +122,9 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, job_label: str = "") -> dict[st
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
     run_name = cfg.tracking.run_name or f"{fp32.name}-{cfg.quant.name}-{'+'.join(s.value for s in stages)}" + (f" [{job_label}]" if job_label else "")
     tags = {"model": fp32.name, "timm_name": fp32.timm_name, "data": _data_tag(cfg), "quant": cfg.quant.name, "run_dir": str(run_dir), "stages": ",".join(s.value for s in stages)}
-    tracker.start(run_name, flatten(resolved), tags)
     failed = True
     try:
+        tracker.start(run_name, flatten(resolved), tags)
         tracker.log_artifact(run_dir / "config.yaml")
         for stage in stages:
             _run_stage(ctx, stage, fns[stage])
@@ -160,9 +160,10 @@ def _run_stage(ctx: StageContext, stage: Stage, fn: Callable[[StageContext], dic
     log.info("stage %s done in %.1f s", stage.value, time.time() - t0)
 
 
-def _check_data(cfg: DictConfig, stages: list[Stage]) -> None:
-    """Fail early on a missing or empty data root or a bad loader setting (the stages build loaders later)."""
-    from pipeline.data import check_calibration_split, split_dir
+def _check_data(cfg: DictConfig, stages: list[Stage], fp32: LoadedModel) -> None:
+    """Fail early on a missing or empty data root, splits that do not fit the model, or a bad loader setting
+    (the stages build loaders later)."""
+    from pipeline.data import check_calibration_split, check_splits
 
     if int(cfg.data.batch_size) < 1:
         raise PipelineError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
@@ -173,15 +174,13 @@ def _check_data(cfg: DictConfig, stages: list[Stage]) -> None:
             raise PipelineError(f"data.{key} must be >= 0 (0 = all), got {cfg.data[key]}")
     if cfg.data.kind not in ("imagefolder", "synthetic"):
         raise PipelineError(f"unknown data.kind '{cfg.data.kind}' (imagefolder or synthetic)")
+    if cfg.data.kind == "synthetic" and int(cfg.data.synthetic_size) < 1:
+        raise PipelineError(f"data.synthetic_size must be >= 1, got {cfg.data.synthetic_size}")
     needs_calib = any(s in (Stage.calibrate, Stage.sensitivity, Stage.search) for s in stages)
     needs_eval = Stage.evaluate in stages or (Stage.search in stages and cfg.search.test)
     if needs_calib:
         check_calibration_split(cfg.data)
-    if cfg.data.kind == "imagefolder":
-        if needs_eval:
-            split_dir(cfg.data, cfg.data.eval_split)
-        if needs_calib:
-            split_dir(cfg.data, cfg.data.calib_split)
+    check_splits(cfg.data, fp32, ([cfg.data.calib_split] if needs_calib else []) + ([cfg.data.eval_split] if needs_eval else []))
 
 
 def _check_site_names(cfg: DictConfig, stages: list[Stage], fp32: LoadedModel) -> dict[str, SiteSpec] | None:
@@ -213,11 +212,16 @@ def _is_number(v: Any) -> bool:
 
 
 def cleanup_failed_run(run_dir: Path) -> None:
-    """Remove a run folder that holds no finished stage (only Hydra's own files), and its day folder if now empty."""
+    """After a failed invocation: remove what it left half-made (temp stage folders, the downloaded
+    `from_run`), and the run folder itself if nothing else is in it (only Hydra's files and
+    config.yaml), then its day folder if now empty. A folder that holds anything else (finished
+    stages, or files of the user's with `hydra.run.dir` pointing at an existing folder) is kept."""
     if not run_dir.is_dir():
         return
-    finished = [p for p in run_dir.iterdir() if p.is_dir() and p.name in {s.value for s in Stage}]
-    if not finished:
+    made_here = [p for p in run_dir.iterdir() if p.name == ".from_run" or (p.name.startswith(".") and p.name.endswith(".tmp"))]
+    for path in made_here:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    if all(p.name in (".hydra", "config.yaml") or p.suffix == ".log" for p in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
         with contextlib.suppress(OSError):  # not empty (other runs, a sweep's multirun.yaml): kept
             run_dir.parent.rmdir()

@@ -8,6 +8,7 @@ model and the data.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -31,8 +32,12 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{PROJECT_ROOT / 'mlruns' / 'mlflow.db'}"
 
 
-def default_artifact_root() -> str:
-    return (PROJECT_ROOT / "mlruns" / "artifacts").as_uri()
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite store's database file (MLflow's own
+    default is ./mlruns under the current directory), else the store's default (a server decides)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "artifacts").as_uri()
+    return None
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -46,8 +51,11 @@ _PARAM_KEY_INVALID = re.compile(r"[^\w\-. :/]")
 
 
 def param_key(key: str) -> str:
-    """An MLflow-valid param name: characters MLflow rejects (the * [ ] ? of site globs) become '_'."""
-    return _PARAM_KEY_INVALID.sub("_", key)
+    """An MLflow-valid param name: characters MLflow rejects (the * [ ] ? of site globs) become '_', and a
+    changed name gets a short hash of the original, so that globs such as `blocks.*.x` and `blocks.?.x` stay
+    two params."""
+    valid = _PARAM_KEY_INVALID.sub("_", key)
+    return valid if valid == key else f"{valid}-{hashlib.sha1(key.encode()).hexdigest()[:6]}"
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -88,14 +96,14 @@ class Tracker:
         import mlflow
         from mlflow.tracking import MlflowClient
 
-        if self.uri.startswith("sqlite:///"):
-            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        mlflow.set_tracking_uri(self.uri)
-        client = MlflowClient(self.uri)
         try:
+            if self.uri.startswith("sqlite:///"):
+                Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            mlflow.set_tracking_uri(self.uri)
+            client = MlflowClient(self.uri)
             exp = client.get_experiment_by_name(self.cfg.experiment)
             if exp is None:
-                artifact_location = default_artifact_root() if self.cfg.uri is None else None
+                artifact_location = artifact_root(self.uri)
                 self.experiment_id = client.create_experiment(self.cfg.experiment, artifact_location=artifact_location)
             else:
                 self.experiment_id = exp.experiment_id

@@ -21,6 +21,7 @@ def assert_one_line_error(proc, *fragments: str) -> None:
         (["model=timm", "model.checkpoint=/no/such/file.safetensors"], ["checkpoint file not found: /no/such/file.safetensors"]),
         (["data.root=/no/such/dir"], ["data root not found: /no/such/dir"]),
         (["tracking.uri=http://127.0.0.1:9"], ["MLflow tracking store http://127.0.0.1:9 is unreachable"]),
+        (["tracking.uri=htp://127.0.0.1:9"], ["MLflow tracking store htp://127.0.0.1:9"]),  # a malformed scheme
         (["stages=[evaluate,evalute]"], ["unknown stage 'evalute'"]),
         (["quant=naive", "quant.act.bits=17", "stages=[calibrate]", "data=synthetic", "model=timm", "+model.kwargs.img_size=32", "+model.kwargs.depth=1"], ["quant.act.bits=17 is outside 2..16"]),
         (["quant=naive", "quant.act.observer=maxmin", "stages=[calibrate]", "data=synthetic", "model=timm", "+model.kwargs.img_size=32", "+model.kwargs.depth=1"], ["unknown observer 'maxmin'"]),
@@ -76,3 +77,32 @@ def test_sigterm_removes_the_stage_temp_folder_and_fails_the_mlflow_runs(tmp_pat
     assert not run.exists()  # no finished stage: nothing left behind
     runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("vit-ptq").experiment_id])
     assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED"]  # the parent and the evaluate run
+
+
+def test_a_failed_run_keeps_a_folder_it_did_not_make(tmp_path):
+    """hydra.run.dir pointing at an existing folder: a failure removes only what the run made there."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "mine.csv").write_text("keep\n")
+    proc = run_cli(["model=timm", "model.name=vit_tinyy", "hydra.run.dir=.", "tracking.enabled=false"], cwd=folder)
+    assert_one_line_error(proc, "unknown timm model name 'vit_tinyy'")
+    assert (folder / "mine.csv").read_text() == "keep\n"
+
+
+def test_a_failing_sweep_job_does_not_stop_the_sweep(tmp_path):
+    from tests.conftest import TINY_VIT
+
+    args = ["-m", "model=timm", f"model.name={TINY_VIT['name']}", *[f"+model.kwargs.{k}={v}" for k, v in TINY_VIT["kwargs"].items()]]
+    args += ["data=synthetic", "data.synthetic_size=8", "data.batch_size=0,4", "stages=[evaluate]", f"cache_dir={tmp_path / 'cache'}", "tracking.enabled=false", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    proc = run_cli(args)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: job #0: data.batch_size must be >= 1, got 0", "error: 1 of the sweep's 2 jobs failed (see the lines above)"]
+    assert not (tmp_path / "sweep" / "0").exists() and (tmp_path / "sweep" / "1" / "summary.json").exists()
+
+
+def test_sweep_functions_and_interpolations_of_stages_are_left_to_hydra():
+    from pipeline.__main__ import check_overrides
+
+    assert check_overrides(["stages=choice([calibrate],[evaluate])", "stages=${oc.env:STAGES}"]) is None
+    assert "unknown stage 'evalute'" in check_overrides(["stages=[evaluate,evalute]"])

@@ -36,5 +36,15 @@ def test_flattened_params_are_valid_mlflow_names_and_skip_unset_values():
 
     params = flatten({"quant": {"sites": {"blocks.1[01].*": {"bits": 16, "observer": None}}, "roles": {"qkv": {"bits": None}}}})
     assert params == {"quant.sites.blocks.1[01].*.bits": 16}  # unset values stay out
-    assert param_key("quant.sites.blocks.1[01].*.bits") == "quant.sites.blocks.1_01_._.bits"
+    key = param_key("quant.sites.blocks.1[01].*.bits")
+    assert key.startswith("quant.sites.blocks.1_01_._.bits-") and len(key) == len("quant.sites.blocks.1_01_._.bits-") + 6
     assert param_key("model.name:x/y-z w") == "model.name:x/y-z w"  # everything MLflow allows is kept
+    # two legal globs that sanitise alike stay two params (MLflow rejects a batch with a duplicate key)
+    assert param_key("quant.sites.blocks.*.mlp.act.bits") != param_key("quant.sites.blocks.?.mlp.act.bits")
+
+
+def test_a_sqlite_store_keeps_artifacts_beside_its_database(tmp_path):
+    from pipeline.tracking import artifact_root
+
+    assert artifact_root(f"sqlite:///{tmp_path}/db/m.db") == (tmp_path / "db" / "artifacts").as_uri()
+    assert artifact_root("http://127.0.0.1:5000") is None  # a server decides

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import DataConfig
-from pipeline.data import make_subset, seeded_order
+from pipeline.data import check_splits, make_subset, seeded_order
 from pipeline.errors import PipelineError
 from pipeline.models import LoadedModel
 from tests.conftest import CIFAR, needs_assets
@@ -44,11 +44,11 @@ def test_search_subset_stays_disjoint_from_calibration_when_they_would_overlap()
     cfg = DataConfig(kind="synthetic", synthetic_size=40, calib_size=30, search_size=20, num_workers=0)
     calib, search = make_subset(cfg, fake_model(), "calib"), make_subset(cfg, fake_model(), "search")
     assert len(search) == 10 and not set(calib.indices.tolist()) & set(search.indices.tolist())
-    with pytest.raises(PipelineError, match=r"data.calib_size=0 takes all 40 images of split 'train': the search subset must be disjoint"):
+    with pytest.raises(PipelineError, match=r"the calibration used all 40 images of split 'train': the search subset must be disjoint"):
         make_subset(DataConfig(kind="synthetic", synthetic_size=40, calib_size=0, num_workers=0), fake_model(), "search")
 
 
-def test_calibration_split_may_not_be_or_contain_the_evaluation_split(tmp_path):
+def test_calibration_and_evaluation_splits_may_not_share_images(tmp_path):
     from pipeline.data import check_calibration_split
 
     for split in ("train", "test"):
@@ -56,9 +56,11 @@ def test_calibration_split_may_not_be_or_contain_the_evaluation_split(tmp_path):
         (tmp_path / split / "cat" / "0.png").write_bytes(b"")
     check_calibration_split(DataConfig(root=str(tmp_path), calib_split="train", eval_split="test"))
     for calib in ("test", ".", str(tmp_path / "test")):
-        with pytest.raises(PipelineError, match="would read the evaluation split 'test'"):
+        with pytest.raises(PipelineError, match=f"data.calib_split='{calib}' and data.eval_split='test' share images"):
             check_calibration_split(DataConfig(root=str(tmp_path), calib_split=calib, eval_split="test"))
-    with pytest.raises(PipelineError, match="would read the evaluation split"):
+    with pytest.raises(PipelineError, match="data.calib_split='train' and data.eval_split='.' share images"):  # evaluation would read the calibration images
+        check_calibration_split(DataConfig(root=str(tmp_path), calib_split="train", eval_split="."))
+    with pytest.raises(PipelineError, match="share images"):
         check_calibration_split(DataConfig(kind="synthetic", calib_split="test", eval_split="test"))
 
 
@@ -96,3 +98,79 @@ def test_cifar_subset_reads_real_images_with_alphabetical_labels():
     images, labels = next(iter(subset.loader))
     assert images.shape == (20, 3, 32, 32)
     assert len(set(labels.tolist())) > 3
+
+
+def image_tree(root, classes=("a", "b"), per_class: int = 2, size: int = 32, split: str = "train"):
+    """A small ImageFolder split of PNGs under root/split."""
+    from PIL import Image
+
+    for c in classes:
+        (root / split / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new("RGB", (size, size), (10 * i, 0, 0)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def two_class_model() -> LoadedModel:
+    model = fake_model()
+    model.model.num_classes = 2
+    return model
+
+
+def test_splits_must_fit_the_model_and_each_other(tmp_path):
+    root = image_tree(image_tree(tmp_path), split="test")
+    cfg = DataConfig(root=str(root))
+    check_splits(cfg, two_class_model(), ["train", "test"])
+    # a hidden folder (.ipynb_checkpoints) is not a class: labels stay the folder order a=0, b=1
+    image_tree(root, classes=(".ipynb_checkpoints",), split="train")
+    check_splits(cfg, two_class_model(), ["train"])
+    labels = [int(y) for _, y in make_subset(DataConfig(root=str(root), eval_split="train", batch_size=4), two_class_model(), "eval").loader.dataset]
+    assert sorted(labels) == [0, 0, 1, 1]
+    with pytest.raises(PipelineError, match="has 2 class folders, model fake has 10 classes"):
+        check_splits(cfg, fake_model(), ["train"])
+    image_tree(root, classes=("c",), split="test")
+    (root / "test" / "b").rename(root / "test" / "x")
+    with pytest.raises(PipelineError, match="has 3 class folders"):
+        check_splits(cfg, two_class_model(), ["test"])
+    (root / "test" / "c" / "0.png").unlink(), (root / "test" / "c" / "1.png").unlink()
+    with pytest.raises(PipelineError, match="class folder\\(s\\) without images: c"):
+        check_splits(cfg, two_class_model(), ["test"])
+    (root / "test" / "c").rmdir()
+    with pytest.raises(PipelineError, match="'train' and 'test' name different class folders"):
+        check_splits(cfg, two_class_model(), ["train", "test"])
+
+
+def test_card_models_need_images_of_their_input_size(tmp_path):
+    root = image_tree(tmp_path, size=64)
+    with pytest.raises(PipelineError, match="is 64x64 pixels; model fake takes 32x32 images"):
+        check_splits(DataConfig(root=str(root)), two_class_model(), ["train"])
+
+
+def test_an_unreadable_image_is_named(tmp_path):
+    root = image_tree(tmp_path)
+    (root / "train" / "b" / "1.png").write_bytes(b"not a png")
+    subset = make_subset(DataConfig(root=str(root), eval_split="train", batch_size=4), two_class_model(), "eval")
+    with pytest.raises(PipelineError, match="cannot read image .*b/1.png"):
+        list(subset.loader)
+
+
+def test_subset_key_changes_when_an_image_is_replaced(tmp_path):
+    """The FP32 logits cache is keyed by the subset: new images under the same root and names must miss it."""
+    import os
+
+    root = image_tree(tmp_path)
+    cfg = DataConfig(root=str(root), eval_split="train")
+    before = make_subset(cfg, two_class_model(), "eval").key
+    assert make_subset(cfg, two_class_model(), "eval").key == before
+    image = root / "train" / "a" / "0.png"
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert make_subset(cfg, two_class_model(), "eval").key != before
+
+
+def test_search_subset_avoids_the_images_a_calibration_actually_used():
+    cfg = DataConfig(kind="synthetic", synthetic_size=20, calib_size=4, search_size=0)
+    order = seeded_order(20, cfg.seed, cfg.calib_split)
+    # a calibration read from another run used 12 images, though data.calib_size says 4
+    search = make_subset(cfg, fake_model(), "search", calib_images=12)
+    assert set(search.indices.tolist()) == set(order[12:].tolist())

@@ -100,7 +100,8 @@ def test_reference_quantized_on_small_subset(tmp_path, mlflow_uri):
         (["stages=[calibrate,search]", "search.weight_bits=[]"], "search.weight_bits is empty"),
         (["tracking=server"], "tracking=server needs tracking.uri="),
         (["data.eval_size=-1"], "data.eval_size must be >= 0 (0 = all), got -1"),
-        (["data.calib_split=val", "data.eval_split=val"], "data.calib_split='val' would read the evaluation split 'val'"),
+        (["data.synthetic_size=0"], "data.synthetic_size must be >= 1, got 0"),
+        (["data.calib_split=val", "data.eval_split=val"], "data.calib_split='val' and data.eval_split='val' share images"),
     ],
 )
 def test_bad_setting_is_one_error_before_any_run_opens(tmp_path, tiny_overrides, overrides, message):

@@ -417,6 +417,16 @@ def test_budget_below_minimum_and_foreign_sensitivity_fail_before_any_trial(tmp_
     with pytest.raises(PipelineError, match="search.sensitivity=.*missing.json: file not found"):
         run_pipeline(compose([*base, "search.method=prior", f"search.sensitivity={tmp_path / 'missing.json'}"]), tmp_path / "missing")
     assert not (tmp_path / "missing").exists()
+    # The search subset is cut from the back of the calibration's own permutation: another seed cannot say
+    # which images the calibration used, and a calibration over the whole split leaves none.
+    with pytest.raises(PipelineError, match="drawn with data.seed=0, this run has 1"):
+        run_pipeline(compose([*base, "data.seed=1"]), tmp_path / "seed")
+    run_pipeline(compose(search_overrides(tiny_overrides, tmp_path, "stages=[calibrate]", "data.calib_size=0")), tmp_path / "all")
+    with pytest.raises(PipelineError, match="the calibration uses all 64 images of split 'train'"):
+        run_pipeline(compose([*base, f"from_run={tmp_path / 'all'}"]), tmp_path / "none_left")
+    with pytest.raises(PipelineError, match="the calibration uses all 64 images"):  # calibrating in the same run
+        run_pipeline(compose(search_overrides(tiny_overrides, tmp_path, "stages=[calibrate,search]", "data.calib_size=0")), tmp_path / "none_left")
+    assert not any((tmp_path / name).exists() for name in ("seed", "none_left"))
 
 
 def test_exported_recipe_reproduces_the_assignment_when_the_base_names_the_site_before_a_glob(tmp_path):

@@ -158,3 +158,16 @@ def test_weights_are_quantized_at_the_noise_width_even_when_no_other_setting_nam
 
     weights, acts = wanted_widths(compose(["sensitivity.noise_bits=6"]))
     assert 6 in weights and 6 not in acts  # activations need a calibration at 6 bits (candidate_bits)
+
+
+def test_profiler_isolated_figures_of_another_model_are_not_used(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.stages.sensitivity import profiler_isolated
+
+    table = tmp_path / "evaluate" / "profile" / "isolated.json"
+    table.parent.mkdir(parents=True)
+    ctx = SimpleNamespace(fp32=SimpleNamespace(fingerprint="abc"), find=lambda stage, name, required: tmp_path / stage / name)
+    for model, expected in (("abc", {"blocks.0.attn.sv": 0.5}), ("other", None), (None, None)):
+        table.write_text(json.dumps({"mode": "isolated", **({"model": model} if model else {}), "sites": [{"site": "blocks.0.attn.sv", "logit_kl": 0.5}]}))
+        assert profiler_isolated(ctx) == expected

@@ -422,13 +422,15 @@ def profile_run(ctx, graph: SiteGraph, subset) -> ProfileOutcome:
 
     title = f"{ctx.fp32.name}, quant={ctx.cfg.quant.name}"
     fp_graph = attach_sites(ctx.fp32.model)
-    return run_profile(ctx.cfg.profile, graph, fp_graph, subset.loader, ctx.device, ctx.out_dir / "profile", ctx.tracker, title)
+    source = {"model": ctx.fp32.fingerprint, "recipe": ctx.cfg.quant.name}
+    return run_profile(ctx.cfg.profile, graph, fp_graph, subset.loader, ctx.device, ctx.out_dir / "profile", ctx.tracker, title, source)
 
 
-def run_profile(cfg: Mapping[str, Any], graph: SiteGraph, fp_graph: SiteGraph, loader: Iterable, device: torch.device, folder: Path, tracker=None, title: str = "") -> ProfileOutcome:
+def run_profile(cfg: Mapping[str, Any], graph: SiteGraph, fp_graph: SiteGraph, loader: Iterable, device: torch.device, folder: Path, tracker=None, title: str = "", source: Mapping[str, Any] | None = None) -> ProfileOutcome:
     """The whole profile (see `profile_run`) without a stage context.
 
-    `cfg` is a `profile` config node (or a dict with its keys); `fp_graph` a site graph of the FP32 model.
+    `cfg` is a `profile` config node (or a dict with its keys); `fp_graph` a site graph of the FP32 model;
+    `source` (model fingerprint, recipe) is recorded in the JSON tables.
     """
     from pipeline.profile.dump import trace_site, write_dump
     from pipeline.profile.flags import Thresholds, flag_rows
@@ -459,7 +461,7 @@ def run_profile(cfg: Mapping[str, Any], graph: SiteGraph, fp_graph: SiteGraph, l
     dumps = [write_dump(folder / "dump", graph[n], captures[n]) for n in dump_names]
     hists = {**weights.histograms, **cumulative.histograms}
     t_report = time.perf_counter()
-    write_report(folder, rows, cumulative.output, hists, thresholds, isolated.rows if isolated else None, trace_text, dumps, images=cumulative.images, worst_k=int(cfg["worst_k"]), title=title)
+    write_report(folder, rows, cumulative.output, hists, thresholds, isolated.rows if isolated else None, trace_text, dumps, images=cumulative.images, worst_k=int(cfg["worst_k"]), title=title, source=source)
     metrics["profile_report_s"] = round(time.perf_counter() - t_report, 3)
     if tracker is not None:
         log_rows(tracker, rows, SERIES)

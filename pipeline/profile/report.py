@@ -277,11 +277,14 @@ def render_html(title: str, meta: Mapping[str, Any], rows: Sequence[Mapping[str,
 # -- everything -------------------------------------------------------------------------
 
 
-def write_report(folder: Path, rows: Sequence[Mapping[str, Any]], output: Mapping[str, Any], histograms: Mapping[str, Mapping[str, Any] | None], thresholds: Thresholds, isolated: Sequence[Mapping[str, Any]] | None = None, trace_text: str | None = None, dumps: Sequence[Path] = (), images: int = 0, worst_k: int = 6, title: str = "") -> list[Path]:
-    """Write tables, plots, HTML (and trace.txt) into `folder`; returns the paths written."""
+def write_report(folder: Path, rows: Sequence[Mapping[str, Any]], output: Mapping[str, Any], histograms: Mapping[str, Mapping[str, Any] | None], thresholds: Thresholds, isolated: Sequence[Mapping[str, Any]] | None = None, trace_text: str | None = None, dumps: Sequence[Path] = (), images: int = 0, worst_k: int = 6, title: str = "", source: Mapping[str, Any] | None = None) -> list[Path]:
+    """Write tables, plots, HTML (and trace.txt) into `folder`; returns the paths written.
+
+    `source` (e.g. the model's fingerprint and the recipe) goes into the JSON tables, for readers in later runs.
+    """
     folder = Path(folder)
     table = ranked(rows)
-    meta = {"images": images, "thresholds": thresholds.__dict__}
+    meta = {"images": images, "thresholds": thresholds.__dict__, **(source or {})}
     paths = [write_csv(folder / "cumulative.csv", table, COLUMNS)]
     summary = {"flags": flag_counts(list(table)), "flags_by_role": flags_by_role(list(table)), "output": {k: _json_value(v) for k, v in output.items()}}
     paths.append(write_json(folder / "cumulative.json", {"mode": "cumulative", **meta, **summary, **table_json(table, COLUMNS, {})}))

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 from pipeline.artifacts import read_json
 from pipeline.data import make_subset
+from pipeline.errors import PipelineError
 from pipeline.quant.calibration import INDEX_FILE, calibrate, check_calibrated, check_model
 from pipeline.quant.recipe import SiteSpec, resolve_recipe
 from pipeline.quant.sites import attach_sites
@@ -24,7 +25,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     subset = make_subset(cfg.data, ctx.fp32, "calib")
     state = calibrate(graph, specs, subset.loader, ctx.device, list(cfg.quant.candidate_bits))
     state.index["meta"].update(
-        model=ctx.fp32.fingerprint, model_name=ctx.fp32.name, recipe=cfg.quant.name, images=len(subset), subset=subset.key, split=subset.split
+        model=ctx.fp32.fingerprint, model_name=ctx.fp32.name, recipe=cfg.quant.name, images=len(subset), subset=subset.key, split=subset.split, seed=int(cfg.data.seed)
     )
     state.save(ctx.out_dir)
     calibrated = sum(1 for e in state.index["sites"].values() if e["bits"])
@@ -43,3 +44,16 @@ def check_calibration_input(ctx: StageContext, specs: Mapping[str, SiteSpec] | N
     """Before any run opens: a calibration that stage `consumer` reads from an earlier run fits the model and recipe."""
     if ctx.cfg.quant.enabled and not ctx.made_earlier("calibrate", consumer):
         check_calibrated(specs, find_calibration(ctx)[1])
+
+
+def calibration_front(index: Mapping[str, Any], data) -> int:
+    """How many images at the front of the calibration split's seeded permutation a calibration used.
+
+    The search subset is cut from the back of that permutation, disjoint from them; a calibration drawn
+    from another permutation (another data.seed or data.calib_split) is an error.
+    """
+    meta = index.get("meta", {})
+    for key, option, value in (("split", "calib_split", str(data.calib_split)), ("seed", "seed", int(data.seed))):
+        if key in meta and meta[key] != value:
+            raise PipelineError(f"the calibration state was drawn with data.{option}={meta[key]!r}, this run has {value!r}: the search subset is cut from the same permutation (set data.{option}={meta[key]} or recalibrate)")
+    return int(meta["images"])

@@ -83,11 +83,13 @@ class SearchSetup:
 def prepare(cfg: DictConfig, fp32, device: torch.device, calib_dir: Path, sensitivity: dict | None) -> SearchSetup:
     from pipeline.data import make_subset
     from pipeline.inference import fp32_logits
+    from pipeline.stages.calibrate import calibration_front
+
     state = CalibState.load(calib_dir)
     graph = attach_sites(fp32.model)
     specs = resolve_recipe(cfg.quant, graph)
     check_calibrated(specs, state.index)
-    subset = make_subset(cfg.data, fp32, "search")
+    subset = make_subset(cfg.data, fp32, "search", calib_images=calibration_front(state.index, cfg.data))
     ref, labels, _ = fp32_logits(fp32.model, fp32.fingerprint, subset, device, cfg.cache_dir)
     batches = [x for x, _ in subset.loader]  # decoded once
     s = cfg.search
@@ -235,12 +237,28 @@ def test_metrics(ctx, setup: SearchSetup, assignments: Mapping[str, Mapping[str,
     return out
 
 
+def _check_search_images(ctx) -> None:
+    """The calibration split keeps images outside the calibration subset for the search subset."""
+    from pipeline.data import clamp_size, split_size
+    from pipeline.stages.calibrate import calibration_front, find_calibration
+
+    data = ctx.cfg.data
+    available = split_size(data, data.calib_split)
+    if ctx.made_earlier("calibrate", "search"):
+        used = clamp_size(int(data.calib_size), available, "data.calib_size", warn=False)
+    else:
+        used = calibration_front(find_calibration(ctx)[1], data)
+    if used >= available:
+        raise PipelineError(f"the calibration uses all {available} images of split '{data.calib_split}': the search subset must be disjoint from them, lower data.calib_size")
+
+
 def check_inputs(ctx, specs) -> None:
     """Before any run opens: a calibration from from_run fits the model and recipe, and sensitivity
     scores given or found in from_run exist and belong to the model."""
     from pipeline.stages.calibrate import check_calibration_input
 
     check_calibration_input(ctx, specs, "search")
+    _check_search_images(ctx)
     if ctx.cfg.search.get("sensitivity") or not ctx.made_earlier("sensitivity", "search"):
         path = _sensitivity_file(ctx)
         if path is not None:

@@ -85,11 +85,16 @@ def profiler_isolated(ctx: StageContext) -> dict[str, float] | None:
     if path is None:
         return None
     try:
-        rows = read_json(path).get("sites", [])
-        return {r["site"]: r.get("logit_kl") for r in rows if isinstance(r.get("logit_kl"), (int, float))}
+        table = read_json(path)
+        rows = table.get("sites", [])
+        found = {r["site"]: r.get("logit_kl") for r in rows if isinstance(r.get("logit_kl"), (int, float))}
     except (OSError, ValueError, AttributeError):
         log.warning("could not read %s; ranking without it", path)
         return None
+    if table.get("model") != ctx.fp32.fingerprint:
+        log.warning("%s was measured on %s, not on this model; ranking without it", path, "another model" if table.get("model") else "an unrecorded model")
+        return None
+    return found
 
 
 def compute(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
