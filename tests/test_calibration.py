@@ -124,6 +124,26 @@ def test_folded_weights_keep_16_bit_resolution():
     assert sqnrs["per_channel"] > 55 and sqnrs["per_channel"] > sqnrs["per_tensor"] - 3
 
 
+def test_layer_scale_is_folded_into_the_stored_weight():
+    # DeiT III's LayerScale gamma multiplies proj's / fc2's output channels: an NPU stores diag(gamma)·W,
+    # so with a per-tensor weight grid it is diag(gamma)·W that must sit on the grid, not W.
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10, depth=1, init_values=1.0).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            for ls in (block.ls1, block.ls2):
+                ls.gamma.copy_(torch.logspace(-3, 0, ls.gamma.numel()) * torch.where(torch.arange(ls.gamma.numel()) % 2 == 0, 1.0, -1.0))
+    graph = attach_sites(model)
+    specs = resolve_recipe(compose(["quant=naive"]).quant, graph)
+    bind(graph, specs, calibrate(graph, specs, batches(1), CPU, [8]))
+    for path, ls in (("blocks.0.attn.proj", "blocks.0.ls1"), ("blocks.0.mlp.fc2", "blocks.0.ls2")):
+        module, gamma = graph.module(path), graph.module(ls).gamma
+        assert module.weight_site.scale.numel() == 1  # naive: one scale per weight tensor
+        codes = module.qweight * gamma[:, None] / module.weight_site.scale
+        assert (codes - codes.round()).abs().max() < 1e-3 and codes.abs().max() <= 128
+        assert (codes.round() != 0).sum(dim=1).min() < 20  # rows with a small gamma keep few levels, as on the NPU
+
+
 def test_per_channel_image_input_folds_into_the_patch_embedding():
     _, graph, specs, state = calibrated("recommended", "quant.weight.observer=minmax", "quant.weight.gptq=false")
     bind(graph, specs, state)

@@ -16,6 +16,7 @@ VARIANTS = {
     "vit_gap": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, num_classes=10, depth=2, global_pool="avg", class_token=False, fc_norm=True)),
     "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=8, num_classes=10, depth=3)),
     "vit_wide_heads": ("vit_small_patch16_224", dict(img_size=32, patch_size=16, num_classes=5, depth=1, num_heads=12)),
+    "deit3_layer_scale": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, num_classes=10, depth=2, init_values=0.1, no_embed_class=True)),
 }
 
 

@@ -32,7 +32,7 @@ from pipeline.profile.codes import CodePlan, code_counts, code_index, code_plan,
 from pipeline.profile.collect import BatchRecorder, SuffixRunner, first_images, lockstep
 from pipeline.profile.dump import Capture
 from pipeline.profile.stats import ROW_SAMPLES, SiteStats, Workspace
-from pipeline.quant.sites import Site, SiteGraph, fold_view
+from pipeline.quant.sites import Site, SiteGraph, stored_weight
 
 log = logging.getLogger(__name__)
 
@@ -233,9 +233,10 @@ class _CumulativeTap(_StatsTap):
 def weight_pass(graph: SiteGraph, capture: Iterable[str] = ()) -> PassResult:
     """Every quantized weight vs its dequantized codes (no data): rows with role `weight`.
 
-    The site's tensor is the weight the NPU stores: W·diag(s) when the producing activation
-    has per-channel scales s folded into W's input channels, else W (see `_folded`). It is
-    compared with the dequantized codes, Q(W·diag(s)) = effective weight · diag(s), as an
+    The site's tensor is the weight the NPU stores (`sites.stored_weight`): W·diag(s) when the
+    producing activation has per-channel scales s folded into W's input channels (and a following
+    LayerScale folded into its rows), else W. It is compared with the dequantized codes,
+    Q(W·diag(s)) = effective weight · diag(s), as an
     activation site's input is compared with its output. (Unfolded, the error of a column
     with a small s is magnified by 1/s, where the input is small by as much: weight space
     would flag what the layer's output never sees.) Vectors for the cosine are output
@@ -249,7 +250,8 @@ def weight_pass(graph: SiteGraph, capture: Iterable[str] = ()) -> PassResult:
         site = graph[name]
         module = graph.module(name.rsplit(".", 1)[0])
         weight, effective = module.weight.detach(), module.effective_weight().detach()
-        source, dequantized = _folded(graph, name, weight), _folded(graph, name, effective)
+        path = name.rsplit(".", 1)[0]
+        source, dequantized = stored_weight(graph, path, weight), stored_weight(graph, path, effective)
         stats = SiteStats()
         codes = code_source(site, source, dequantized)  # GPTQ weights: the stored codes, not the nearest ones
         stats.add_codes(code_counts(site, codes, count_axis(site, codes)))
@@ -259,12 +261,6 @@ def weight_pass(graph: SiteGraph, capture: Iterable[str] = ()) -> PassResult:
         if name in store.names:
             store.captures[name] = Capture(weight.cpu().clone(), source.cpu().clone(), dequantized.cpu().clone())
     return PassResult("weights", rows, histograms=hists, captures=store.captures, seconds=time.perf_counter() - t0)
-
-
-def _folded(graph: SiteGraph, name: str, weight: Tensor) -> Tensor:
-    """W·diag(s) when the producing activation site has per-channel scales s (what is quantized), else W."""
-    fold = graph.fold_scale(name.rsplit(".", 1)[0])
-    return weight if fold is None else weight * fold_view(fold.to(weight), weight)
 
 
 @torch.inference_mode()

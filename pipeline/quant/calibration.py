@@ -27,7 +27,7 @@ from pipeline.quant.gptq import HESSIAN_KEY, HessianHooks, gptq_fake_quantize
 from pipeline.quant.observers import build_observer
 from pipeline.quant.quantizers import fake_quantize, power_of_two_factor_scales, qrange
 from pipeline.quant.recipe import SiteSpec
-from pipeline.quant.sites import QuantConv2d, QuantLinear, SiteGraph, fold_view
+from pipeline.quant.sites import QuantConv2d, QuantLinear, SiteGraph, fold_view, stored_weight, unstored_weight
 
 STATE_FILE = "state.safetensors"
 INDEX_FILE = "index.json"
@@ -176,7 +176,8 @@ def bind(graph: SiteGraph, specs: Mapping[str, SiteSpec], state: CalibState, bit
 
 
 def quantize_weight(graph: SiteGraph, name: str, spec: SiteSpec, width: int, specs: Mapping[str, SiteSpec], state: CalibState | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize one weight (folding the producer's per-channel scales) into its module's `qweight`.
+    """Quantize one weight, as stored (`sites.stored_weight`: the producer's per-channel scales and a
+    following LayerScale folded in), into its module's `qweight` (back in W's own space).
 
     With `spec.gptq` the codes are chosen by GPTQ from the layer's input Hessian in `state`
     (pipeline.quant.gptq); the grid (scale, zero point) is the observer's either way.
@@ -187,6 +188,7 @@ def quantize_weight(graph: SiteGraph, name: str, spec: SiteSpec, width: int, spe
     weight = module.weight.detach()
     fold = graph.fold_scale(path)
     # Searches rebind many assignments: reuse a weight already quantized for this (spec, width, fold scale).
+    # (A LayerScale gamma is a fixed parameter of the module: it needs no place in the key.)
     key = (spec, width, None if fold is None else fold.detach().cpu().numpy().tobytes())
     cache = module.__dict__.setdefault("_qweight_cache", {})
     if key in cache:
@@ -194,7 +196,7 @@ def quantize_weight(graph: SiteGraph, name: str, spec: SiteSpec, width: int, spe
         site.bind(spec, width, scale, zp)
         site.mode = "quant"
         return scale, zp
-    folded = weight * fold_view(fold, weight) if fold is not None else weight
+    folded = stored_weight(graph, path, weight)
     observer = build_observer(spec.observer, granularity=spec.observer_granularity, axis=0, **spec.observer_kwargs())
     observer(folded)
     scale, zp = observer.calculate_qparams(width, spec.signed, spec.symmetric, spec.rounding)
@@ -210,8 +212,7 @@ def quantize_weight(graph: SiteGraph, name: str, spec: SiteSpec, width: int, spe
         qweight = flat.view_as(folded).to(folded.dtype)
     else:
         qweight = fake_quantize(folded, scale.to(folded), zp.to(folded), qmin, qmax, 0 if scale.numel() > 1 else None, spec.rounding)
-    if fold is not None:
-        qweight = qweight / fold_view(fold, qweight)
+    qweight = unstored_weight(graph, path, qweight)
     site.bind(spec, width, scale, zp)
     site.mode = "quant"
     module.qweight = qweight

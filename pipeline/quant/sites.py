@@ -309,6 +309,13 @@ class SiteGraph:
         self.folds = folds
         self.consumers = {consumer: producer for producer, consumer in folds.items()}
         self.channel_operands = {m.v_site.name for m in model.modules() if isinstance(getattr(m, "v_site", None), Site)}
+        self.layer_scales = _layer_scales(model)
+
+    def output_scale(self, consumer: str) -> torch.Tensor | None:
+        """The LayerScale gamma (C_out,) that multiplies module `consumer`'s output channels (DeiT III's
+        `init_values`: attn.proj -> ls1, mlp.fc2 -> ls2), else None. An NPU folds it into the weight's rows."""
+        path = self.layer_scales.get(consumer)
+        return None if path is None else self.model.get_submodule(path).gamma
 
     def fold_scale(self, consumer: str) -> torch.Tensor | None:
         """The per-channel scales (C,) that module `consumer`'s weight absorbs now: its producer's, when that
@@ -443,6 +450,46 @@ def _forward_order(qmodel: nn.Module) -> list[Site]:
         order += get(path, "out_site") + get(path, "in_site") + get(path, "weight_site")
     seen = {id(s) for s in order}
     return order + [m for m in qmodel.modules() if isinstance(m, Site) and id(m) not in seen]
+
+
+def _layer_scales(model: nn.Module) -> dict[str, str]:
+    """Linear module path -> the LayerScale module that scales its output (blocks with `init_values`)."""
+    from timm.layers import LayerScale
+
+    found = {}
+    for i, block in enumerate(getattr(model, "blocks", ())):
+        for consumer, scale in ((f"blocks.{i}.attn.proj", "ls1"), (f"blocks.{i}.mlp.fc2", "ls2")):
+            if isinstance(getattr(block, scale, None), LayerScale):
+                found[consumer] = f"blocks.{i}.{scale}"
+    return found
+
+
+def stored_weight(graph: "SiteGraph", path: str, weight: torch.Tensor) -> torch.Tensor:
+    """The weight an NPU stores for module `path`: diag(gamma) · W · diag(s), the tensor that is quantized.
+
+    s: the producer's per-channel activation scales folded into the input channels (`fold_scale`);
+    gamma: a following LayerScale folded into the output channels (`output_scale`).
+    """
+    factor = storage_factor(weight, graph.fold_scale(path), graph.output_scale(path))
+    return weight if factor is None else weight * factor
+
+
+def unstored_weight(graph: "SiteGraph", path: str, stored: torch.Tensor) -> torch.Tensor:
+    """The inverse of `stored_weight`: back in W's own space, diag(1/gamma) · S · diag(1/s)."""
+    factor = storage_factor(stored, graph.fold_scale(path), graph.output_scale(path))
+    return stored if factor is None else stored / factor
+
+
+def storage_factor(weight: torch.Tensor, fold: torch.Tensor | None, gamma: torch.Tensor | None) -> torch.Tensor | None:
+    """F with stored weight = W * F, broadcast against `weight` (Linear (out, in), Conv (out, in, kh, kw)):
+    fold_view(s) over the input channels times gamma over the output channels; None when neither folds.
+    A zero gamma row is left unscaled (its output is multiplied by 0 anyway)."""
+    factor = None if fold is None else fold_view(fold.to(weight), weight)
+    if gamma is not None:
+        gamma = gamma.detach().to(weight)
+        rows = torch.where(gamma == 0, torch.ones_like(gamma), gamma).reshape(-1, *([1] * (weight.ndim - 1)))
+        factor = rows if factor is None else factor * rows
+    return factor
 
 
 def fold_view(scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ from pipeline.profile.collect import SuffixRunner
 from pipeline.profile.metrics import argmax_agreement, logit_kl
 from pipeline.quant.calibration import CalibState, bind, quantize_weight
 from pipeline.quant.recipe import SiteSpec
-from pipeline.quant.sites import Site, SiteGraph, fold_view
+from pipeline.quant.sites import Site, SiteGraph, storage_factor
 from pipeline.sensitivity.hutchinson import hutchinson_trace
 from pipeline.sensitivity.probe import replace_forward, replace_weight, weight_of
 
@@ -205,9 +205,9 @@ def weight_noise(probe: SensitivityProbe, name: str, b: int, settings: Sensitivi
     w = weight_of(probe.graph, name).detach()
     scale = probe.wscales[name][b].float().to(w.device)
     step = scale.reshape(-1, *([1] * (w.dim() - 1))) if scale.numel() > 1 else scale.reshape(())
-    fold = probe.folds[name]
-    if fold is not None:
-        step = step / fold_view(fold.to(w.device), w)
+    factor = storage_factor(w, probe.folds[name], probe.graph.output_scale(name.rsplit(".", 1)[0]))
+    if factor is not None:  # steps of the stored weight diag(gamma)·W·diag(s), in W's space
+        step = step / factor
     noisy = w + _unit_noise(w.shape, settings.noise, gen).to(w.device) * step
     if settings.noise_clip:
         noisy = torch.maximum(torch.minimum(noisy, w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True)), -w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True))
