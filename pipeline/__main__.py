@@ -32,7 +32,7 @@ _sweep = {"jobs": 0, "failed": []}  # this process's multirun jobs (the CLI's ow
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from pipeline.runner import run_pipeline
+    from pipeline.runner import cleanup_failed_run, existing_entries, run_pipeline
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -40,20 +40,21 @@ def main(cfg: DictConfig) -> None:
     job_label = hydra_cfg.job.override_dirname if multirun else ""
     signal.signal(signal.SIGTERM, _interrupt)
     _sweep["jobs"] += 1
+    kept = existing_entries(run_dir, f"{hydra_cfg.job.name}.log")  # hydra.run.dir may be a folder of the user's
     try:
         summary = run_pipeline(cfg, run_dir, job_label)
     except PipelineError as e:
         if not multirun:
-            _fail(run_dir, str(e), 2)
-        _fail_job(run_dir, f"job #{hydra_cfg.job.num}: {_one_line(str(e))}")
+            _fail(run_dir, kept, str(e), 2)
+        _fail_job(run_dir, kept, f"job #{hydra_cfg.job.num}: {_one_line(str(e))}")
         return
     except KeyboardInterrupt:
-        _fail(run_dir, "interrupted (SIGTERM or Ctrl-C): the running stage left nothing behind", 130)
+        _fail(run_dir, kept, "interrupted (SIGTERM or Ctrl-C): the running stage left nothing behind", 130)
     except Exception:  # a bug, not bad input: clean up, then Hydra prints the traceback
         if multirun:
-            _fail_job(run_dir, None)
+            _fail_job(run_dir, kept, None)
         else:
-            _cleanup(run_dir)
+            cleanup_failed_run(run_dir, kept)
         raise
     log.info("summary: %s", {k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
     log.info("run folder: %s", run_dir)
@@ -63,22 +64,20 @@ def _interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def _cleanup(run_dir: Path) -> None:
+def _fail(run_dir: Path, kept: frozenset[str], message: str, code: int) -> None:
     from pipeline.runner import cleanup_failed_run
 
-    cleanup_failed_run(run_dir)
-
-
-def _fail(run_dir: Path, message: str, code: int) -> None:
-    _cleanup(run_dir)
+    cleanup_failed_run(run_dir, kept)
     logging.shutdown()
     print(f"error: {_one_line(message)}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
-def _fail_job(run_dir: Path, message: str | None) -> None:
+def _fail_job(run_dir: Path, kept: frozenset[str], message: str | None) -> None:
     """A failed multirun job: cleaned up and recorded; the sweep goes on."""
-    _cleanup(run_dir)
+    from pipeline.runner import cleanup_failed_run
+
+    cleanup_failed_run(run_dir, kept)
     _sweep["failed"].append(run_dir)
     if message:
         print(f"error: {message}", file=sys.stderr, flush=True)
@@ -86,7 +85,7 @@ def _fail_job(run_dir: Path, message: str | None) -> None:
 
 def _one_line(message: str) -> str:
     """The error's own line: a DataLoader worker re-raises it inside a copy of the worker's traceback."""
-    if "Traceback" not in message:
+    if "\nOriginal Traceback (most recent call last):" not in message:
         return message
     last = message.strip().splitlines()[-1]
     return last.split(f"{PipelineError.__name__}: ", 1)[-1]

@@ -75,7 +75,7 @@ def split_dir(cfg: DataConfig, split: str) -> Path:
     if not path.is_dir():
         raise PipelineError(f"split folder '{split}' not found under data root {root}")
     classes = class_names(path)
-    empty = [c for c in classes if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in (path / c).iterdir())]
+    empty = [c for c in classes if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in (path / c).rglob("*"))]  # nested too, as ImageFolder
     if len(empty) == len(classes):
         raise PipelineError(f"data split {path} is empty (expected one folder of images per class)")
     if empty:
@@ -109,7 +109,7 @@ def check_splits(cfg: DataConfig, loaded: LoadedModel, splits: list[str]) -> Non
 def _check_image_size(class_dir: Path, size: tuple[int, int], model: str) -> None:
     from PIL import Image
 
-    image = next(f for f in sorted(class_dir.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES)
+    image = next(f for f in sorted(class_dir.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES)
     with Image.open(image) as im:
         height_width = (im.height, im.width)
     if height_width != size:

@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -211,17 +212,33 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def cleanup_failed_run(run_dir: Path) -> None:
-    """After a failed invocation: remove what it left half-made (temp stage folders, the downloaded
-    `from_run`), and the run folder itself if nothing else is in it (only Hydra's files and
-    config.yaml), then its day folder if now empty. A folder that holds anything else (finished
-    stages, or files of the user's with `hydra.run.dir` pointing at an existing folder) is kept."""
+def cleanup_failed_run(run_dir: Path, kept: frozenset[str] = frozenset()) -> None:
+    """After a failed invocation: remove what it left half-made and, if it made the run folder and
+    finished no stage there, the folder itself.
+
+    `kept`: what the folder held before this invocation, besides Hydra's `.hydra/` and job log
+    (`hydra.run.dir` pointing at an existing folder); none of it is touched. Half-made: the temp stage
+    folders and the downloaded `from_run`. A folder made by this invocation goes when no stage finished
+    in it, and then its parent too when that is an empty day folder of the default layout
+    (`mlruns/outputs/<YYYY-MM-DD>/...`); finished stages stay, with config.yaml and the log.
+    """
     if not run_dir.is_dir():
         return
-    made_here = [p for p in run_dir.iterdir() if p.name == ".from_run" or (p.name.startswith(".") and p.name.endswith(".tmp"))]
+    made_here = [p for p in run_dir.iterdir() if p.name not in kept]
     for path in made_here:
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-    if all(p.name in (".hydra", "config.yaml") or p.suffix == ".log" for p in run_dir.iterdir()):
-        shutil.rmtree(run_dir, ignore_errors=True)
-        with contextlib.suppress(OSError):  # not empty (other runs, a sweep's multirun.yaml): kept
+        if path.name == ".from_run" or (path.name.startswith(".") and path.name.endswith(".tmp")):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    finished = any(p.is_dir() and p.name in {s.value for s in Stage} for p in made_here)
+    if kept or finished:
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", run_dir.parent.name):
+        with contextlib.suppress(OSError):  # not empty (other runs): kept
             run_dir.parent.rmdir()
+
+
+def existing_entries(run_dir: Path, job_log: str) -> frozenset[str]:
+    """What `run_dir` holds before a run starts, less what Hydra itself just wrote (`.hydra/`, the job's log)."""
+    if not run_dir.is_dir():
+        return frozenset()
+    return frozenset(p.name for p in run_dir.iterdir() if p.name not in (".hydra", job_log))

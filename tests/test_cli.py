@@ -28,10 +28,10 @@ def assert_one_line_error(proc, *fragments: str) -> None:
     ],
 )
 def test_bad_input_ends_with_one_clear_line(tmp_path, args, fragments):
-    out = tmp_path / "day" / "run"  # as Hydra's mlruns/outputs/<date>/<time>
+    out = tmp_path / "2026-11-28" / "run"  # as Hydra's mlruns/outputs/<date>/<time>
     proc = run_cli([*args, f"hydra.run.dir={out}", f"cache_dir={tmp_path / 'cache'}", f"tracking.uri=sqlite:///{tmp_path}/x.db" if not any(a.startswith("tracking.uri") for a in args) else "device=cpu"])
     assert_one_line_error(proc, *fragments)
-    assert not (tmp_path / "day").exists()  # neither the run folder nor an empty day folder is left
+    assert not (tmp_path / "2026-11-28").exists()  # neither the run folder nor an empty day folder is left
 
 
 def test_checkpoint_that_does_not_fit(tmp_path):
@@ -82,11 +82,17 @@ def test_sigterm_removes_the_stage_temp_folder_and_fails_the_mlflow_runs(tmp_pat
 def test_a_failed_run_keeps_a_folder_it_did_not_make(tmp_path):
     """hydra.run.dir pointing at an existing folder: a failure removes only what the run made there."""
     folder = tmp_path / "results"
-    folder.mkdir()
-    (folder / "mine.csv").write_text("keep\n")
+    (folder / ".hydra").mkdir(parents=True)  # an earlier run's files, and the user's own
+    for name in ("mine.csv", "notes.log", "config.yaml"):
+        (folder / name).write_text("keep\n")
     proc = run_cli(["model=timm", "model.name=vit_tinyy", "hydra.run.dir=.", "tracking.enabled=false"], cwd=folder)
     assert_one_line_error(proc, "unknown timm model name 'vit_tinyy'")
-    assert (folder / "mine.csv").read_text() == "keep\n"
+    assert all((folder / name).read_text() == "keep\n" for name in ("mine.csv", "notes.log", "config.yaml"))
+    empty_parent = tmp_path / "mine"
+    empty_parent.mkdir()
+    proc = run_cli(["model=timm", "model.name=vit_tinyy", f"hydra.run.dir={empty_parent / 'run'}", "tracking.enabled=false"])
+    assert_one_line_error(proc, "unknown timm model name 'vit_tinyy'")
+    assert empty_parent.is_dir() and not (empty_parent / "run").exists()  # only the day folders of mlruns/outputs go
 
 
 def test_a_failing_sweep_job_does_not_stop_the_sweep(tmp_path):

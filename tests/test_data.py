@@ -140,6 +140,12 @@ def test_splits_must_fit_the_model_and_each_other(tmp_path):
         check_splits(cfg, two_class_model(), ["train", "test"])
 
 
+def test_images_in_nested_folders_of_a_class_count(tmp_path):
+    root = image_tree(tmp_path, classes=("a",))
+    image_tree(root / "train" / "b", classes=("2024",))  # b holds only a subfolder of images, as ImageFolder allows
+    check_splits(DataConfig(root=str(root)), two_class_model(), ["train"])
+
+
 def test_card_models_need_images_of_their_input_size(tmp_path):
     root = image_tree(tmp_path, size=64)
     with pytest.raises(PipelineError, match="is 64x64 pixels; model fake takes 32x32 images"):

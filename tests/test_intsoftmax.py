@@ -180,6 +180,8 @@ def test_int_softmax_on_coarse_8_bit_scores_matches_the_float_log2_softmax():
         large = reference >= 2**-12
         assert (integer[large] == reference[large]).float().mean() >= 0.97
         assert ((integer == 0) & large).sum() == 0  # nothing above 2^-12 is flushed
+    with pytest.raises(ValueError, match="too large: shifted score codes would overflow int64"):
+        int_softmax_fake(torch.tensor([[0.0, -math.inf]]), 2.0**52, 8)
 
 
 def test_int_softmax_along_another_dim():

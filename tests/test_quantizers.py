@@ -166,6 +166,8 @@ def test_tiny_ranges_keep_their_resolution_and_dead_channels_a_relative_scale():
     scale, zero_point = choose_qparams(t([0.0, -2e-6]), t([0.0, 1e-6]), 8, signed=False, symmetric=False)
     live = t(3e-6) / 255
     assert torch.equal(scale, torch.stack([live * MIN_SCALE, live])) and zero_point.tolist() == [0, 170]
+    scale, zero_point = choose_qparams(torch.empty(0), torch.empty(0), 8, signed=True, symmetric=True)
+    assert scale.shape == zero_point.shape == (0,)  # no channels, no scales
 
 
 def test_per_channel_qparams_shapes():

@@ -167,7 +167,7 @@ def test_profiler_isolated_figures_of_another_model_are_not_used(tmp_path):
 
     table = tmp_path / "evaluate" / "profile" / "isolated.json"
     table.parent.mkdir(parents=True)
-    ctx = SimpleNamespace(fp32=SimpleNamespace(fingerprint="abc"), find=lambda stage, name, required: tmp_path / stage / name)
-    for model, expected in (("abc", {"blocks.0.attn.sv": 0.5}), ("other", None), (None, None)):
-        table.write_text(json.dumps({"mode": "isolated", **({"model": model} if model else {}), "sites": [{"site": "blocks.0.attn.sv", "logit_kl": 0.5}]}))
+    ctx = SimpleNamespace(fp32=SimpleNamespace(fingerprint="abc"), cfg=compose(["quant=naive"]), find=lambda stage, name, required: tmp_path / stage / name)
+    for source, expected in (({"model": "abc", "recipe": "naive"}, {"blocks.0.attn.sv": 0.5}), ({"model": "other", "recipe": "naive"}, None), ({"model": "abc", "recipe": "recommended"}, None), ({}, None)):
+        table.write_text(json.dumps({"mode": "isolated", **source, "sites": [{"site": "blocks.0.attn.sv", "logit_kl": 0.5}]}))
         assert profiler_isolated(ctx) == expected

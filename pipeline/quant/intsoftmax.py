@@ -159,7 +159,10 @@ def int_softmax_log2(
     q = scores_q.to(torch.int64)
     q = q - q.amax(dim=dim, keepdim=True)
     if shift:  # below -63 ln2 every exp code is 0 (z >= 63): saturating there keeps q << shift inside int64
-        q = q.clamp_(min=-(math.ceil(63 * math.log(2.0) / scale) + 1)) << shift
+        floor = math.ceil(63 * math.log(2.0) / scale) + 1
+        if floor << shift >= 2**62:
+            raise ValueError(f"scale {scale!r} is too large: shifted score codes would overflow int64")
+        q = q.clamp_(min=-floor) << shift
     exp_codes, _ = _int_exp_nonpositive(q, fine_scale)
     row_sum = exp_codes.sum(dim=dim, keepdim=True)  # >= 1: the row maximum has q = 0 and exp code q_b^2 + q_c
     probability = torch.div(exp_codes << frac_bits, row_sum, rounding_mode="floor")

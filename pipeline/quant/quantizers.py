@@ -139,6 +139,8 @@ def choose_qparams(
 
 def _raise_zero_scales(scale: Tensor) -> Tensor:
     """Scales (0-d or (C,), >= 0) raised to >= eps * max(scale), or to MIN_SCALE where all are 0 (no host sync)."""
+    if scale.numel() == 0:
+        return scale
     largest = scale.max()
     floor = torch.where(largest > 0, largest * torch.finfo(torch.float32).eps, torch.full_like(largest, MIN_SCALE))
     return torch.maximum(scale, floor)

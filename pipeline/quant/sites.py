@@ -476,20 +476,26 @@ def stored_weight(graph: "SiteGraph", path: str, weight: torch.Tensor) -> torch.
 
 def unstored_weight(graph: "SiteGraph", path: str, stored: torch.Tensor) -> torch.Tensor:
     """The inverse of `stored_weight`: back in W's own space, diag(1/gamma) · S · diag(1/s)."""
-    factor = storage_factor(stored, graph.fold_scale(path), graph.output_scale(path))
-    return stored if factor is None else stored / factor
+    return divide_by_storage_factor(stored, storage_factor(stored, graph.fold_scale(path), graph.output_scale(path)))
 
 
 def storage_factor(weight: torch.Tensor, fold: torch.Tensor | None, gamma: torch.Tensor | None) -> torch.Tensor | None:
     """F with stored weight = W * F, broadcast against `weight` (Linear (out, in), Conv (out, in, kh, kw)):
     fold_view(s) over the input channels times gamma over the output channels; None when neither folds.
-    A zero gamma row is left unscaled (its output is multiplied by 0 anyway)."""
+    A row with gamma = 0 is stored as zeros, as an NPU compiler folds it."""
     factor = None if fold is None else fold_view(fold.to(weight), weight)
     if gamma is not None:
-        gamma = gamma.detach().to(weight)
-        rows = torch.where(gamma == 0, torch.ones_like(gamma), gamma).reshape(-1, *([1] * (weight.ndim - 1)))
+        rows = gamma.detach().to(weight).reshape(-1, *([1] * (weight.ndim - 1)))
         factor = rows if factor is None else factor * rows
     return factor
+
+
+def divide_by_storage_factor(values: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+    """values / F back in W's space (weights, or per-element quantization steps); 0 where F is 0 (a zero
+    LayerScale row: whatever that row holds is multiplied by 0)."""
+    if factor is None:
+        return values
+    return torch.where(factor == 0, torch.zeros((), dtype=values.dtype, device=values.device), values / factor)
 
 
 def fold_view(scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

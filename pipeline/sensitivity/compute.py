@@ -47,7 +47,7 @@ from pipeline.profile.collect import SuffixRunner
 from pipeline.profile.metrics import argmax_agreement, logit_kl
 from pipeline.quant.calibration import CalibState, bind, quantize_weight
 from pipeline.quant.recipe import SiteSpec
-from pipeline.quant.sites import Site, SiteGraph, storage_factor
+from pipeline.quant.sites import Site, SiteGraph, divide_by_storage_factor, storage_factor
 from pipeline.sensitivity.hutchinson import hutchinson_trace
 from pipeline.sensitivity.probe import replace_forward, replace_weight, weight_of
 
@@ -206,8 +206,7 @@ def weight_noise(probe: SensitivityProbe, name: str, b: int, settings: Sensitivi
     scale = probe.wscales[name][b].float().to(w.device)
     step = scale.reshape(-1, *([1] * (w.dim() - 1))) if scale.numel() > 1 else scale.reshape(())
     factor = storage_factor(w, probe.folds[name], probe.graph.output_scale(name.rsplit(".", 1)[0]))
-    if factor is not None:  # steps of the stored weight diag(gamma)·W·diag(s), in W's space
-        step = step / factor
+    step = divide_by_storage_factor(step, factor)  # steps of the stored weight diag(gamma)·W·diag(s), in W's space
     noisy = w + _unit_noise(w.shape, settings.noise, gen).to(w.device) * step
     if settings.noise_clip:
         noisy = torch.maximum(torch.minimum(noisy, w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True)), -w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True))

@@ -6,6 +6,7 @@ qparams at every candidate width and its observer statistics.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -16,6 +17,8 @@ from pipeline.quant.calibration import INDEX_FILE, calibrate, check_calibrated, 
 from pipeline.quant.recipe import SiteSpec, resolve_recipe
 from pipeline.quant.sites import attach_sites
 from pipeline.runner import StageContext
+
+log = logging.getLogger(__name__)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -54,6 +57,8 @@ def calibration_front(index: Mapping[str, Any], data) -> int:
     """
     meta = index.get("meta", {})
     for key, option, value in (("split", "calib_split", str(data.calib_split)), ("seed", "seed", int(data.seed))):
-        if key in meta and meta[key] != value:
+        if key not in meta:
+            log.warning("the calibration state does not record its data.%s (made before it was recorded): assuming %s; recalibrate if it was drawn otherwise", option, value)
+        elif meta[key] != value:
             raise PipelineError(f"the calibration state was drawn with data.{option}={meta[key]!r}, this run has {value!r}: the search subset is cut from the same permutation (set data.{option}={meta[key]} or recalibrate)")
     return int(meta["images"])

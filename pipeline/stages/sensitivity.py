@@ -91,8 +91,8 @@ def profiler_isolated(ctx: StageContext) -> dict[str, float] | None:
     except (OSError, ValueError, AttributeError):
         log.warning("could not read %s; ranking without it", path)
         return None
-    if table.get("model") != ctx.fp32.fingerprint:
-        log.warning("%s was measured on %s, not on this model; ranking without it", path, "another model" if table.get("model") else "an unrecorded model")
+    if table.get("model") != ctx.fp32.fingerprint or table.get("recipe") != ctx.cfg.quant.name:
+        log.warning("%s was measured on another model or recipe (or does not record them); ranking without it", path)
         return None
     return found
 
