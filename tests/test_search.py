@@ -426,7 +426,12 @@ def test_budget_below_minimum_and_foreign_sensitivity_fail_before_any_trial(tmp_
         run_pipeline(compose([*base, f"from_run={tmp_path / 'all'}"]), tmp_path / "none_left")
     with pytest.raises(PipelineError, match="the calibration uses all 64 images"):  # calibrating in the same run
         run_pipeline(compose(search_overrides(tiny_overrides, tmp_path, "stages=[calibrate,search]", "data.calib_size=0")), tmp_path / "none_left")
-    assert not any((tmp_path / name).exists() for name in ("seed", "none_left"))
+    # widths the calibration does not cover: found before any run, from_run or in the same chain
+    with pytest.raises(PipelineError, match=r"was calibrated for bits \[8, 16\], not \[12\]: add them to quant.candidate_bits"):
+        run_pipeline(compose([*base, "search.act_bits=[8,12]"]), tmp_path / "widths")
+    with pytest.raises(PipelineError, match=r"was calibrated for bits \[8, 16\], not \[12\]"):
+        run_pipeline(compose(search_overrides(tiny_overrides, tmp_path, "stages=[calibrate,search]", "search.act_bits=[8,12]")), tmp_path / "widths")
+    assert not any((tmp_path / name).exists() for name in ("seed", "none_left", "widths"))
 
 
 def test_exported_recipe_reproduces_the_assignment_when_the_base_names_the_site_before_a_glob(tmp_path):

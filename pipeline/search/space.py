@@ -163,6 +163,14 @@ def tie_key(graph: SiteGraph, site: str, tie: str) -> str | None:
     raise PipelineError(f"search.ties: unknown tie '{tie}' (choose from {', '.join(TIES)})")
 
 
+def check_act_widths(calibrated: Mapping[str, Sequence[int]], act_bits: Sequence[int]) -> None:
+    """Every searched uniform activation site ({name: widths it is calibrated at}) has every search.act_bits width."""
+    for name, have in calibrated.items():
+        missing = [b for b in act_bits if b not in have]
+        if missing:
+            raise PipelineError(f"site {name} was calibrated for bits {list(have)}, not {missing}: add them to quant.candidate_bits and recalibrate")
+
+
 def build_space(
     graph: SiteGraph,
     specs: Mapping[str, SiteSpec],
@@ -184,12 +192,7 @@ def build_space(
     weight_bits = check_widths("search.weight_bits", weight_bits, required=True)
     names = [n for n in graph.names() if specs[n].enabled and specs[n].quantizer in ("uniform", "log2")]
     kinds = {n: "weight" if graph[n].role == "weight" else "act" for n in names}
-    for n in names:
-        if kinds[n] == "act" and specs[n].quantizer == "uniform":
-            have = state.index["sites"].get(n, {}).get("bits", [])
-            missing = [b for b in act_bits if b not in have]
-            if missing:
-                raise PipelineError(f"site {n} was calibrated for bits {have}, not {missing}: add them to quant.candidate_bits and recalibrate")
+    check_act_widths({n: state.index["sites"].get(n, {}).get("bits", []) for n in names if kinds[n] == "act" and specs[n].quantizer == "uniform"}, act_bits)
     elements = activation_elements(graph, [n for n in names if kinds[n] == "act"], image)
     for n in names:
         if kinds[n] == "weight":

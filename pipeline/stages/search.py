@@ -237,17 +237,24 @@ def test_metrics(ctx, setup: SearchSetup, assignments: Mapping[str, Mapping[str,
     return out
 
 
-def _check_search_images(ctx) -> None:
-    """The calibration split keeps images outside the calibration subset for the search subset."""
+def _check_calibration_fits(ctx, specs: Mapping[str, SiteSpec] | None) -> None:
+    """The calibration (this chain's, or from_run's) covers every search.act_bits width of every searched
+    activation site, and leaves images of its split outside it for the search subset."""
     from pipeline.data import clamp_size, split_size
+    from pipeline.quant.calibration import calibration_widths
+    from pipeline.search.space import check_act_widths
     from pipeline.stages.calibrate import calibration_front, find_calibration
 
-    data = ctx.cfg.data
+    data, searched = ctx.cfg.data, [n for n, spec in (specs or {}).items() if spec.enabled and spec.quantizer == "uniform" and not n.endswith(".weight")]
     available = split_size(data, data.calib_split)
     if ctx.made_earlier("calibrate", "search"):
         used = clamp_size(int(data.calib_size), available, "data.calib_size", warn=False)
+        widths = {n: calibration_widths(specs[n], list(ctx.cfg.quant.candidate_bits)) for n in searched}
     else:
-        used = calibration_front(find_calibration(ctx)[1], data)
+        index = find_calibration(ctx)[1]
+        used = calibration_front(index, data)
+        widths = {n: index["sites"].get(n, {}).get("bits", []) for n in searched}
+    check_act_widths(widths, list(ctx.cfg.search.act_bits))
     if used >= available:
         raise PipelineError(f"the calibration uses all {available} images of split '{data.calib_split}': the search subset must be disjoint from them, lower data.calib_size")
 
@@ -258,7 +265,7 @@ def check_inputs(ctx, specs) -> None:
     from pipeline.stages.calibrate import check_calibration_input
 
     check_calibration_input(ctx, specs, "search")
-    _check_search_images(ctx)
+    _check_calibration_fits(ctx, specs)
     if ctx.cfg.search.get("sensitivity") or not ctx.made_earlier("sensitivity", "search"):
         path = _sensitivity_file(ctx)
         if path is not None:
