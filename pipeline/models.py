@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,7 +111,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         elif path.suffix in (".pth", ".pt"):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals([argparse.Namespace]):  # timm's train.py saves its args beside the weights
+                state = torch.load(path, map_location="cpu", weights_only=True)
             for key in ("state_dict", "model", "model_ema"):
                 if isinstance(state, dict) and isinstance(state.get(key), dict):
                     state = state[key]
@@ -118,6 +121,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise PipelineError(f"unsupported checkpoint format '{path.suffix}' for {path} (use {', '.join(WEIGHT_SUFFIXES)})")
     except PipelineError:
         raise
+    except pickle.UnpicklingError as e:  # torch's own text starts with advice on weights_only=False, which we never take
+        reason = str(e).partition("WeightsUnpickler error:")[2].strip().split(". ")[0] or "unpickling failed"
+        raise PipelineError(f"cannot read checkpoint {path} as a plain state dict ({reason.splitlines()[0]}): a corrupt file, or one holding more than tensors; save model.state_dict() with torch.save or as .safetensors") from None
     except Exception as e:  # corrupt file: any reader error becomes one line
         raise PipelineError(f"cannot read checkpoint {path}: {e}".splitlines()[0]) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

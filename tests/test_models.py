@@ -34,6 +34,20 @@ def test_pth_checkpoint_with_state_dict_key(tmp_path):
     assert torch.equal(loaded.model.head.weight, ref.head.weight)
 
 
+def test_timm_training_checkpoint_and_unreadable_ones(tmp_path):
+    import argparse
+
+    ref = timm.create_model(TINY_VIT["name"], **TINY_VIT["kwargs"])
+    torch.save({"epoch": 3, "arch": TINY_VIT["name"], "state_dict": ref.state_dict(), "args": argparse.Namespace(lr=0.1)}, tmp_path / "train.pth")
+    assert torch.equal(load_model(tiny_cfg(checkpoint=str(tmp_path / "train.pth"))).model.head.weight, ref.head.weight)
+    torch.save({"state_dict": ref.state_dict(), "optimizer": torch.optim.SGD(ref.parameters(), lr=0.1)}, tmp_path / "object.pth")
+    with pytest.raises(PipelineError, match=r"as a plain state dict \(Unsupported global: GLOBAL torch.optim.sgd.SGD.*save model.state_dict\(\)"):
+        load_model(tiny_cfg(checkpoint=str(tmp_path / "object.pth")))
+    (tmp_path / "corrupt.pth").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(PipelineError, match="cannot read checkpoint .*corrupt.pth"):
+        load_model(tiny_cfg(checkpoint=str(tmp_path / "corrupt.pth")))
+
+
 def test_shape_mismatch_names_key_and_shapes(tmp_path):
     other = timm.create_model(TINY_VIT["name"], **{**TINY_VIT["kwargs"], "num_classes": 7})
     save_file(other.state_dict(), str(tmp_path / "w.safetensors"))
