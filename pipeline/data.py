@@ -204,11 +204,8 @@ def make_subset(cfg: DataConfig, loaded: LoadedModel, purpose: str, calib_images
     elif purpose == "calib":
         indices = order[: clamp_size(cfg.calib_size, len(order), "data.calib_size")]
     elif purpose == "search":  # from the back of the permutation, never reaching the calibration images
-        used = clamp_size(cfg.calib_size, len(order), "data.calib_size", warn=False) if calib_images is None else min(calib_images, len(order))
-        available = len(order) - used  # the calibration size was warned about by calibrate
-        if available == 0:
-            raise PipelineError(f"the calibration used all {len(order)} images of split '{split}': the search subset must be disjoint from them, lower data.calib_size")
-        indices = order.flip(0)[: clamp_size(cfg.search_size, available, "data.search_size")]
+        used = clamp_size(cfg.calib_size, len(order), "data.calib_size", warn=False) if calib_images is None else calib_images
+        indices = order.flip(0)[: clamp_size(cfg.search_size, search_room(len(order), used, split), "data.search_size")]
     else:
         raise ValueError(f"unknown subset purpose '{purpose}'")
     if indices.numel() == 0:
@@ -228,6 +225,14 @@ def _hash_files(digest, dataset, indices: torch.Tensor) -> None:
         file, label = dataset.samples[i]
         stat = os.stat(file)
         digest.update(f"{file}|{label}|{stat.st_size}|{stat.st_mtime_ns};".encode())
+
+
+def search_room(split_images: int, calib_images: int, split: str) -> int:
+    """Images of the calibration split left for the search subset behind the `calib_images` the calibration
+    takes from the front of its permutation; an error when none are left."""
+    if calib_images >= split_images:
+        raise PipelineError(f"the calibration uses all {split_images} images of split '{split}': the search subset must be disjoint from them, lower data.calib_size")
+    return split_images - calib_images
 
 
 def subset_loader(dataset: Dataset, indices: torch.Tensor, batch_size: int, num_workers: int) -> DataLoader:

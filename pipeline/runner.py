@@ -227,7 +227,10 @@ def cleanup_failed_run(run_dir: Path, kept: frozenset[str] = frozenset()) -> Non
     made_here = [p for p in run_dir.iterdir() if p.name not in kept]
     for path in made_here:
         if path.name == ".from_run" or (path.name.startswith(".") and path.name.endswith(".tmp")):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
     finished = any(p.is_dir() and p.name in {s.value for s in Stage} for p in made_here)
     if kept or finished:
         return

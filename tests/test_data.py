@@ -44,7 +44,7 @@ def test_search_subset_stays_disjoint_from_calibration_when_they_would_overlap()
     cfg = DataConfig(kind="synthetic", synthetic_size=40, calib_size=30, search_size=20, num_workers=0)
     calib, search = make_subset(cfg, fake_model(), "calib"), make_subset(cfg, fake_model(), "search")
     assert len(search) == 10 and not set(calib.indices.tolist()) & set(search.indices.tolist())
-    with pytest.raises(PipelineError, match=r"the calibration used all 40 images of split 'train': the search subset must be disjoint"):
+    with pytest.raises(PipelineError, match=r"the calibration uses all 40 images of split 'train': the search subset must be disjoint"):
         make_subset(DataConfig(kind="synthetic", synthetic_size=40, calib_size=0, num_workers=0), fake_model(), "search")
 
 

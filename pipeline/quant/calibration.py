@@ -27,7 +27,7 @@ from pipeline.quant.gptq import HESSIAN_KEY, HessianHooks, gptq_fake_quantize
 from pipeline.quant.observers import build_observer
 from pipeline.quant.quantizers import fake_quantize, power_of_two_factor_scales, qrange
 from pipeline.quant.recipe import SiteSpec
-from pipeline.quant.sites import QuantConv2d, QuantLinear, SiteGraph, fold_view, stored_weight, unstored_weight
+from pipeline.quant.sites import QuantConv2d, QuantLinear, SiteGraph, divide_by_storage_factor, fold_view, storage_factor
 
 STATE_FILE = "state.safetensors"
 INDEX_FILE = "index.json"
@@ -196,7 +196,8 @@ def quantize_weight(graph: SiteGraph, name: str, spec: SiteSpec, width: int, spe
         site.bind(spec, width, scale, zp)
         site.mode = "quant"
         return scale, zp
-    folded = stored_weight(graph, path, weight)
+    factor = storage_factor(weight, fold, graph.output_scale(path))  # the stored weight is W * factor
+    folded = weight if factor is None else weight * factor
     observer = build_observer(spec.observer, granularity=spec.observer_granularity, axis=0, **spec.observer_kwargs())
     observer(folded)
     scale, zp = observer.calculate_qparams(width, spec.signed, spec.symmetric, spec.rounding)
@@ -212,7 +213,7 @@ def quantize_weight(graph: SiteGraph, name: str, spec: SiteSpec, width: int, spe
         qweight = flat.view_as(folded).to(folded.dtype)
     else:
         qweight = fake_quantize(folded, scale.to(folded), zp.to(folded), qmin, qmax, 0 if scale.numel() > 1 else None, spec.rounding)
-    qweight = unstored_weight(graph, path, qweight)
+    qweight = divide_by_storage_factor(qweight, factor)  # back in W's own space
     site.bind(spec, width, scale, zp)
     site.mode = "quant"
     module.qweight = qweight

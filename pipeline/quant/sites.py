@@ -474,11 +474,6 @@ def stored_weight(graph: "SiteGraph", path: str, weight: torch.Tensor) -> torch.
     return weight if factor is None else weight * factor
 
 
-def unstored_weight(graph: "SiteGraph", path: str, stored: torch.Tensor) -> torch.Tensor:
-    """The inverse of `stored_weight`: back in W's own space, diag(1/gamma) · S · diag(1/s)."""
-    return divide_by_storage_factor(stored, storage_factor(stored, graph.fold_scale(path), graph.output_scale(path)))
-
-
 def storage_factor(weight: torch.Tensor, fold: torch.Tensor | None, gamma: torch.Tensor | None) -> torch.Tensor | None:
     """F with stored weight = W * F, broadcast against `weight` (Linear (out, in), Conv (out, in, kh, kw)):
     fold_view(s) over the input channels times gamma over the output channels; None when neither folds.

@@ -240,7 +240,7 @@ def test_metrics(ctx, setup: SearchSetup, assignments: Mapping[str, Mapping[str,
 def _check_calibration_fits(ctx, specs: Mapping[str, SiteSpec] | None) -> None:
     """The calibration (this chain's, or from_run's) covers every search.act_bits width of every searched
     activation site, and leaves images of its split outside it for the search subset."""
-    from pipeline.data import clamp_size, split_size
+    from pipeline.data import clamp_size, search_room, split_size
     from pipeline.quant.calibration import calibration_widths
     from pipeline.search.space import check_act_widths
     from pipeline.stages.calibrate import calibration_front, find_calibration
@@ -255,8 +255,7 @@ def _check_calibration_fits(ctx, specs: Mapping[str, SiteSpec] | None) -> None:
         used = calibration_front(index, data)
         widths = {n: index["sites"].get(n, {}).get("bits", []) for n in searched}
     check_act_widths(widths, list(ctx.cfg.search.act_bits))
-    if used >= available:
-        raise PipelineError(f"the calibration uses all {available} images of split '{data.calib_split}': the search subset must be disjoint from them, lower data.calib_size")
+    search_room(available, used, data.calib_split)
 
 
 def check_inputs(ctx, specs) -> None:
