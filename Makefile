@@ -36,7 +36,7 @@ bench:  ## timing ratios (quantization core, profiler) -> bench/results/{quant,p
 bench-search:  ## three search regimes, prior vs random vs greedy (CPU: about 2 h) -> bench/results/search.json
 	$(PY) bench/bench_search.py
 
-ui:  ## MLflow UI on the embedded store (http://127.0.0.1:$(MLFLOW_PORT))
+ui:  ## MLflow UI on the embedded store (http://127.0.0.1:5000; another port: make ui MLFLOW_PORT=N)
 	$(PY) -m mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --default-artifact-root $(CURDIR)/mlruns/artifacts --port $(MLFLOW_PORT)
 
 clean:  ## remove caches and run outputs (keeps the MLflow store)

@@ -213,25 +213,26 @@ def _is_number(v: Any) -> bool:
 
 
 def cleanup_failed_run(run_dir: Path, kept: frozenset[str] = frozenset()) -> None:
-    """After a failed invocation: remove what it left half-made and, if it made the run folder and
-    finished no stage there, the folder itself.
+    """After a failed invocation: remove what it left half-made, and everything it made when it
+    finished no stage.
 
     `kept`: what the folder held before this invocation, besides Hydra's `.hydra/` and job log
     (`hydra.run.dir` pointing at an existing folder); none of it is touched. Half-made: the temp stage
-    folders and the downloaded `from_run`. A folder made by this invocation goes when no stage finished
-    in it, and then its parent too when that is an empty day folder of the default layout
-    (`mlruns/outputs/<YYYY-MM-DD>/...`); finished stages stay, with config.yaml and the log.
+    folders and the downloaded `from_run`. When a stage finished, it stays, with config.yaml, `.hydra/`
+    and the log. When none did, the run's own files go too, and a folder made by this invocation goes
+    whole, then its parent too when that is an empty day folder of the default layout
+    (`mlruns/outputs/<YYYY-MM-DD>/...`).
     """
     if not run_dir.is_dir():
         return
     made_here = [p for p in run_dir.iterdir() if p.name not in kept]
+    finished = any(p.is_dir() and p.name in {s.value for s in Stage} for p in made_here)
     for path in made_here:
-        if path.name == ".from_run" or (path.name.startswith(".") and path.name.endswith(".tmp")):
+        if not finished or path.name == ".from_run" or (path.name.startswith(".") and path.name.endswith(".tmp")):
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
-    finished = any(p.is_dir() and p.name in {s.value for s in Stage} for p in made_here)
     if kept or finished:
         return
     shutil.rmtree(run_dir, ignore_errors=True)

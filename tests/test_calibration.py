@@ -282,3 +282,17 @@ def test_quantizer_sqnr_is_each_sites_own_error():
     own = quantizer_sqnr(graph, images, CPU)
     assert own[name] == pytest.approx(expected, rel=1e-9)
     assert set(own) == {n for n, s in graph.sites.items() if s.mode == "quant" and s.role != "weight"}  # weights are not in the data path
+
+
+def test_weight_range_search_takes_each_row_whole():
+    """A weight is observed once: omse searches all of each row (768 > the activations' 512-value sample)."""
+    from pipeline.quant.calibration import weight_observer
+    from pipeline.quant.recipe import SiteSpec
+
+    weight = torch.randn(4, 768)
+    observer = weight_observer(SiteSpec(observer="omse", loss="l2", granularity="per_channel", symmetric=True, signed=True), weight)
+    observer(weight)
+    assert torch.equal(observer.samples.sort(dim=1).values, weight.sort(dim=1).values)
+    sampled = weight_observer(SiteSpec(observer="omse", loss="l2", granularity="per_channel", samples=100), weight)
+    sampled(weight)
+    assert sampled.samples.shape == (4, 100)

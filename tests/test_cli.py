@@ -88,6 +88,7 @@ def test_a_failed_run_keeps_a_folder_it_did_not_make(tmp_path):
     proc = run_cli(["model=timm", "model.name=vit_tinyy", "hydra.run.dir=.", "tracking.enabled=false"], cwd=folder)
     assert_one_line_error(proc, "unknown timm model name 'vit_tinyy'")
     assert all((folder / name).read_text() == "keep\n" for name in ("mine.csv", "notes.log", "config.yaml"))
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "mine.csv", "notes.log"]  # the run's .hydra/ and log went
     empty_parent = tmp_path / "mine"
     empty_parent.mkdir()
     proc = run_cli(["model=timm", "model.name=vit_tinyy", f"hydra.run.dir={empty_parent / 'run'}", "tracking.enabled=false"])

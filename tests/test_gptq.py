@@ -75,6 +75,17 @@ def test_hessian_hooks_take_every_kth_token_across_batches():
     assert torch.allclose(hooks.hessians["0.weight"], x.T @ x, atol=1e-5)
 
 
+def test_hessian_hooks_reach_every_token_position_when_tokens_per_image_divide_by_the_stride():
+    """8 tokens per image, stride 4: the stride becomes 5 (coprime with 8), so the picks cover all 8 positions."""
+    layer = nn.Sequential(nn.Linear(8, 2))
+    hooks = HessianHooks(layer, ["0"], stride=4)
+    position = torch.eye(8).expand(10, 8, 8)  # token t of every image is the unit vector e_t
+    layer(position[:4])
+    layer(position[4:])
+    counts = hooks.hessians["0.weight"].diagonal()  # how often each position entered H
+    assert torch.equal(counts, torch.full((8,), 2.0))  # 80 tokens, every 5th: 16 picks, each position twice
+
+
 def test_hessian_hooks_see_conv_patches_in_weight_order():
     conv = nn.Sequential(nn.Conv2d(2, 3, kernel_size=2, stride=2))
     hooks = HessianHooks(conv, ["0"], stride=1)

@@ -264,6 +264,20 @@ def test_omse_sample_is_bounded_and_deterministic():
     assert min(from_each_batch) > 0
 
 
+def test_omse_keeps_a_row_that_fits_whole_and_draws_distinct_columns():
+    """A weight is observed once: a row no longer than the sample enters whole (no column twice, none missed)."""
+    from pipeline.quant.observers import DISTINCT_DRAW_FACTOR, sample_columns
+
+    weight = torch.arange(4 * 192, dtype=torch.float32).view(4, 192)  # every value distinct
+    observer = OmseObserver(granularity="per_channel", axis=0, max_samples=512)
+    observer(weight)
+    assert observer.samples.shape == (4, 192)
+    assert torch.equal(observer.samples.sort(dim=1).values, weight)
+    generator = torch.Generator().manual_seed(0)
+    drawn = sample_columns(DISTINCT_DRAW_FACTOR * 50, 50, generator)
+    assert drawn.unique().numel() == 50 and drawn.max() < DISTINCT_DRAW_FACTOR * 50
+
+
 # ---------------------------------------------------------------------------------------------- kl
 
 

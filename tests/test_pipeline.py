@@ -59,6 +59,43 @@ def test_later_stage_runs_alone_from_run_dir_and_run_id(tmp_path, tiny_overrides
     assert by_id["agreement"] == by_dir["agreement"] and by_id["logit_kl"] == by_dir["logit_kl"]
 
 
+def test_quantize_stores_weight_codes_that_later_stages_bind_as_they_are(tmp_path, tiny_overrides):
+    """The quantized state holds every weight's integer codes (GPTQ's choice included); binding it gives the
+    in-memory model bit for bit, and the codes, not a new range search or GPTQ pass, decide the weights."""
+    import torch
+
+    from pipeline.models import load_model
+    from pipeline.quant.calibration import CalibState, bind
+    from pipeline.quant.recipe import resolve_recipe
+    from pipeline.quant.sites import attach_sites
+
+    cfg = compose([*tiny_overrides, "quant=recommended", "quant.weight.bits=4", "stages=[calibrate,quantize]"])
+    run_pipeline(cfg, tmp_path / "run")
+    saved = CalibState.load(tmp_path / "run/quantize")
+    sites = json.loads((tmp_path / "run/quantize/sites.json").read_text())
+    weights = [n for n, s in sites.items() if s["role"] == "weight" and s["mode"] == "quant"]
+    assert weights and all(saved.weight_codes(n, 4).dtype == torch.int8 for n in weights)
+    assert not any(key.endswith("/hessian") for key in saved.tensors)  # GPTQ does not run again
+
+    images = torch.randn(2, 3, 32, 32)
+
+    def logits(state, bits=None):
+        graph = attach_sites(load_model(cfg.model).model)
+        specs = resolve_recipe(cfg.quant, graph)
+        bind(graph, specs, state, bits)
+        with torch.inference_mode():
+            return graph, graph.model(images)
+
+    bits = {n: s["bits"] for n, s in sites.items() if s["bits"]}
+    _, in_memory = logits(CalibState.load(tmp_path / "run/calibrate"))
+    _, loaded = logits(saved, bits)
+    assert torch.equal(loaded, in_memory)
+    fc1 = "blocks.0.mlp.fc1.weight"
+    saved.tensors[f"{fc1}/4/codes"] = torch.zeros_like(saved.weight_codes(fc1, 4))  # symmetric: code 0 is 0.0
+    graph, _ = logits(saved, bits)
+    assert not graph.module("blocks.0.mlp.fc1").qweight.any()
+
+
 def test_quantized_evaluate_without_quantize_stage_is_an_error(tmp_path, tiny_overrides):
     from pipeline.errors import PipelineError
 

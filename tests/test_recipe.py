@@ -105,6 +105,10 @@ def test_disabled_recipe_disables_every_site(graph):
         (["quant.act.gptq=true"], r"gptq is a weight rounding .* not for role"),
         (["quant.roles.residual.samples=0"], r"quant\.roles\.residual\.samples=0 must be an integer >= 1"),
         (["quant.roles.scores.samples=64"], r"blocks\.0\.attn\.scores: samples=64 sets the omse range search's sample; observer 'percentile' keeps none"),
+        (["quant.act.alpha=1.5"], r"quant\.act \(observer percentile\): alpha must be in \(0\.5, 1\], got 1\.5"),
+        (["quant.act.sigma=0"], r"quant\.act \(observer percentile\): sigma must be in \(0, 1\]"),
+        (["quant.act.warmup=0"], r"quant\.act \(observer percentile\): warmup must be an integer >= 1"),
+        (["quant.roles.residual.huber_delta=-1"], r"quant\.roles\.residual \(observer omse\): huber_delta must be > 0"),
     ],
 )
 def test_bad_recipes_fail_with_one_clear_message(graph, overrides, message):

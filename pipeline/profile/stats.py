@@ -27,6 +27,7 @@ from torch import Tensor
 
 from pipeline.profile.codes import level_counts
 from pipeline.profile.metrics import bit_utilization, cosine_from_dots, kl_from_counts, logit_kl, sqnr_from_energy, topk_hit_rates
+from pipeline.quant.observers import coprime_at_least
 
 HIST_BINS = 256
 HIST_SAMPLES = 2**16
@@ -64,17 +65,10 @@ def spread_sample(x: Tensor, limit: int) -> Tensor:
     by_stride = sorted(range(x.ndim), key=lambda d: (x.stride(d), x.shape[d]))
     row = x.shape[by_stride[0]]
     if row > limit:  # long rows: every k-th value, k coprime with the row length
-        return flat[:: _coprime_stride(-(-flat.numel() // limit), row)]
+        return flat[:: coprime_at_least(-(-flat.numel() // limit), row)]
     rows = flat.view(-1, row)
     next_dim = x.shape[by_stride[1]] if x.ndim > 1 else 1
-    return rows[:: _coprime_stride(-(-rows.shape[0] // (limit // row)), next_dim)]
-
-
-def _coprime_stride(stride: int, size: int) -> int:
-    """The smallest k >= stride with gcd(k, size) == 1."""
-    while math.gcd(stride, size) != 1:
-        stride += 1
-    return stride
+    return rows[:: coprime_at_least(-(-rows.shape[0] // (limit // row)), next_dim)]
 
 
 class Workspace:

@@ -25,12 +25,13 @@ from pipeline.artifacts import read_json, read_tensors, write_json, write_tensor
 from pipeline.errors import PipelineError
 from pipeline.quant.gptq import HESSIAN_KEY, HessianHooks, gptq_fake_quantize
 from pipeline.quant.observers import build_observer
-from pipeline.quant.quantizers import fake_quantize, power_of_two_factor_scales, qrange
+from pipeline.quant.quantizers import dequantize, fake_quantize, power_of_two_factor_scales, qrange, quantize
 from pipeline.quant.recipe import SiteSpec
-from pipeline.quant.sites import QuantConv2d, QuantLinear, SiteGraph, divide_by_storage_factor, fold_view, storage_factor
+from pipeline.quant.sites import QuantConv2d, QuantLinear, SiteGraph, divide_by_storage_factor, fold_view, storage_factor, stored_weight
 
 STATE_FILE = "state.safetensors"
 INDEX_FILE = "index.json"
+CODES_KEY = "codes"
 
 
 @dataclass
@@ -47,6 +48,11 @@ class CalibState:
         if bits not in entry["bits"]:
             raise PipelineError(f"site {site} was calibrated for bits {entry['bits']}, not {bits}: add {bits} to quant.candidate_bits and recalibrate")
         return self.tensors[f"{site}/{bits}/scale"], self.tensors[f"{site}/{bits}/zero_point"]
+
+    def weight_codes(self, site: str, bits: int) -> torch.Tensor | None:
+        """The integer codes of weight `site` at `bits` as the quantize stage stored them (see
+        `stored_weight_codes`), or None in a calibration state (whose weights are still to be rounded)."""
+        return self.tensors.get(f"{site}/{bits}/{CODES_KEY}")
 
     def hessian(self, site: str) -> torch.Tensor:
         """Σ x xᵀ of the inputs of the layer that owns weight `site` (in, in), for GPTQ."""
@@ -94,7 +100,12 @@ def calibrate(graph: SiteGraph, specs: Mapping[str, SiteSpec], loader, device: t
     graph.set_mode("fp")
     for name, spec in specs.items():
         site = graph[name]
-        site.observer = build_observer(spec.observer, granularity=spec.observer_granularity, axis=site.axis, **spec.observer_kwargs()) if spec.needs_observer else None
+        if not spec.needs_observer:
+            site.observer = None
+        elif site.role == "weight":
+            site.observer = weight_observer(spec, _weight_of(graph, name))
+        else:
+            site.observer = build_observer(spec.observer, granularity=spec.observer_granularity, axis=site.axis, **spec.observer_kwargs())
         site.mode = "observe" if spec.needs_observer and site.role != "weight" else "fp"
     graph.to(device)
     hooks = HessianHooks(graph.model, [n.rsplit(".", 1)[0] for n, s in specs.items() if s.enabled and s.gptq and graph[n].role == "weight"])
@@ -142,6 +153,18 @@ def _weight_of(graph: SiteGraph, site_name: str) -> torch.Tensor:
     return graph.module(site_name.rsplit(".", 1)[0]).weight
 
 
+def weight_observer(spec: SiteSpec, weight: torch.Tensor):
+    """The observer of a weight site (per channel: one row per output channel, axis 0).
+
+    A weight is observed once and is small, so the `omse` range search takes each row whole (the
+    whole tensor per tensor) unless the recipe sets `samples`; activations keep a sample.
+    """
+    kwargs = spec.observer_kwargs()
+    if spec.observer == "omse" and spec.samples is None:
+        kwargs["max_samples"] = max(1, weight[0].numel() if spec.channelwise else weight.numel())
+    return build_observer(spec.observer, granularity=spec.observer_granularity, axis=0, **kwargs)
+
+
 @torch.no_grad()
 def bind(graph: SiteGraph, specs: Mapping[str, SiteSpec], state: CalibState, bits: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
     """Put `graph` in quant mode for `specs` with qparams from `state`.
@@ -180,13 +203,23 @@ def quantize_weight(graph: SiteGraph, name: str, spec: SiteSpec, width: int, spe
     following LayerScale folded in), into its module's `qweight` (back in W's own space).
 
     With `spec.gptq` the codes are chosen by GPTQ from the layer's input Hessian in `state`
-    (pipeline.quant.gptq); the grid (scale, zero point) is the observer's either way.
+    (pipeline.quant.gptq); the grid (scale, zero point) is the observer's either way. A quantize
+    stage's state holds the codes and grid it chose (`CalibState.weight_codes`): they are bound as
+    they are, with no new search, so a later stage runs exactly the weights that were saved.
     """
     path = name.rsplit(".", 1)[0]
     module: QuantLinear | QuantConv2d = graph.module(path)
     site = module.weight_site
     weight = module.weight.detach()
     fold = graph.fold_scale(path)
+    codes = state.weight_codes(name, width) if state is not None else None
+    if codes is not None:
+        scale, zp = state.qparams(name, width)
+        stored = dequantize(codes.to(weight.device), scale.to(weight.device), zp.to(weight.device), 0 if scale.numel() > 1 else None)
+        module.qweight = divide_by_storage_factor(stored.to(weight.dtype), storage_factor(weight, fold, graph.output_scale(path)))
+        site.bind(spec, width, scale, zp)
+        site.mode = "quant"
+        return site.scale, site.zero_point
     # Searches rebind many assignments: reuse a weight already quantized for this (spec, width, fold scale).
     # (A LayerScale gamma is a fixed parameter of the module: it needs no place in the key.)
     key = (spec, width, None if fold is None else fold.detach().cpu().numpy().tobytes())
@@ -198,7 +231,7 @@ def quantize_weight(graph: SiteGraph, name: str, spec: SiteSpec, width: int, spe
         return scale, zp
     factor = storage_factor(weight, fold, graph.output_scale(path))  # the stored weight is W * factor
     folded = weight if factor is None else weight * factor
-    observer = build_observer(spec.observer, granularity=spec.observer_granularity, axis=0, **spec.observer_kwargs())
+    observer = weight_observer(spec, folded)
     observer(folded)
     scale, zp = observer.calculate_qparams(width, spec.signed, spec.symmetric, spec.rounding)
     qmin, qmax = qrange(width, spec.signed)
@@ -219,6 +252,20 @@ def quantize_weight(graph: SiteGraph, name: str, spec: SiteSpec, width: int, spe
     module.qweight = qweight
     cache[key] = (qweight, scale, zp)
     return scale, zp
+
+
+def stored_weight_codes(graph: SiteGraph, name: str) -> torch.Tensor:
+    """The integer codes the NPU stores for the bound weight site `name`: W's shape, int8 / int16 / int32.
+
+    They are the codes of the stored weight (`sites.stored_weight`: producer scales and LayerScale
+    folded in) on the site's grid, GPTQ's choice included: the dequantized stored weight lies on
+    the grid, so rounding it gives its codes back.
+    """
+    path = name.rsplit(".", 1)[0]
+    module: QuantLinear | QuantConv2d = graph.module(path)
+    site = module.weight_site
+    stored = stored_weight(graph, path, module.effective_weight().detach())
+    return quantize(stored, site.scale, site.zero_point, site.bits, site.spec.signed, 0 if site.scale.numel() > 1 else None, site.spec.rounding)
 
 
 def describe_bound(graph: SiteGraph, specs: Mapping[str, SiteSpec]) -> dict[str, Any]:

@@ -17,12 +17,14 @@ Folded weights W·diag(s) see inputs x / s, so their Hessian is diag(1/s) H diag
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.quant.observers import coprime_at_least
 from pipeline.quant.quantizers import dequantize_rounded_, rounded_quotient
 
 HESSIAN_KEY = "hessian"
@@ -98,7 +100,7 @@ def output_error(weight: Tensor, qweight: Tensor, hessian: Tensor) -> float:
 
 
 TOKEN_STRIDE = 4
-"""H is built from every 4th input token: Σ x xᵀ costs about 1.5 FP32 forwards per token on a
+"""H is built from about every 4th input token: Σ x xᵀ costs about 1.5 FP32 forwards per token on a
 ViT (in² per token and layer), a quarter of that keeps calibration cheap, and 512 CIFAR images
 still give ~8,000 tokens for the widest input (fc2, 4·C)."""
 
@@ -107,10 +109,11 @@ class HessianHooks:
     """Forward pre-hooks that accumulate H = Σ x xᵀ of chosen Linear / Conv2d layers' inputs (float32).
 
     Inputs are flattened to (tokens, in) (a Conv2d's to its patches, in the order of
-    weight.flatten(1)), and every `stride`-th token enters H (consecutive batches continue the
-    count, so with a stride coprime with the tokens per image every position is sampled).
-    H is kept on the layer's device. `remove()` detaches the hooks; `hessians` maps the
-    weight site name (`<path>.weight`) to H.
+    weight.flatten(1)), and every k-th token enters H, k the smallest integer >= `stride` coprime
+    with the layer's tokens per image (`observers.coprime_at_least`). Consecutive batches continue
+    the count, so the picks walk through every token position (64 patches with k = 4 would
+    sample only 16 of them, the same ones in every image). H is kept on the layer's device.
+    `remove()` detaches the hooks; `hessians` maps the weight site name (`<path>.weight`) to H.
     """
 
     def __init__(self, model: nn.Module, paths: list[str], stride: int = TOKEN_STRIDE):
@@ -124,10 +127,12 @@ class HessianHooks:
             x = args[0].detach().to(torch.float32)
             if isinstance(module, nn.Conv2d):  # (B, C*kh*kw, L) patches -> tokens
                 x = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride).transpose(1, 2)
+            per_image = math.prod(x.shape[1:-1])  # tokens per image (1 for a (B, in) input)
+            stride = coprime_at_least(self.stride, per_image)
             x = x.reshape(-1, x.shape[-1])
             start = self._offset.get(key, 0)
-            self._offset[key] = (start - x.shape[0]) % self.stride  # where the next batch's first pick lies
-            x = x[start :: self.stride]
+            self._offset[key] = (start - x.shape[0]) % stride  # where the next batch's first pick lies
+            x = x[start::stride]
             h = self.hessians.get(key)
             if h is None:
                 self.hessians[key] = x.T @ x

@@ -79,16 +79,25 @@ def channel_rows(x: Tensor, granularity: str, axis: int) -> Tensor:
     return x.movedim(axis, 0).reshape(x.shape[axis], -1)
 
 
+def coprime_at_least(stride: int, size: int) -> int:
+    """The smallest k >= stride (and >= 1) with gcd(k, size) == 1.
+
+    Every k-th item of a sequence with period `size` (tokens of an image, channels of a token) then
+    walks through all positions of the period instead of aliasing with it.
+    """
+    stride = max(1, stride)
+    while math.gcd(stride, size) != 1:
+        stride += 1
+    return stride
+
+
 def coprime_stride(length: int) -> int:
     """The smallest integer >= golden_ratio_fraction * length that is coprime with length (>= 1).
 
     Stepping through 0..length-1 with this stride (mod length) visits every position once and spreads
     consecutive picks far apart, so a subsample does not alias with periodic structure (e.g. channels).
     """
-    stride = max(1, int(length * _GOLDEN_RATIO_FRACTION))
-    while math.gcd(stride, length) != 1:
-        stride += 1
-    return stride
+    return coprime_at_least(int(length * _GOLDEN_RATIO_FRACTION), length)
 
 
 def spread_column_subsample(rows: Tensor, max_columns: int) -> Tensor:
@@ -361,6 +370,23 @@ class PercentileObserver(EmaObserver):
         return f"{super().extra_repr()}, alpha={self.alpha}"
 
 
+DISTINCT_DRAW_FACTOR = 16
+"""`sample_columns` draws distinct columns when a batch has at most this many times as many as it needs."""
+
+
+def sample_columns(total: int, count: int, generator: torch.Generator) -> Tensor:
+    """`count` column indices, uniform over 0..total-1 (int64, (count,)); count <= total.
+
+    Distinct (a random permutation's first `count`) when total <= DISTINCT_DRAW_FACTOR * count, so a
+    row that fits in the sample (a weight row: observed once) is kept whole. Beyond that, independent
+    draws: O(count) instead of O(total), and they repeat a column with probability below
+    count / total <= 1 / DISTINCT_DRAW_FACTOR.
+    """
+    if total <= DISTINCT_DRAW_FACTOR * count:
+        return torch.randperm(total, generator=generator)[:count]
+    return torch.randint(0, total, (count,), generator=generator)
+
+
 class OmseObserver(Observer):
     """Range search minimising the quantization error (OMSE-style) over a stored sample of the data.
 
@@ -420,10 +446,10 @@ class OmseObserver(Observer):
     def _observe(self, rows: Tensor) -> None:
         self._update_running_range(rows.amin(dim=1), rows.amax(dim=1))
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.batches_seen)
-        # Offer max_samples columns drawn uniformly from this batch, each with a random key: O(max_samples),
-        # not O(M). Over equal-sized batches, keeping the smallest keys is a uniform sample of all columns.
+        # Offer max_samples columns drawn uniformly from this batch, each with a random key. Over
+        # equal-sized batches, keeping the smallest keys is a uniform sample of all columns.
         offered = min(self.max_samples, rows.shape[1])
-        columns = torch.randint(0, rows.shape[1], (offered,), generator=generator)
+        columns = sample_columns(rows.shape[1], offered, generator)
         keys = torch.rand(offered, generator=generator, dtype=torch.float64)
         new_samples = rows[:, columns.to(rows.device)].to(torch.float32)
         if self.batches_seen == 0:

@@ -193,6 +193,17 @@ def _check_values(spec: SiteSpec, where: str) -> None:
     )
     for key, value, allowed in checks:
         _check_choice(f"{where}.{key}", value, allowed)
+    _check_observer_arguments(spec, where)
+
+
+def _check_observer_arguments(spec: SiteSpec, where: str) -> None:
+    """The observer's own arguments (alpha, sigma, warmup, huber_delta, ...) as its constructor checks them."""
+    from pipeline.quant.observers import build_observer
+
+    try:
+        build_observer(spec.observer, granularity=spec.observer_granularity, **spec.observer_kwargs())
+    except ValueError as err:
+        raise PipelineError(f"{where} (observer {spec.observer}): {err}") from None
 
 
 def _check_site(spec: SiteSpec, name: str, role: str, graph: SiteGraph) -> SiteSpec:

@@ -1,26 +1,29 @@
 """Quantize: bind the recipe's widths from the calibration state (no data pass).
 
 Writes `quantize/state.safetensors` + `quantize/index.json` (the bound width of
-every site, in the calibration-state format, plus the input Hessians of `gptq`
-weights, from which binding rounds them again) and `quantize/sites.json` (per-site
+every site, in the calibration-state format, plus every weight's integer codes as the
+NPU stores them, `<weight site>/<bits>/codes`) and `quantize/sites.json` (per-site
 spec, width, qmin/qmax, fold target). `load_quantized()` rebuilds the quantized
-model from these files for the later stages.
+model from these files for the later stages: weights from their stored codes, with no
+new range search or GPTQ pass, so what later stages run is what was saved.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.artifacts import read_json, write_json
 from pipeline.errors import PipelineError
-from pipeline.quant.calibration import INDEX_FILE, CalibState, bind, check_calibrated, check_model, describe_bound
-from pipeline.quant.gptq import HESSIAN_KEY
+from pipeline.quant.calibration import CODES_KEY, INDEX_FILE, CalibState, bind, check_calibrated, check_model, describe_bound, stored_weight_codes
 from pipeline.quant.recipe import SiteSpec, resolve_recipe
 from pipeline.quant.sites import SiteGraph, attach_sites
 from pipeline.runner import StageContext
 from pipeline.stages.calibrate import check_calibration_input, find_calibration
+
+log = logging.getLogger(__name__)
 
 
 def check_inputs(ctx: StageContext, specs: Mapping[str, SiteSpec]) -> None:
@@ -41,9 +44,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
             selected.tensors[f"{name}/{site.bits}/scale"] = selected.tensors.pop(f"{name}/scale")
             selected.tensors[f"{name}/{site.bits}/zero_point"] = selected.tensors.pop(f"{name}/zero_point")
         selected.index["sites"][name] = {"role": site.role, "bits": [site.bits] if site.mode == "quant" else []}
-        if site.mode == "quant" and specs[name].gptq:  # load_quantized rebinds: GPTQ needs the layer's Hessian again
-            selected.tensors[f"{name}/{HESSIAN_KEY}"] = state.hessian(name)
-            selected.index["sites"][name][HESSIAN_KEY] = True
+        if site.mode == "quant" and site.role == "weight":
+            selected.tensors[f"{name}/{site.bits}/{CODES_KEY}"] = stored_weight_codes(graph, name).cpu()
     selected.save(ctx.out_dir)
     sites = describe_bound(graph, specs)
     write_json(ctx.out_dir / "sites.json", sites)
@@ -74,7 +76,11 @@ def load_quantized(ctx: StageContext) -> tuple[SiteGraph, dict[str, SiteSpec]]:
     """The quantized model from this run's (or from_run's) quantize artifacts."""
     graph = attach_sites(ctx.fp32.model)
     qdir, specs, bits = find_quantized(ctx, resolve_recipe(ctx.cfg.quant, graph))
-    bind(graph, specs, CalibState.load(qdir), bits)
+    state = CalibState.load(qdir)
+    missing = [n for n, b in bits.items() if graph[n].role == "weight" and state.weight_codes(n, b) is None]
+    if missing:
+        log.warning("quantized state in %s stores no weight codes (made before they were saved): %d weights are rounded again", qdir, len(missing))
+    bind(graph, specs, state, bits)
     return graph.to(ctx.device), specs
 
 

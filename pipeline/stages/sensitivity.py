@@ -141,11 +141,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     metrics = summary_metrics(result)
     ranking = result["ranking"]
     rho = ranking["spearman"].get("noise_kl~isolated_kl/act")
-    log.info(
-        "sensitivity: Spearman rho(noise KL, isolated KL) over activation sites = %s, top-5 overlap %s/5",
-        f"{rho:.3f}" if rho is not None else "n/a",
-        ranking["top5_overlap"].get("noise_kl~isolated_kl/act"),
-    )
+    if rho is not None:  # only with the isolated measurement (sensitivity.isolated)
+        log.info("sensitivity: Spearman rho(noise KL, isolated KL) over activation sites = %.3f, top-5 overlap %s/5", rho, ranking["top5_overlap"].get("noise_kl~isolated_kl/act"))
     return metrics
 
 
