@@ -212,24 +212,28 @@ def quantize_weight(graph: SiteGraph, name: str, spec: SiteSpec, width: int, spe
     site = module.weight_site
     weight = module.weight.detach()
     fold = graph.fold_scale(path)
+    factor = storage_factor(weight, fold, graph.output_scale(path))  # the stored weight is W * factor
     codes = state.weight_codes(name, width) if state is not None else None
     if codes is not None:
         scale, zp = state.qparams(name, width)
         stored = dequantize(codes.to(weight.device), scale.to(weight.device), zp.to(weight.device), 0 if scale.numel() > 1 else None)
-        module.qweight = divide_by_storage_factor(stored.to(weight.dtype), storage_factor(weight, fold, graph.output_scale(path)))
-        site.bind(spec, width, scale, zp)
-        site.mode = "quant"
-        return site.scale, site.zero_point
-    # Searches rebind many assignments: reuse a weight already quantized for this (spec, width, fold scale).
-    # (A LayerScale gamma is a fixed parameter of the module: it needs no place in the key.)
-    key = (spec, width, None if fold is None else fold.detach().cpu().numpy().tobytes())
-    cache = module.__dict__.setdefault("_qweight_cache", {})
-    if key in cache:
-        module.qweight, scale, zp = cache[key]
-        site.bind(spec, width, scale, zp)
-        site.mode = "quant"
-        return scale, zp
-    factor = storage_factor(weight, fold, graph.output_scale(path))  # the stored weight is W * factor
+        qweight = divide_by_storage_factor(stored.to(weight.dtype), factor)
+    else:
+        # Searches rebind many assignments: reuse a weight already quantized for this (spec, width, fold scale).
+        # (A LayerScale gamma is a fixed parameter of the module: it needs no place in the key.)
+        key = (spec, width, None if fold is None else fold.detach().cpu().numpy().tobytes())
+        cache = module.__dict__.setdefault("_qweight_cache", {})
+        if key not in cache:
+            cache[key] = _round_weight(weight, factor, fold, name, spec, width, state)
+        qweight, scale, zp = cache[key]
+    site.bind(spec, width, scale, zp)
+    site.mode = "quant"
+    module.qweight = qweight
+    return scale, zp
+
+
+def _round_weight(weight: torch.Tensor, factor: torch.Tensor | None, fold: torch.Tensor | None, name: str, spec: SiteSpec, width: int, state: CalibState | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(qweight in W's space, scale, zero point): the stored weight W * factor searched and rounded (GPTQ or nearest)."""
     folded = weight if factor is None else weight * factor
     observer = weight_observer(spec, folded)
     observer(folded)
@@ -246,12 +250,7 @@ def quantize_weight(graph: SiteGraph, name: str, spec: SiteSpec, width: int, spe
         qweight = flat.view_as(folded).to(folded.dtype)
     else:
         qweight = fake_quantize(folded, scale.to(folded), zp.to(folded), qmin, qmax, 0 if scale.numel() > 1 else None, spec.rounding)
-    qweight = divide_by_storage_factor(qweight, factor)  # back in W's own space
-    site.bind(spec, width, scale, zp)
-    site.mode = "quant"
-    module.qweight = qweight
-    cache[key] = (qweight, scale, zp)
-    return scale, zp
+    return divide_by_storage_factor(qweight, factor), scale, zp  # back in W's own space
 
 
 def stored_weight_codes(graph: SiteGraph, name: str) -> torch.Tensor:
