@@ -6,6 +6,7 @@ A stage that fails midway leaves either the previous file or none, never half of
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -45,6 +46,13 @@ def write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def json_number(value: Any) -> Any:
+    """A non-finite float as a string ('inf', '-inf', 'nan'), so that a table stays strict JSON; anything else as is."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

@@ -200,7 +200,7 @@ def _check_site_names(cfg: DictConfig, stages: list[Stage], fp32: LoadedModel) -
     if Stage.evaluate in stages and cfg.profile.enabled and (cfg.profile.dump or cfg.profile.trace):
         from pipeline.profile.profiler import check_request
 
-        check_request(cfg.profile, graph, quantized_only=False)
+        check_request(cfg.profile, graph, quantized=[name for name, spec in specs.items() if spec.enabled])
     return specs
 
 

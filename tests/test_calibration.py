@@ -254,8 +254,14 @@ def test_nan_calibration_data_names_the_site():
     graph = attach_sites(tiny_model())
     specs = resolve_recipe(compose(["quant=naive"]).quant, graph)
     bad = [(torch.full((2, 3, 32, 32), float("nan")), torch.zeros(2, dtype=torch.long))]
-    with pytest.raises(PipelineError, match="NaN or Inf at site patch_embed.proj.in"):
+    with pytest.raises(PipelineError, match="calibration data produce NaN or Inf at site patch_embed.proj.in"):
         calibrate(graph, specs, bad, CPU, [8])
+    model = tiny_model()
+    with torch.no_grad():
+        model.blocks[1].mlp.fc1.weight[3, 5] = float("inf")
+    graph = attach_sites(model)
+    with pytest.raises(PipelineError, match="the model's weight holds NaN or Inf at site blocks.1.mlp.fc1.weight"):
+        calibrate(graph, specs, batches(1), CPU, [8])  # named as the weight, not as the data at the next activation
 
 
 def test_zero_calibration_batches_is_an_error():

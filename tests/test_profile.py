@@ -124,6 +124,17 @@ def test_saturation_and_utilization_match_the_metric_functions():
     assert r["level_pct"] == pytest.approx(100 * fraction)
 
 
+def test_channel_levels_count_out_of_the_levels_a_channel_can_reach():
+    # 4 values per channel (head.in-like: one per image): a channel cannot use more than 4 of the 256 levels
+    site = uniform_site([0.1, 0.1, 0.1], [0.0, 0.0, 0.0])
+    x = torch.tensor([[0.0, 0.0, 0.0], [0.1, 0.1, 0.0], [0.2, 0.1, 0.0], [0.3, 0.0, 0.0]])
+    stats = SiteStats()
+    observe_site(stats, site, x, x, fake_quantize(x, site.scale, site.zero_point, 0, 255, axis=-1))
+    r = stats.result(8)
+    assert r["channel_level_pct"] == pytest.approx(50.0)  # channels use 4, 2 and 1 of 4 reachable levels: median 2/4
+    assert r["level_pct"] == pytest.approx(100 * 4 / 256)  # the tensor's share stays out of 2^bits
+
+
 def test_streaming_stats_match_the_metric_functions():
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(4, 17, 32, generator=g) * torch.linspace(0.1, 3, 32) for _ in range(2)]
@@ -245,6 +256,39 @@ def test_mlflow_keys_name_the_leaf_when_a_block_has_several_sites_of_a_role():
     }
 
 
+def test_summary_metrics_keep_weights_out_of_the_activation_figures():
+    from pipeline.profile.series import summary_metrics
+
+    rows = [
+        {"site": "blocks.0.attn.sv", "role": "sv_attn", "block": 0, "sqnr_db": 10.0, "flags": ["low_sqnr"]},
+        {"site": "blocks.0.mlp.act", "role": "mlp_act", "block": 0, "sqnr_db": 20.0, "flags": []},
+        {"site": "blocks.0.mlp.act2", "role": "mlp_act", "block": 0, "sqnr_db": math.inf, "flags": []},
+        {"site": "blocks.0.mlp.fc1.weight", "role": "weight", "block": 0, "sqnr_db": 50.0, "flags": []},
+    ]
+    m = summary_metrics(rows)
+    assert (m["sqnr_min"], m["profile/worst_sqnr"], m["profile/sqnr_mean"]) == (10.0, 10.0, 15.0)  # not (10 + 20 + 50) / 3
+    assert (m["sqnr_min/weight"], m["profile/sqnr_mean/weight"], m["profile/sqnr_mean/mlp_act"]) == (50.0, 50.0, 20.0)
+    assert m["profile/flagged"] == 1 and m["profile/flagged/low_sqnr"] == 1
+
+
+def test_mlflow_keys_do_not_depend_on_which_sites_are_quantized():
+    from pipeline.profile.series import log_rows
+
+    class Tracker:
+        def __init__(self):
+            self.logged: dict[int, dict[str, float]] = {}
+
+        def log_metrics(self, metrics, step):
+            self.logged[step] = metrics
+
+    # every site of the model; the recipe quantized res2 only, so only res2 has a row
+    sites = {f"blocks.{b}.{leaf}": ("residual", b) for b in range(2) for leaf in ("res1", "res2")}
+    rows = [{"site": f"blocks.{b}.res2", "role": "residual", "block": b, "sqnr_db": 20.0 + b} for b in range(2)]
+    tracker = Tracker()
+    log_rows(tracker, rows, {"sqnr": "sqnr_db"}, sites)
+    assert tracker.logged == {0: {"sqnr/residual/res2": 20.0}, 1: {"sqnr/residual/res2": 21.0}}  # not sqnr/residual
+
+
 def test_artifacts_are_readable_like_a_plain_write(tmp_path):
     import os
     import stat
@@ -272,6 +316,13 @@ def test_trace_shows_every_step_and_the_worst_element_first():
     assert worst[:8] == ["(1,)", "30", "30", "300", "300", "310", "255", "24.5"]  # 30 clips to code 255 = 24.5
     assert "worst error #1; clipped high" in lines[3]
     assert len(lines) == 3 + 4 and "clipped low" in text and "largest |x|" not in text  # 30 is already traced
+
+
+def test_trace_prints_inputs_that_round_down_below_a_tie_exactly():
+    site = uniform_site(1.0, 0.0)
+    x = torch.tensor([2.4999998])  # float32 2.49999976: half_up gives 2, not the 3 of the tie 2.5
+    line = trace_site(site, Capture(None, x, fake_quantize(x, site.scale, site.zero_point, 0, 255)), elements=1).splitlines()[3]
+    assert line.split()[1:4] == ["2.49999976", "2.49999976", "2"]  # x, x/scale, rounded (no fp32 column)
 
 
 def test_log2_trace_shows_the_flush_to_zero():
@@ -389,6 +440,13 @@ def test_bad_profile_request_fails_before_any_stage_runs(tmp_path, tiny_override
     with pytest.raises(PipelineError, match="profile.trace: unknown site 'blocks.0.attn.svv'; did you mean blocks.0.attn.sv"):
         run_pipeline(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+    # a site the recipe leaves in FP32: known from the recipe before calibration, not after it
+    fp32_site = [*tiny_overrides, "quant=naive", "stages=[calibrate,quantize,evaluate]", "threads=1", "+quant.sites={blocks.0.attn.sv:{enabled:false}}"]
+    with pytest.raises(PipelineError, match="profile.trace: site 'blocks.0.attn.sv' is not quantized"):
+        run_pipeline(compose([*fp32_site, "profile.trace=blocks.0.attn.sv"]), tmp_path / "run")
+    with pytest.raises(PipelineError, match="profile.dump: glob 'blocks.0.attn.sv' matches only sites that are not quantized"):
+        run_pipeline(compose([*fp32_site, "profile.dump=[blocks.0.attn.sv]"]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_cumulative_pass_pairs_each_site_with_the_fp32_tensor_of_the_same_site():
@@ -499,6 +557,24 @@ def test_compare_draws_two_profiles_and_rejects_a_bad_table(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(SystemExit, match="not a profile table"):
         compare_main([f"a={tmp_path / 'bad.json'}", "--out", str(out)])
+    with pytest.raises(SystemExit, match="--out .*new_folder is a folder"):
+        compare_main([f"a={table(5.0)}", "--roles", "sv_attn", "--out", str(out.parent)])
+
+
+def test_compare_keeps_one_colour_per_profile_across_panels():
+    from pipeline.profile.compare import compare_figure
+
+    def rows(offset: float) -> list[dict]:  # residual has two sites a block (res1, res2), sv_attn one
+        sites = [(f"blocks.{b}.{leaf}", role) for b in range(2) for leaf, role in (("res1", "residual"), ("res2", "residual"), ("attn.sv", "sv_attn"))]
+        return [{"site": s, "role": role, "block": int(s.split(".")[1]), "sqnr_db": offset + i} for i, (s, role) in enumerate(sites)]
+
+    fig = compare_figure({"naive": rows(0.0), "recommended": rows(20.0)}, ("residual", "sv_attn"), ("sqnr_db",))
+    colours: dict[str, set[str]] = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            colours.setdefault(line.get_label().split()[0], set()).add(line.get_color())
+        assert ax.get_legend() is not None  # every role's panel names its own lines
+    assert len(colours["naive"]) == len(colours["recommended"]) == 1 and colours["naive"] != colours["recommended"]
 
 
 def test_weight_rows_compare_the_stored_folded_weight_and_read_gptq_codes_back():

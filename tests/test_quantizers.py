@@ -18,6 +18,7 @@ from pipeline.quant.quantizers import (
     log2_dequantize,
     log2_quantize,
     power_of_two_factor_scales,
+    power_of_two_factors,
     qrange,
     quantize,
     round_to_int,
@@ -212,6 +213,9 @@ def test_power_of_two_factors_never_narrow_a_channel(scales, max_shift, frac_bit
     # the smallest such factor: one mantissa step less would narrow the channel (or leave 1..2^K)
     smaller = base / 2**frac_bits * ((mantissa << shift) - (1 << shift)).float()
     assert ((smaller < scale) | (snapped == base)).all()
+    # the factors read back from the snapped scales (as the trace does) are the ones chosen
+    read_shift, read_mantissa = power_of_two_factors(snapped, max_shift, frac_bits)
+    assert torch.equal(read_shift, shift) and torch.equal(read_mantissa, mantissa)
 
 
 def test_bad_ranges_raise():

@@ -21,7 +21,7 @@ from pipeline.quant.recipe import resolve_recipe
 from pipeline.quant.sites import attach_sites
 from pipeline.search.objective import Evaluator
 from pipeline.search.priors import Priors, greedy_fill, raise_probabilities, repair
-from pipeline.search.space import build_space
+from pipeline.search.space import build_space, calibrated_act_sites, check_act_widths
 from tests import fake_search
 from tests.conftest import compose
 from tests.test_sensitivity import labelled, tiny_outlier_model
@@ -43,7 +43,7 @@ def tiny():
 
 def space_of(tiny, act=(8, 16), weight=(8, 16), ties=(), **kw):
     model, graph, specs, state = tiny
-    return build_space(graph, specs, state, list(act), list(weight), list(ties), torch.zeros(1, 3, 32, 32), **kw)
+    return build_space(graph, specs, list(act), list(weight), list(ties), torch.zeros(1, 3, 32, 32), **kw)
 
 
 # -- cost model and space ----------------------------------------------------------------------
@@ -87,8 +87,12 @@ def test_ties_group_sites(tiny):
 
 
 def test_uncalibrated_width_is_a_clear_error(tiny):
+    _, _, specs, state = tiny
+    widths = {n: state.index["sites"][n]["bits"] for n in calibrated_act_sites(specs)}
+    assert widths and "blocks.0.attn.qkv.weight" not in widths and all(w == [8, 16] for w in widths.values())
+    check_act_widths(widths, [8, 16])
     with pytest.raises(PipelineError, match="calibrated for bits \\[8, 16\\], not \\[12\\]"):
-        space_of(tiny, act=(8, 12))
+        check_act_widths(widths, [8, 12])
 
 
 # -- repair, greedy, priors --------------------------------------------------------------------
@@ -107,7 +111,7 @@ def test_repair_never_exceeds_the_budget_and_keeps_feasible_assignments():
                 assert all(fixed[n] <= levels[n] for n in levels)
                 if space.cost(levels) <= budget:
                     assert fixed == levels and lowered == 0
-    with pytest.raises(PipelineError, match="below the minimum cost"):
+    with pytest.raises(PipelineError, match="search.budget=0.9 is below the minimum possible cost"):
         repair(space, space.highest(), 0.9, priors)
 
 
@@ -164,6 +168,28 @@ def test_raise_probabilities_meet_the_budget_in_expectation():
     expected = sum(p * space.raise_cost(n, 0) for n, p in probs.items())
     assert expected == pytest.approx(1.3 - space.min_cost(), rel=1e-6)
     assert probs["s0"] > probs["s11"]
+
+
+def test_raise_probabilities_count_the_mean_raised_level_with_three_widths():
+    from pipeline.search.space import Group, SearchSpace
+
+    names = [f"s{i}" for i in range(10)]
+    space = SearchSpace([Group(n, [n], {n: [8, 12, 16]}) for n in names], {n: "act" for n in names}, {n: 100 for n in names}, 1000.0)
+    sens = {"meta": {"model": "fake"}, "sites": {n: {"kind": "act", "scores": {"noise_kl": {"8": 1 / (1 + i), "12": 1 / (1 + i) / 256, "16": 1 / (1 + i) / 65536}}} for i, n in enumerate(names)}}
+    probs = raise_probabilities(space, Priors(space, sens, "noise_kl"), 1.2, temperature=0.5)
+    # a raised group takes level 1 (12 bits: +0.05) or 2 (16 bits: +0.1) with equal odds: +0.075 expected
+    expected = sum(p * (space.raise_cost(n, 0) + space.raise_cost(n, 0) + space.raise_cost(n, 1)) / 2 for n, p in probs.items())
+    assert expected == pytest.approx(1.2 - space.min_cost(), rel=1e-6) and space.min_cost() == pytest.approx(1.0)
+
+
+def test_local_moves_survive_a_near_zero_temperature_with_many_groups():
+    from pipeline.search.priors import local_move
+
+    space = fake_search.fake_space(200)
+    priors = Priors(space, fake_search.fake_sensitivity(space), "noise_kl")
+    start = space.highest()
+    moved = local_move(space, priors, start, space.max_cost(), random.Random(0), temperature=1e-9)  # rank^(1/T) overflows a float
+    assert moved is not None and sum(moved[n] < start[n] for n in start) in (1, 2)
 
 
 def test_priors_reject_scores_without_the_width():
@@ -389,6 +415,7 @@ def test_stage_end_to_end_with_sensitivity_computed_first(tmp_path, tiny_overrid
     [
         (["search.objective=accuracy"], "search.objective: unknown objective 'accuracy'"),
         (["search.method=bayes"], "search.method: unknown method 'bayes'"),
+        (["search.prior_temperature=0"], "search.prior_temperature must be > 0, got 0"),
     ],
 )
 def test_bad_search_config_fails_before_any_run(tmp_path, tiny_overrides, extra, message):
@@ -399,16 +426,26 @@ def test_bad_search_config_fails_before_any_run(tmp_path, tiny_overrides, extra,
     assert not (tmp_path / "run").exists()
 
 
-def test_budget_below_minimum_and_foreign_sensitivity_fail_before_any_trial(tmp_path, tiny_overrides):
+def test_budget_below_minimum_and_foreign_sensitivity_fail_before_any_trial(tmp_path, tiny_overrides, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
     from pipeline.runner import run_pipeline
 
+    def mlflow_runs() -> int:
+        client = MlflowClient(mlflow_uri)
+        return len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+
     run_pipeline(compose(search_overrides(tiny_overrides, tmp_path, "stages=[calibrate]")), tmp_path / "calib")
+    opened = mlflow_runs()
     base = search_overrides(tiny_overrides, tmp_path, "stages=[search]", f"from_run={tmp_path / 'calib'}", "search.method=random")
     with pytest.raises(PipelineError, match="search.budget=0.9 is below the minimum possible cost 1.0000"):
         run_pipeline(compose([*base, "search.budget=0.9"]), tmp_path / "low")
     with pytest.raises(PipelineError, match="search.budget=0.5 is below the minimum possible cost 0\\."):
         run_pipeline(compose([*base, "search.budget=0.5", "search.weight_bits=[4,8]"]), tmp_path / "low4")
+    with pytest.raises(PipelineError, match="search.budget=0.9 is below the minimum possible cost 1.0000"):  # calibrating in the same run
+        run_pipeline(compose(search_overrides(tiny_overrides, tmp_path, "stages=[calibrate,search]", "search.budget=0.9")), tmp_path / "low_chain")
     assert not (tmp_path / "optuna.db").exists()  # no study, no trial
+    assert mlflow_runs() == opened  # and no MLflow run: the budget is checked before any run opens
     foreign = tmp_path / "foreign.json"
     foreign.write_text(json.dumps({"meta": {"model": "0123abcd", "model_name": "vit_other"}, "sites": {}}))
     with pytest.raises(PipelineError, match="belong to another model \\(vit_other"):

@@ -54,6 +54,21 @@ def test_hutchinson_block_traces_and_diagonal_of_two_tensors():
     torch.testing.assert_close(result.diag[0].double().mean(), a.diagonal()[:25].mean(), rtol=0.05, atol=0)
 
 
+def test_error_weighted_diagonal_sees_an_uneven_curvature_that_the_average_trace_misses():
+    from pipeline.sensitivity.compute import error_weighted_sum
+
+    # a folded weight in miniature: the curvature grows as s^2 where the error shrinks as 1/s
+    s = torch.tensor([1.0, 1.0, 1.0, 10.0], dtype=torch.float64)
+    h = torch.diag(s.square())
+    x = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    errors_sq = torch.stack([(0.1 / s).square(), (0.01 / s).square()])  # two widths
+    result = hutchinson_trace(lambda: 0.5 * x @ h @ x, [x], iters=20, tol=0.0, generator=torch.Generator().manual_seed(0), diag_reduce=[error_weighted_sum(errors_sq)])
+    exact = (h.diagonal() * errors_sq).sum(1)  # 4 * 0.01 and 4 * 1e-4
+    torch.testing.assert_close(result.diag[0].double(), exact, rtol=1e-6, atol=0)  # a diagonal H: v * Hv is exact (float32 out)
+    average_trace = float(h.trace()) / 4 * errors_sq.sum(1)
+    assert float(average_trace[0]) > 6 * float(exact[0])  # HAWQ-V2's Tr/n * ||e||^2 overrates it
+
+
 def test_hutchinson_stops_early_at_tolerance():
     a = torch.eye(30, dtype=torch.float64) * 2  # Rademacher: v.Av = 2 * 30 exactly, every sample
     x = torch.zeros(30, dtype=torch.float64, requires_grad=True)
@@ -128,6 +143,41 @@ def test_scores_per_site_and_width():
         assert s["8"] == pytest.approx(s["16"], rel=1e-6)  # 8 bits already reach 2^-32 at frac_bits 3
         assert s["4"] > 10 * s["8"]  # 4 bits stop at 2^-1.9: most probabilities flush to zero
     assert result["meta"]["hutchinson"]["iters"] and result["meta"]["suffix_passes"]
+    assert all(abs(s["hessian"]["4"]) > 0 for s in (result["sites"][n]["scores"] for n in result["sites"] if n.endswith(".weight")))
+
+
+def test_clipped_weight_noise_stays_inside_the_grid_and_any_seed_works():
+    from pipeline.quant.quantizers import qrange
+    from pipeline.quant.sites import storage_factor
+    from pipeline.sensitivity.compute import SensitivityProbe, _site_gen, weight_noise
+
+    model = tiny_outlier_model()
+    graph = attach_sites(model)
+    specs = resolve_recipe(compose(["quant=recommended"]).quant, graph)  # weights: an L2 range search, which clips
+    state = calibrate(graph, specs, labelled(3, 8, seed=5), CPU, [8, 16])
+    probe = SensitivityProbe(attach_sites(model), specs, state, [4, 8], [8, 16], CPU)
+    name = "blocks.1.mlp.fc2.weight"  # mlp_act's per-channel scales are folded into it
+    w = probe.graph.module("blocks.1.mlp.fc2").weight.detach()
+    scale, zero_point = (t.reshape(-1, 1) for t in probe.wgrids[name][4])
+    factor = storage_factor(w, probe.folds[name], None)
+    qmin, qmax = qrange(4, True)
+    clipped = weight_noise(probe, name, 4, SensitivitySettings(noise_clip=True), _site_gen(10**20, 0))  # a seed beyond int64 too
+    codes = clipped * factor / scale + zero_point  # the stored weight on the grid's real-valued code axis
+    assert codes.min() >= qmin - 1e-3 and codes.max() <= qmax + 1e-3
+    free = weight_noise(probe, name, 4, SensitivitySettings(noise_clip=False), _site_gen(10**20, 0))
+    assert ((free * factor / scale + zero_point).abs() > qmax + 0.5).any()  # the range clips: the clamp had work to do
+
+
+def test_no_weights_and_no_activation_hessian_leave_the_hessian_empty():
+    model = tiny_outlier_model()
+    graph = attach_sites(model)
+    specs = resolve_recipe(compose(["quant=naive", "quant.weight.enabled=false"]).quant, graph)
+    state = calibrate(graph, specs, labelled(1, 8, seed=5), CPU, [8, 16])
+    batches = labelled(1, 8, seed=9)
+    s = SensitivitySettings(hutchinson_iters=2, hutchinson_min_iters=1, activation_hessian=False, isolated=False)
+    result = compute_sensitivity(attach_sites(model), specs, state, batches, batches, s, [8, 16], [8, 16], CPU, meta={"model": "tiny"})
+    assert result["sites"] and all("hessian" not in site["scores"] for site in result["sites"].values())
+    assert all(site["scores"]["noise_kl"] for site in result["sites"].values())
 
 
 def test_stage_writes_json_csv_plots_and_metrics(tmp_path, tiny_overrides):

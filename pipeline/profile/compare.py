@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -27,6 +28,7 @@ METRICS = {
     "sat_pct": "clipped (%)",
     "channel_level_pct": "levels used, median channel (%)",
 }
+LINESTYLES = ("-", "--", ":", "-.")
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:
@@ -39,17 +41,24 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def compare_png(profiles: Mapping[str, Sequence[Mapping[str, Any]]], roles: Sequence[str] = ("sv_attn", "mlp_act"), metrics: Sequence[str] = tuple(METRICS), title: str = "") -> bytes:
-    """PNG: rows = metrics, columns = roles, one line per profile (label) against the block index."""
+    """PNG of `compare_figure`."""
+    return _png(compare_figure(profiles, roles, metrics, title))
+
+
+def compare_figure(profiles: Mapping[str, Sequence[Mapping[str, Any]]], roles: Sequence[str], metrics: Sequence[str], title: str = "") -> Figure:
+    """Rows = metrics, columns = roles, one line per profile (label; one colour each) against the block index."""
     fig = Figure(figsize=(4.4 * len(roles), 2.4 * len(metrics)))
     if title:
         fig.suptitle(title, fontsize=11)
     for r, metric in enumerate(metrics):
         for c, role in enumerate(roles):
             ax = fig.add_subplot(len(metrics), len(roles), r * len(roles) + c + 1)
-            for label, rows in profiles.items():
+            for colour, (label, rows) in enumerate(profiles.items()):  # one colour per profile in every panel
                 leaves = block_series(rows, metric).get(role, {})
-                for leaf, (blocks, values) in leaves.items():  # roles such as residual or qkv have several sites a block
-                    ax.plot(blocks, values, marker="o", markersize=3, linewidth=1.2, label=label if len(leaves) == 1 else f"{label} {leaf}")
+                for style, leaf in enumerate(sorted(leaves)):  # roles such as residual or qkv have several sites a block
+                    blocks, values = leaves[leaf]
+                    ax.plot(blocks, values, color=f"C{colour}", linestyle=LINESTYLES[style % len(LINESTYLES)], marker="o", markersize=3, linewidth=1.2,
+                            label=label if len(leaves) == 1 else f"{label} {leaf}")
             if r == 0:
                 ax.set_title(role, fontsize=10)
             if c == 0:
@@ -59,10 +68,10 @@ def compare_png(profiles: Mapping[str, Sequence[Mapping[str, Any]]], roles: Sequ
             ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
-            if r == 0 and c == 0:
+            if r == 0:  # each role's own leaves (res1 / res2, q / k / v) need their own legend
                 ax.legend(fontsize=7)
     fig.subplots_adjust(left=0.1, right=0.98, bottom=0.35 / (2.4 * len(metrics)) + 0.03, top=1 - 0.6 / (2.4 * len(metrics)), wspace=0.25, hspace=0.35)
-    return _png(fig)
+    return fig
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -88,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if missing:
             raise SystemExit(f"error: profile '{label}' has no sites of role(s) {', '.join(missing)}")
     out = Path(args.out)
+    if out.is_dir() or args.out.endswith(("/", os.sep)):
+        raise SystemExit(f"error: --out {args.out} is a folder; give the PNG file's path (e.g. {out / 'compare.png'})")
     png = compare_png(profiles, roles, metrics, args.title)
     with atomic_path(out) as tmp:  # creates out's folder
         tmp.write_bytes(png)

@@ -22,6 +22,7 @@ import fnmatch
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Collection
 
 import torch
 from torch import Tensor
@@ -29,8 +30,10 @@ from torch import Tensor
 from pipeline.artifacts import write_tensors
 from pipeline.errors import PipelineError
 from pipeline.profile.codes import code_source, code_steps, codes_from_output, is_log2
-from pipeline.quant.quantizers import power_of_two_factor_scales
+from pipeline.quant.quantizers import power_of_two_factors
 from pipeline.quant.sites import Site, SiteGraph
+
+EXACT_DIGITS = 9  # significant digits that print a float32 exactly: x = 0.2499999 must not read as the tie 0.25
 
 
 @dataclass
@@ -55,13 +58,14 @@ def quantized_names(graph: SiteGraph) -> list[str]:
     return [n for n, s in graph.sites.items() if s.mode == "quant"]
 
 
-def resolve_dump(globs: list[str], graph: SiteGraph, quantized_only: bool = True) -> list[str]:
+def resolve_dump(globs: list[str], graph: SiteGraph, quantized: Collection[str] | None = None) -> list[str]:
     """Quantized sites matched by the `profile.dump` globs, in forward order; a glob matching none is an error.
 
-    With `quantized_only=False` (a check before the model is quantized) any matching site counts.
+    `quantized`: the names the recipe quantizes, for a check before the model is quantized (before
+    any run opens); by default the graph's sites in `quant` mode.
     """
     names = graph.names()
-    live = set(quantized_names(graph)) if quantized_only else set(names)
+    live = set(quantized_names(graph) if quantized is None else quantized)
     chosen: set[str] = set()
     for pattern in globs:
         matched = fnmatch.filter(names, pattern)
@@ -74,15 +78,15 @@ def resolve_dump(globs: list[str], graph: SiteGraph, quantized_only: bool = True
     return [n for n in names if n in chosen]
 
 
-def check_trace(name: str | None, graph: SiteGraph, quantized_only: bool = True) -> str | None:
-    """The `profile.trace` site, checked: it must exist and (unless `quantized_only=False`) be quantized."""
+def check_trace(name: str | None, graph: SiteGraph, quantized: Collection[str] | None = None) -> str | None:
+    """The `profile.trace` site, checked: it must exist and be quantized (`quantized` as in `resolve_dump`)."""
     if not name:
         return None
     if name not in graph.sites:
         close = difflib.get_close_matches(name, graph.names(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else f" (site names look like {_examples(graph)})"
         raise PipelineError(f"profile.trace: unknown site '{name}'{hint}")
-    if quantized_only and graph[name].mode != "quant":
+    if name not in (quantized_names(graph) if quantized is None else quantized):
         raise PipelineError(f"profile.trace: site '{name}' is not quantized under this recipe")
     return name
 
@@ -158,13 +162,14 @@ def trace_site(site: Site, capture: Capture, elements: int = 8) -> str:
         scale = site.scale.reshape(-1)
         what = f"scale={float(scale[0]):.6g} zero_point={int(site.zero_point.reshape(-1)[0])}" if scale.numel() == 1 else "scale / zero_point per channel (columns below)"
         lines.append(f"  steps: x -> x/scale -> rounded -> +zp -> code = clamp(+zp, qmin, qmax) -> dequantized = (code - zp) * scale;  {what}")
+        if site.role == "weight" and capture.fp32 is not None and not torch.equal(capture.fp32.float(), x):
+            lines.append("  folded: fp32 is the trained W; x is the folded weight W*diag(s) that the NPU stores (the effective weight is dequantized * diag(1/s))")
         if codes_from_output(site):
             lines.append("  gptq: GPTQ chose the codes (not the nearest ones); the steps are read back from the dequantized weight, x is the weight it approximates")
         if site.granularity == "ptf":
             f = site.spec.ptf_frac_bits
-            # the bound scales lie on the grid already: snapping them again returns them, with their factors
-            _, shift, mantissa = power_of_two_factor_scales(scale, site.spec.ptf_shift, f)
-            unit = float(scale[0]) / int(mantissa[0] << shift[0])  # s_base / 2^f: every scale is unit * (m << k)
+            shift, mantissa = power_of_two_factors(scale, site.spec.ptf_shift, f)
+            unit = float(scale.max()) / 2 ** (site.spec.ptf_shift + f)  # s_base / 2^f: every scale is unit * (m << k)
             lines.append(
                 f"  ptf: scale_c = {unit:.6g} * (m_c << k_c), m_c in {2**f}..{2 ** (f + 1) - 1}, k_c in 0..{site.spec.ptf_shift} "
                 f"(ptf_frac_bits={f}); the NPU aligns channels as ((code - zp) * m_c) << k_c at scale {unit:.6g} (note: m<<k per row)"
@@ -177,8 +182,8 @@ def trace_site(site: Site, capture: Capture, elements: int = 8) -> str:
         index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(x.shape)))
         value = {k: v[flat] for k, v in flat_steps.items()}
         xv, dq = float(x.flatten()[flat]), float(value["dequantized"])
-        fp32 = "" if capture.fp32 is None else _num(capture.fp32.flatten()[flat])
-        row = [str(index), fp32, _num(xv), _num(value["scaled"]), _num(value["rounded"])] + ([] if log2 else [_num(value["shifted"])])
+        fp32 = "" if capture.fp32 is None else _num(capture.fp32.flatten()[flat], EXACT_DIGITS)
+        row = [str(index), fp32, _num(xv, EXACT_DIGITS), _num(value["scaled"], EXACT_DIGITS), _num(value["rounded"])] + ([] if log2 else [_num(value["shifted"])])
         row += [str(int(value["codes"])), _num(dq), _num(dq - xv)] + ([] if log2 else [_num(value["scale"]), _num(value["zero_point"])])
         factor = [f"m<<k = {int(mantissa[index[site.axis]])}<<{int(shift[index[site.axis]])}"] if site.granularity == "ptf" else []
         rows.append(row + ["; ".join([reason] + _clip_note(site, float(value["shifted"])) + factor)])
@@ -195,6 +200,6 @@ def _clip_note(site: Site, shifted: float) -> list[str]:
     return []
 
 
-def _num(v) -> str:
+def _num(v, digits: int = 6) -> str:
     v = float(v)
-    return f"{v:.6g}" if math.isfinite(v) else str(v)
+    return f"{v:.{digits}g}" if math.isfinite(v) else str(v)

@@ -7,9 +7,11 @@
 | `wasted`    | uniform site, sat_pct <= saturation_zero_pct (0.01 %) and typical_level_pct < wasted_levels_pct (10 %) | the range is too wide: resolution wasted |
 | `low_sqnr`  | sqnr_db < sqnr_min_db (10 dB)                                         | the error is as large as a tenth of the signal |
 
-`typical_level_pct` is the % of the 2^bits levels used by the median channel
-(`channel_level_pct`), or by the whole tensor (`level_pct`) when no per-channel
-counts exist. The median channel is what exposes a per-tensor range stretched by
+`typical_level_pct` is the % of the levels used by the median channel
+(`channel_level_pct`: out of the levels it could reach, min(2^bits, values counted in
+the channel), so that a channel with few values, e.g. head.in with one per image, is not
+called wasteful for lack of samples), or by the whole tensor (`level_pct`, out of 2^bits)
+when no per-channel counts exist. The median channel is what exposes a per-tensor range stretched by
 a few outlier channels: the tensor as a whole still touches most levels (the
 outlier channels spread over them) while a typical channel uses a handful.
 `wasted` applies to uniform sites only: a log2 grid (intSoft) is fixed, not

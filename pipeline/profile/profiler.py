@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Collection, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -384,15 +384,16 @@ def check_sizes(cfg: Mapping[str, Any]) -> None:
             raise PipelineError(f"profile.{key} must be >= 1, got {cfg[key]}")
 
 
-def check_request(cfg: Mapping[str, Any], graph: SiteGraph, quantized_only: bool = True) -> tuple[list[str], str | None]:
+def check_request(cfg: Mapping[str, Any], graph: SiteGraph, quantized: Collection[str] | None = None) -> tuple[list[str], str | None]:
     """Validate the `profile` config against a site graph: (dump sites, trace site).
 
-    `quantized_only=False` checks names only (before the model is quantized, e.g. before any run opens).
+    `quantized`: the sites the recipe quantizes, for a check before the model is quantized (before
+    any run opens); by default the graph's sites in `quant` mode.
     """
     from pipeline.profile.dump import check_trace, resolve_dump
 
     check_sizes(cfg)
-    return resolve_dump(list(cfg.get("dump") or []), graph, quantized_only), check_trace(cfg.get("trace"), graph, quantized_only)
+    return resolve_dump(list(cfg.get("dump") or []), graph, quantized), check_trace(cfg.get("trace"), graph, quantized)
 
 
 @dataclass
@@ -431,7 +432,7 @@ def run_profile(cfg: Mapping[str, Any], graph: SiteGraph, fp_graph: SiteGraph, l
     from pipeline.profile.dump import trace_site, write_dump
     from pipeline.profile.flags import Thresholds, flag_rows
     from pipeline.profile.report import write_report
-    from pipeline.profile.series import ISOLATED_SERIES, SERIES, log_rows, summary_metrics
+    from pipeline.profile.series import ISOLATED_SERIES, SERIES, graph_sites, log_rows, summary_metrics
 
     t_start = time.perf_counter()
     dump_names, trace_name = check_request(cfg, graph)
@@ -460,9 +461,9 @@ def run_profile(cfg: Mapping[str, Any], graph: SiteGraph, fp_graph: SiteGraph, l
     write_report(folder, rows, cumulative.output, hists, thresholds, isolated.rows if isolated else None, trace_text, dumps, images=cumulative.images, worst_k=int(cfg["worst_k"]), title=title, source=source)
     metrics["profile_report_s"] = round(time.perf_counter() - t_report, 3)
     if tracker is not None:
-        log_rows(tracker, rows, SERIES)
+        log_rows(tracker, rows, SERIES, graph_sites(graph))
         if isolated is not None:
-            log_rows(tracker, isolated.rows, ISOLATED_SERIES)
+            log_rows(tracker, isolated.rows, ISOLATED_SERIES, graph_sites(graph))
     metrics.update(summary_metrics(rows))
     out = cumulative.output
     metrics.update({"profile/logit_sqnr": out["sqnr_db"], "profile/logit_cos": out["cos_mean"], "profile/logit_agreement": out["top1_agreement"], "profile/logit_kl": out["logit_kl"]})

@@ -27,7 +27,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from pipeline.artifacts import atomic_path, write_json, write_text
+from pipeline.artifacts import atomic_path, json_number, write_json, write_text
 from pipeline.profile.flags import FLAGS, Thresholds, flag_counts, flags_by_role
 from pipeline.quant.sites import ROLES
 
@@ -85,15 +85,8 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[s
     return Path(path)
 
 
-def _json_value(value: Any) -> Any:
-    """Non-finite floats become strings ('inf', '-inf', 'nan') so the file is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
-
-
 def table_json(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], meta: Mapping[str, Any]) -> dict[str, Any]:
-    return {**meta, "columns": list(columns), "sites": [{c: _json_value(row.get(c)) for c in columns} for row in rows]}
+    return {**meta, "columns": list(columns), "sites": [{c: json_number(row.get(c)) for c in columns} for row in rows]}
 
 
 # -- plots ------------------------------------------------------------------------------
@@ -286,7 +279,7 @@ def write_report(folder: Path, rows: Sequence[Mapping[str, Any]], output: Mappin
     table = ranked(rows)
     meta = {"images": images, "thresholds": thresholds.__dict__, **(source or {})}
     paths = [write_csv(folder / "cumulative.csv", table, COLUMNS)]
-    summary = {"flags": flag_counts(list(table)), "flags_by_role": flags_by_role(list(table)), "output": {k: _json_value(v) for k, v in output.items()}}
+    summary = {"flags": flag_counts(list(table)), "flags_by_role": flags_by_role(list(table)), "output": {k: json_number(v) for k, v in output.items()}}
     paths.append(write_json(folder / "cumulative.json", {"mode": "cumulative", **meta, **summary, **table_json(table, COLUMNS, {})}))
     iso_table = None
     if isolated is not None:

@@ -31,14 +31,21 @@ def series_keys(sites: Mapping[str, tuple[str, int | None]], prefix: str) -> dic
     return keys
 
 
+def graph_sites(graph) -> dict[str, tuple[str, int | None]]:
+    """{site: (role, block)} of every site of a SiteGraph, quantized or not: what `series_keys` names by."""
+    return {name: (site.role, site.block) for name, site in graph.sites.items()}
+
+
 def log_by_block(tracker, values: Mapping[str, Mapping[str, float | None]], sites: Mapping[str, tuple[str, int | None]]) -> None:
     """Log `values[prefix][site]` as MLflow series `<prefix>/<role>[/<leaf>]` with step = block index.
 
-    One MLflow call per block (all prefixes and sites of that block together).
+    `sites` is every site of the model (`graph_sites`), not only the measured ones: the key of a
+    site then does not depend on which other sites a recipe quantizes. One MLflow call per block
+    (all prefixes and sites of that block together).
     """
     by_step: dict[int, dict[str, float]] = {}
     for prefix, per_site in values.items():
-        keys = series_keys({n: sites[n] for n in per_site}, prefix)
+        keys = series_keys(sites, prefix)
         for name, value in per_site.items():
             if name in keys and value is not None:
                 by_step.setdefault(sites[name][1], {})[keys[name]] = float(value)
@@ -62,22 +69,22 @@ SERIES = {
 ISOLATED_SERIES = {"iso_sqnr": "sqnr_db", "iso_logit_sqnr": "logit_sqnr_db", "iso_agreement": "logit_agreement", "iso_logit_kl": "logit_kl"}
 
 
-def log_rows(tracker, rows: list[Mapping[str, Any]], series: Mapping[str, str]) -> None:
-    """Per-site series of `rows` (see SERIES) by block."""
-    sites = {r["site"]: (r["role"], r["block"]) for r in rows}
+def log_rows(tracker, rows: list[Mapping[str, Any]], series: Mapping[str, str], sites: Mapping[str, tuple[str, int | None]]) -> None:
+    """Per-site series of `rows` (see SERIES) by block; `sites` = `graph_sites` of the model."""
     log_by_block(tracker, {prefix: {r["site"]: r.get(key) for r in rows} for prefix, key in series.items()}, sites)
 
 
 def summary_metrics(rows: list[Mapping[str, Any]]) -> dict[str, float]:
-    """Worst SQNR, mean and min SQNR per role (dB, finite values), flag counts."""
+    """Worst SQNR and mean SQNR over the activation sites (dB; weights have their own role keys), min and
+    mean SQNR per role (the means over finite values), flag counts."""
     from pipeline.profile.flags import flag_counts
 
     out: dict[str, float] = {}
     by_role: dict[str, list[float]] = {}
     for r in rows:
         by_role.setdefault(r["role"], []).append(r["sqnr_db"])
-    finite = [v for r in rows if math.isfinite(v := r["sqnr_db"])]
     acts = [r["sqnr_db"] for r in rows if r["role"] != "weight"]
+    finite = [v for v in acts if math.isfinite(v)]
     if acts:  # activation sites, as evaluate reports it without the profile (weights: sqnr_min/weight)
         out["sqnr_min"] = min(acts)
         out["profile/worst_sqnr"] = out["sqnr_min"]
@@ -95,6 +102,8 @@ def summary_metrics(rows: list[Mapping[str, Any]]) -> dict[str, float]:
 
 
 def site_table(rows: list[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """{site: {role, block, sqnr_db}} (the evaluate stage's `site_sqnr.json`)."""
-    return {r["site"]: {"role": r["role"], "block": r["block"], "sqnr_db": r["sqnr_db"]} for r in rows}
+    """{site: {role, block, sqnr_db}} (the evaluate stage's `site_sqnr.json`; an infinite SQNR as "inf")."""
+    from pipeline.artifacts import json_number
+
+    return {r["site"]: {"role": r["role"], "block": r["block"], "sqnr_db": json_number(r["sqnr_db"])} for r in rows}
 

@@ -242,7 +242,8 @@ class SiteStats:
         sqnr_db (dB), mse, cos_mean / cos_min (per-token cosine), hist_kl (nats); with codes:
         sat_low_pct / sat_high_pct / sat_pct (% of values clipped), levels_used of levels_total
         (= 2^bits), level_pct (%), effective_bits (bits, log2 of the levels used) and, with
-        per-channel counts, channel_level_pct (median over channels of the % of levels used);
+        per-channel counts, channel_level_pct (median over channels of the % of the levels a channel
+        could reach that it uses: distinct codes / min(2^bits, values counted in the channel));
         with rows: top1_agreement / top5_hit_rate (0..1) and logit_kl (nats).
         """
         if self.elements == 0:
@@ -279,8 +280,9 @@ class SiteStats:
         used = torch.nonzero(per_code.sum(0)).flatten()  # the stored codes in use
         levels, effective, fraction = bit_utilization(used, bits)
         channel = None
-        if per_code.shape[0] > 1:
-            channel = 100.0 * float((per_code > 0).sum(1).double().median()) / 2**bits
+        if per_code.shape[0] > 1:  # a channel cannot use more levels than it has values (head.in: one per image)
+            reachable = counts.sum(1).double().clamp(max=2**bits).clamp(min=1)
+            channel = 100.0 * float(((per_code > 0).sum(1) / reachable).median())
         return {
             "sat_low_pct": low,
             "sat_high_pct": high,

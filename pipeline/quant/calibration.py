@@ -108,6 +108,10 @@ def calibrate(graph: SiteGraph, specs: Mapping[str, SiteSpec], loader, device: t
             site.observer = build_observer(spec.observer, granularity=spec.observer_granularity, axis=site.axis, **spec.observer_kwargs())
         site.mode = "observe" if spec.needs_observer and site.role != "weight" else "fp"
     graph.to(device)
+    for name in specs:  # weights: observed once, from the tensor itself (first: a NaN weight is named as such)
+        site = graph[name]
+        if site.role == "weight" and site.observer is not None:
+            site._observe(_weight_of(graph, name))
     hooks = HessianHooks(graph.model, [n.rsplit(".", 1)[0] for n, s in specs.items() if s.enabled and s.gptq and graph[n].role == "weight"])
     batches = 0
     try:
@@ -118,10 +122,6 @@ def calibrate(graph: SiteGraph, specs: Mapping[str, SiteSpec], loader, device: t
         hooks.remove()
     if batches == 0:
         raise PipelineError("calibration saw zero batches (check data.calib_size and the calibration split)")
-    for name, spec in specs.items():  # weights: observed once, from the tensor itself
-        site = graph[name]
-        if site.role == "weight" and site.observer is not None:
-            site._observe(_weight_of(graph, name))
 
     state = CalibState(index={"sites": {}})
     for name, spec in specs.items():

@@ -391,8 +391,8 @@ class OmseObserver(Observer):
     """Range search minimising the quantization error (OMSE-style) over a stored sample of the data.
 
     forward: running min/max, plus a uniform random sample of at most ``max_samples`` columns (values per
-        channel) over everything seen so far: each batch offers ``max_samples`` of its columns (drawn with
-        replacement), each with a pseudo-random key from a generator seeded with (seed, batch number), and
+        channel) over everything seen so far: each batch offers ``max_samples`` of its columns (drawn by
+        `sample_columns`: distinct unless the batch holds over 16x as many), each with a pseudo-random key from a generator seeded with (seed, batch number), and
         the sample keeps the columns with the smallest keys ("bottom-k" sampling). Over batches of equal
         size every column is equally likely to be kept (a short last batch is slightly over-represented),
         and the result is deterministic given the inputs. All channels share the same columns (token positions).

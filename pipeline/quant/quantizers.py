@@ -182,6 +182,23 @@ def power_of_two_factor_scales(scale: Tensor, max_shift: int, frac_bits: int = 0
     return base * factor, shift, mantissa
 
 
+def power_of_two_factors(snapped: Tensor, max_shift: int, frac_bits: int = 0) -> tuple[Tensor, Tensor]:
+    """The (shift, mantissa) of scales already on the PTF grid (the output of `power_of_two_factor_scales`).
+
+    Snapping such scales again is not the inverse: s_base * m * 2^(k-f) rounds to float32 and may land
+    just above the grid point, which `ceil` then carries to the next mantissa. Here each scale is divided
+    by the exact unit s_base / 2^f (the widest channel's scale / 2^(K+f), a power-of-two division) and
+    rounded to the integer n = m << k.
+
+    Returns:
+        (shift (C,) int32 in 0..K, mantissa (C,) int32 in 2^f..2^(f+1) - 1).
+    """
+    unit = snapped.to(torch.float32).max() / 2.0 ** (max_shift + frac_bits)
+    n = torch.floor(snapped / unit + 0.5).to(torch.int64)
+    shift = (torch.floor(torch.log2(n.to(torch.float64))).to(torch.int64) - frac_bits).clamp_(min=0)
+    return shift.to(torch.int32), (n >> shift).to(torch.int32)
+
+
 def broadcast_to_axis(param: Tensor, ndim: int, axis: int | None) -> Tensor:
     """View of a per-tensor or per-channel parameter shaped to broadcast against an ``ndim``-d tensor.
 

@@ -149,7 +149,8 @@ class Site(nn.Module):
         try:
             self.observer(x.detach())
         except NonFiniteError:
-            raise PipelineError(f"calibration data produce NaN or Inf at site {self.name}") from None
+            what = "the model's weight holds" if self.role == "weight" else "calibration data produce"
+            raise PipelineError(f"{what} NaN or Inf at site {self.name}") from None
 
     def extra_repr(self) -> str:
         return f"name={self.name}, role={self.role}, mode={self.mode}, bits={self.bits}"

@@ -90,32 +90,43 @@ def greedy_fill(space: SearchSpace, priors: Priors, budget: float, levels: Level
 
 def repair(space: SearchSpace, levels: Mapping[str, int], budget: float, priors: Priors | None = None, rng: random.Random | None = None) -> tuple[Levels, int]:
     """Lower raised groups (lowest priority first, or at random without priors) until the cost fits. Returns (levels, steps lowered)."""
+    space.check_budget(budget)
+    rng = rng or random.Random(0)
     levels = {g.name: int(levels.get(g.name, 0)) for g in space.groups}
     cost = space.cost(levels)
     lowered = 0
     while cost > budget + 1e-12:
         raised = [n for n, lvl in levels.items() if lvl > 0]
-        if not raised:
-            raise PipelineError(f"search.budget={budget} is below the minimum cost {space.min_cost():.4f}")
+        if not raised:  # all lowest: within float residue of the budget (check_budget passed)
+            break
         if priors is not None:
             victim = min(raised, key=lambda n: priors.priority(n, levels[n] - 1))
         else:
-            victim = (rng or random.Random(0)).choice(raised)
+            victim = rng.choice(raised)
         cost -= space.raise_cost(victim, levels[victim] - 1)
         levels[victim] -= 1
         lowered += 1
     return levels, lowered
 
 
+def mean_raise_cost(space: SearchSpace, group: str) -> float:
+    """Extra cost of a raised draw of `group`: a level drawn uniformly from 1..L-1 (the sampler's `_draw`), over level 0."""
+    g = space.by_name[group]
+    return sum(g.step_cost[lvl] - g.step_cost[0] for lvl in range(1, g.levels)) / (g.levels - 1)
+
+
 def raise_probabilities(space: SearchSpace, priors: Priors, budget: float, temperature: float = 0.5, cap: float = 0.95) -> dict[str, float]:
-    """P(raise group g by one level): proportional to (priority / max)^temperature, expected extra cost = budget slack."""
+    """P(raise group g): proportional to (priority / max)^temperature, expected extra cost = budget slack.
+
+    A raised group takes a level drawn uniformly from 1..L-1, so its expected extra cost is `mean_raise_cost`
+    (the one step's cost when L = 2)."""
     slack = budget - space.min_cost()
     prio = {g.name: priors.priority(g.name, 0) for g in space.groups if g.levels > 1}
     top = max(prio.values(), default=0.0)
     if top <= 0 or slack <= 0:
         return {n: 0.0 for n in prio}
     rel = {n: (p / top) ** temperature if p > 0 else 0.0 for n, p in prio.items()}
-    cost = {n: space.raise_cost(n, 0) for n in prio}
+    cost = {n: mean_raise_cost(space, n) for n in prio}
 
     def expected(lam: float) -> float:
         return sum(min(cap, lam * r) * cost[n] for n, r in rel.items())
@@ -161,13 +172,17 @@ def local_move(space: SearchSpace, priors: Priors, levels: Mapping[str, int], bu
     """
     levels = {g.name: int(levels.get(g.name, 0)) for g in space.groups}
     raised = sorted((n for n, lvl in levels.items() if lvl > 0), key=lambda n: priors.priority(n, levels[n] - 1))
-    weight = {n: (len(raised) - i) ** (1.0 / max(temperature, 1e-3)) for i, n in enumerate(raised)}
-    order = sorted(raised, key=lambda n: rng.random() ** (1.0 / weight[n]), reverse=True)  # weighted draw without replacement
+    # weights rank^(1/T) relative to the largest (in log space: no overflow at small T or many groups)
+    log_weight = [math.log(len(raised) - i) / max(temperature, 1e-3) for i in range(len(raised))]
+    weight = {n: math.exp(lw - max(log_weight)) for n, lw in zip(raised, log_weight)}
+    # weighted draw without replacement: order by u^(1/w), compared as log(u)/w
+    order = sorted(raised, key=lambda n: math.log(rng.random() or 1e-300) / weight[n] if weight[n] > 0 else -math.inf, reverse=True)
     for first in order:
         victims = [first]
         if rng.random() < 0.25 and len(order) > 1:
             others = [n for n in order if n != first]
-            victims.append(rng.choices(others, weights=[weight[n] for n in others])[0])
+            odds = [weight[n] for n in others]
+            victims.append(rng.choices(others, weights=odds if sum(odds) > 0 else None)[0])
         moved = _swap(space, priors, levels, victims, budget)
         if space.key(moved) not in exclude:
             return moved

@@ -30,7 +30,6 @@ from pipeline.errors import PipelineError
 if TYPE_CHECKING:  # torch and the quantization modules load only where a model is involved
     import torch
 
-    from pipeline.quant.calibration import CalibState
     from pipeline.quant.recipe import SiteSpec
     from pipeline.quant.sites import SiteGraph
 
@@ -81,6 +80,11 @@ class SearchSpace:
 
     def max_cost(self) -> float:
         return sum(g.step_cost[-1] for g in self.groups)
+
+    def check_budget(self, budget: float) -> None:
+        """One clear error when `budget` is below the cheapest assignment (every site at its lowest width)."""
+        if budget < self.min_cost() - 1e-12:
+            raise PipelineError(f"search.budget={budget:g} is below the minimum possible cost {self.min_cost():.4f} (every site at its lowest width)")
 
     def raise_cost(self, group: str, level: int) -> float:
         """Extra cost of moving `group` from `level` to `level + 1`."""
@@ -163,6 +167,11 @@ def tie_key(graph: SiteGraph, site: str, tie: str) -> str | None:
     raise PipelineError(f"search.ties: unknown tie '{tie}' (choose from {', '.join(TIES)})")
 
 
+def calibrated_act_sites(specs: Mapping[str, SiteSpec]) -> list[str]:
+    """The searched activation sites whose qparams come from calibration (enabled, uniform, not weights)."""
+    return [n for n, spec in specs.items() if spec.enabled and spec.quantizer == "uniform" and not n.endswith(".weight")]
+
+
 def check_act_widths(calibrated: Mapping[str, Sequence[int]], act_bits: Sequence[int]) -> None:
     """Every searched uniform activation site ({name: widths it is calibrated at}) has every search.act_bits width."""
     for name, have in calibrated.items():
@@ -174,7 +183,6 @@ def check_act_widths(calibrated: Mapping[str, Sequence[int]], act_bits: Sequence
 def build_space(
     graph: SiteGraph,
     specs: Mapping[str, SiteSpec],
-    state: CalibState,
     act_bits: Sequence[int],
     weight_bits: Sequence[int],
     ties: Sequence[str],
@@ -182,7 +190,10 @@ def build_space(
     weight_cost_weight: float = 1.0,
     act_cost_weight: float = 1.0,
 ) -> SearchSpace:
-    """Groups over every enabled uniform / log2 site (int_softmax sites keep the recipe width and are not searched)."""
+    """Groups over every enabled uniform / log2 site (int_softmax sites keep the recipe width and are not searched).
+
+    Needs no calibration: `image` (1 x C x H x W, any values) only counts each activation's elements.
+    """
     for tie in ties:
         if tie not in TIES:
             raise PipelineError(f"search.ties: unknown tie '{tie}' (choose from {', '.join(TIES)})")
@@ -192,7 +203,6 @@ def build_space(
     weight_bits = check_widths("search.weight_bits", weight_bits, required=True)
     names = [n for n in graph.names() if specs[n].enabled and specs[n].quantizer in ("uniform", "log2")]
     kinds = {n: "weight" if graph[n].role == "weight" else "act" for n in names}
-    check_act_widths({n: state.index["sites"].get(n, {}).get("bits", []) for n in names if kinds[n] == "act" and specs[n].quantizer == "uniform"}, act_bits)
     elements = activation_elements(graph, [n for n in names if kinds[n] == "act"], image)
     for n in names:
         if kinds[n] == "weight":

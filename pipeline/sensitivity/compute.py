@@ -6,8 +6,12 @@ logit KL vs FP32 (nats) grows when ONE site is quantized at a width `b`, everyth
 - `hessian`: second-order, from Hutchinson traces (double backward through the FP32 model
   with the task loss on calibration batches; one joint Rademacher HVP per sample estimates
   every site's block trace at once):
-    weights: the HAWQ-V2 score  Omega(b) = Tr(H_W)/n * ||Q_b(W) - W||^2  (Q_b(W): the effective
-             weight the quantized model uses, per-channel folding included);
+    weights: Omega(b) = sum_i diag(H_W)_i * (Q_b(W) - W)_i^2 (Q_b(W): the effective weight the
+             quantized model uses, per-channel folding included; diag from E[v * Hv]). HAWQ-V2's
+             Tr(H_W)/n * ||Q_b(W) - W||^2 is this with a flat diagonal; a folded weight is far from
+             flat: a column whose input channel has a large scale s_c has error ~ step / s_c and
+             curvature ~ s_c^2, so the average trace overrates it (fc2 after per-channel GELU ranges:
+             ~10x on the reference ViT);
     activations: the same quantity with the expected noise energy spread per channel,
              Omega(b) = sum_c diag(H)_c * step_c(b)^2 / 12  (diag summed per channel, from
              E[v * Hv]; = Tr(H)/n * E||Q_b(a) - a||^2 for a per-tensor scale); log2 (softmax)
@@ -112,17 +116,17 @@ class SensitivityProbe:
         graph.to(device)
         bind(graph, specs, state)
         self.qweights: dict[str, dict[int, Tensor]] = {}
-        self.wscales: dict[str, dict[int, Tensor]] = {}
+        self.wgrids: dict[str, dict[int, tuple[Tensor, Tensor]]] = {}  # (scale, zero point) of the stored weight per width
         self.folds: dict[str, Tensor | None] = {}
         for name in self.weights:
             module = graph.module(name.rsplit(".", 1)[0])
             fold = graph.fold_scale(name.rsplit(".", 1)[0])
             self.folds[name] = None if fold is None else fold.detach().clone()
-            self.qweights[name], self.wscales[name] = {}, {}
+            self.qweights[name], self.wgrids[name] = {}, {}
             for b in sorted(set(weight_widths) | {specs[name].bits}):
-                scale, _ = quantize_weight(graph, name, specs[name], b, specs, state)
+                scale, zero_point = quantize_weight(graph, name, specs[name], b, specs, state)
                 self.qweights[name][b] = module.qweight.detach().clone()
-                self.wscales[name][b] = scale.detach().clone()
+                self.wgrids[name][b] = (scale.detach().clone(), zero_point.detach().clone())
         self.act_bits = {n: act_widths(state, n, specs[n], act_wanted) for n in self.acts}
         self.log2_energy: dict[str, dict[int, float]] = {}  # log2 sites: sum of e_b(x)^2 per width over the noise batches
         graph.set_mode("fp")
@@ -201,15 +205,23 @@ def act_noise_fn(probe: SensitivityProbe, name: str, b: int, settings: Sensitivi
 
 
 def weight_noise(probe: SensitivityProbe, name: str, b: int, settings: SensitivitySettings, gen: torch.Generator) -> Tensor:
-    """W + noise with the effective weight's per-element step at width b: step_c (per output channel), / s_j when folded."""
+    """W + noise with the effective weight's per-element step at width b: step_c (per output channel), / s_j when folded.
+
+    With `noise_clip` the result is clamped to the grid's range [(qmin - zp) * step, (qmax - zp) * step] of the
+    stored weight, mapped back into W's space like the step (a range search that clips, clips here too).
+    """
+    from pipeline.quant.quantizers import qrange
+
     w = weight_of(probe.graph, name).detach()
-    scale = probe.wscales[name][b].float().to(w.device)
-    step = scale.reshape(-1, *([1] * (w.dim() - 1))) if scale.numel() > 1 else scale.reshape(())
+    per_row = lambda t: t.float().to(w.device).reshape(-1, *([1] * (w.dim() - 1))) if t.numel() > 1 else t.float().to(w.device).reshape(())  # noqa: E731
+    scale, zero_point = (per_row(t) for t in probe.wgrids[name][b])
     factor = storage_factor(w, probe.folds[name], probe.graph.output_scale(name.rsplit(".", 1)[0]))
-    step = divide_by_storage_factor(step, factor)  # steps of the stored weight diag(gamma)·W·diag(s), in W's space
+    step = divide_by_storage_factor(scale, factor)  # steps of the stored weight diag(gamma)·W·diag(s), in W's space
     noisy = w + _unit_noise(w.shape, settings.noise, gen).to(w.device) * step
     if settings.noise_clip:
-        noisy = torch.maximum(torch.minimum(noisy, w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True)), -w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True))
+        qmin, qmax = qrange(b, probe.specs[name].signed)
+        ends = divide_by_storage_factor(torch.stack(torch.broadcast_tensors((qmin - zero_point) * scale, (qmax - zero_point) * scale)), factor)
+        noisy = torch.maximum(torch.minimum(noisy, ends.amax(0)), ends.amin(0))  # a negative LayerScale row swaps the ends
     return noisy
 
 
@@ -217,7 +229,8 @@ def weight_noise(probe: SensitivityProbe, name: str, b: int, settings: Sensitivi
 
 
 def _site_gen(seed: int, index: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+    """The noise generator of the index-th site: any integer seed (reduced into the generator's 64-bit range)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + index) % 2**63)
 
 
 @torch.inference_mode()
@@ -289,8 +302,9 @@ def isolated_quantization(probe: SensitivityProbe, runner: SuffixRunner, fp_logi
 def hessian_traces(probe: SensitivityProbe, batches: list[Tensor], labels: list[Tensor], settings: SensitivitySettings) -> dict[str, Any]:
     """Hutchinson over every weight site's parameter and (optionally) every activation site, averaged over batches.
 
-    Returns {"weights": {site: trace}, "acts": {site: {"trace", "diag" (per channel, (1,), or for log2 sites
-    sum diag * e_b(x)^2 per width of `probe.act_bits`)}},
+    Returns {"weights": {site: {"trace", "diag" (sum diag * (Q_b(W) - W)^2 per width of `probe.qweights`)}},
+    "acts": {site: {"trace", "diag" (per channel, (1,), or for log2 sites sum diag * e_b(x)^2 per width of
+    `probe.act_bits`)}},
     "iters": [...], "converged": [...], "seconds": s}.
     """
     graph, device = probe.graph, probe.device
@@ -302,14 +316,18 @@ def hessian_traces(probe: SensitivityProbe, batches: list[Tensor], labels: list[
     wparams = [weight_of(graph, n) for n in probe.weights]
     for p in wparams:
         p.requires_grad_(True)
-    acc_w = {n: 0.0 for n in probe.weights}
+    # weights: sum diag(H) * (Q_b(W) - W)^2 per width, elementwise (a fold makes the error and H uneven across columns)
+    wreducers = [error_weighted_sum(torch.stack([(probe.qweights[n][b] - p.detach()).square() for b in sorted(probe.qweights[n])])) for n, p in zip(probe.weights, wparams)]
+    acc_w: dict[str, dict[str, Tensor | float]] = {}
     acc_a: dict[str, dict[str, Tensor | float]] = {}
     iters, converged = [], []
-    gen = torch.Generator().manual_seed(settings.seed + 7)
+    gen = torch.Generator().manual_seed((settings.seed + 7) % 2**63)
     try:
         for bi, (images, y) in enumerate(zip(batches, labels)):
             images, y = images.to(device), y.to(device)
             acts, deltas, reducers = _activation_perturbations(probe, images, settings.activation_hessian)
+            if not wparams and not deltas:  # no weight sites and no activation Hessian: nothing to differentiate
+                break
             with contextlib.ExitStack() as stack:  # each activation site outputs x + δ, δ = 0 with a gradient
                 for n, d in zip(acts, deltas):
                     stack.enter_context(replace_forward(graph[n], lambda x, d=d: x + d))
@@ -320,16 +338,15 @@ def hessian_traces(probe: SensitivityProbe, batches: list[Tensor], labels: list[
                     tol=settings.hutchinson_tol,
                     generator=gen,
                     min_iters=settings.hutchinson_min_iters,
-                    diag_reduce=[None] * len(wparams) + reducers,
+                    diag_reduce=wreducers + reducers,
                 )
             iters.append(result.iters)
             converged.append(result.converged)
-            for n, t in zip(probe.weights, result.traces[: len(wparams)]):
-                acc_w[n] += t / len(batches)
-            for n, t, d in zip(acts, result.traces[len(wparams):], result.diag[len(wparams):]):
-                entry = acc_a.setdefault(n, {"trace": 0.0, "diag": torch.zeros_like(d, dtype=torch.float64)})
-                entry["trace"] += t / len(batches)
-                entry["diag"] = entry["diag"] + d.double().cpu() / len(batches)
+            for acc, names, traces, diags in ((acc_w, probe.weights, result.traces[: len(wparams)], result.diag[: len(wparams)]), (acc_a, acts, result.traces[len(wparams):], result.diag[len(wparams):])):
+                for n, t, d in zip(names, traces, diags):
+                    entry = acc.setdefault(n, {"trace": 0.0, "diag": torch.zeros_like(d, dtype=torch.float64)})
+                    entry["trace"] += t / len(batches)
+                    entry["diag"] = entry["diag"] + d.double().cpu() / len(batches)
             del deltas, reducers, result
     finally:
         for p, flag in saved.items():
@@ -361,8 +378,7 @@ def _activation_perturbations(probe: SensitivityProbe, images: Tensor, enabled: 
     reducers: list[Callable[[Tensor], Tensor]] = []
     for n in acts:
         if n in log2:  # one figure per width: sum diag * e_b(x)^2
-            errors = torch.stack([log2_error_sq(seen[n], b, probe.specs[n].frac_bits) for b in probe.act_bits[n]])
-            reducers.append(lambda p, errors=errors: (errors * p).flatten(1).sum(1))
+            reducers.append(error_weighted_sum(torch.stack([log2_error_sq(seen[n], b, probe.specs[n].frac_bits) for b in probe.act_bits[n]])))
         elif probe.specs[n].channelwise:
             reducers.append(lambda p, axis=graph[n].axis: p.movedim(axis, -1).reshape(-1, p.shape[axis]).sum(0))
         else:
@@ -370,12 +386,16 @@ def _activation_perturbations(probe: SensitivityProbe, images: Tensor, enabled: 
     return acts, deltas, reducers
 
 
+def error_weighted_sum(errors_sq: Tensor) -> Callable[[Tensor], Tensor]:
+    """Hutchinson reducer: diag estimate (shape S) -> sum diag * errors_sq per width ((widths, *S) -> (widths,))."""
+    return lambda diag: (errors_sq * diag).flatten(1).sum(1)
+
+
 def hessian_scores(probe: SensitivityProbe, traces: Mapping[str, Any]) -> dict[str, dict[int, float]]:
     """Omega(b) per site and width (see the module docstring)."""
     out: dict[str, dict[int, float]] = {}
-    for name, trace in traces["weights"].items():
-        n = weight_of(probe.graph, name).numel()
-        out[name] = {b: trace / n * probe.weight_error_energy(name, b) for b in probe.qweights[name]}
+    for name, entry in traces["weights"].items():  # diag holds sum diag(H) * (Q_b(W) - W)^2, one entry per width
+        out[name] = {b: float(entry["diag"][i]) for i, b in enumerate(sorted(probe.qweights[name]))}
     for name, entry in traces["acts"].items():
         diag = entry["diag"]
         if probe.specs[name].quantizer == "log2":  # diag holds sum diag(H) * e_b(x)^2, one entry per width

@@ -104,7 +104,7 @@ def compute_sensitivity(
         widths = sorted(probe.qweights[name]) if kind == "weight" else probe.act_bits[name]
         measured = {f"{key}_{m}": source[name][m] for key, source in (("noise", noise), ("isolated", isolated)) if name in source for m in ("kl", "loss", "agreement")}
         scores = _site_scores(probe, name, widths, measured, isolated_at, hess.get(name), nb)
-        trace = traces["weights"].get(name) if kind == "weight" else (traces["acts"].get(name) or {}).get("trace")
+        trace = (traces["weights" if kind == "weight" else "acts"].get(name) or {}).get("trace")
         sites[name] = {
             "role": site.role,
             "block": site.block,

@@ -103,13 +103,12 @@ def _with_rest(head: torch.Tensor, graph, subset: DataSubset, device: torch.devi
 
 def _site_sqnr_only(ctx: StageContext, graph, subset) -> dict[str, Any]:
     """Cumulative SQNR (dB) of each activation site over `evaluate.sqnr_images` images, without the profiler."""
-    from pipeline.profile.series import log_by_block
+    from pipeline.profile.series import graph_sites, log_by_block, site_table
 
     fp_graph = attach_sites(ctx.fp32.model).to(ctx.device)
     sqnr = site_sqnr(fp_graph, graph, first_images(subset.loader, ctx.cfg.evaluate.sqnr_images), ctx.device)
-    sites = {name: (graph[name].role, graph[name].block) for name in sqnr}
-    write_json(ctx.out_dir / "site_sqnr.json", {name: {"role": role, "block": block, "sqnr_db": sqnr[name]} for name, (role, block) in sites.items()})
-    log_by_block(ctx.tracker, {"sqnr": sqnr}, sites)
+    write_json(ctx.out_dir / "site_sqnr.json", site_table([{"site": n, "role": graph[n].role, "block": graph[n].block, "sqnr_db": v} for n, v in sqnr.items()]))
+    log_by_block(ctx.tracker, {"sqnr": sqnr}, graph_sites(graph))
     by_role: dict[str, list[float]] = {}
     for name, v in sqnr.items():
         by_role.setdefault(graph[name].role, []).append(v)

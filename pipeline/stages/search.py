@@ -30,7 +30,7 @@ from pipeline.quant.calibration import CalibState, check_calibrated
 from pipeline.quant.recipe import SiteSpec, check_widths, resolve_recipe
 from pipeline.quant.sites import SiteGraph, attach_sites
 from pipeline.search.objective import OBJECTIVES, Evaluator, metrics_of
-from pipeline.search.space import TIES, SearchSpace, build_space, space_hash
+from pipeline.search.space import TIES, SearchSpace, build_space, calibrated_act_sites, check_act_widths, space_hash
 from pipeline.search.study import METHODS, MethodRun, TrialRecord, default_storage, open_storage, run_method
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,8 @@ def check_config(cfg: DictConfig) -> None:
         check_widths(f"search.{key}", s[key], required=True)
     if not s.budget > 0:
         raise PipelineError(f"search.budget must be > 0, got {s.budget}")
+    if not s.prior_temperature > 0:
+        raise PipelineError(f"search.prior_temperature must be > 0, got {s.prior_temperature}")
     if s.weight_cost_weight < 0 or s.act_cost_weight < 0:
         raise PipelineError("search.weight_cost_weight and search.act_cost_weight must be >= 0")
     if not cfg.quant.enabled:
@@ -92,8 +94,7 @@ def prepare(cfg: DictConfig, fp32, device: torch.device, calib_dir: Path, sensit
     subset = make_subset(cfg.data, fp32, "search", calib_images=calibration_front(state.index, cfg.data))
     ref, labels, _ = fp32_logits(fp32.model, fp32.fingerprint, subset, device, cfg.cache_dir)
     batches = [x for x, _ in subset.loader]  # decoded once
-    s = cfg.search
-    space = build_space(graph, specs, state, list(s.act_bits), list(s.weight_bits), list(s.ties), batches[0], float(s.weight_cost_weight), float(s.act_cost_weight))
+    space = space_of(cfg, graph, specs, batches[0])
     evaluator = Evaluator(graph, specs, state, batches, ref, labels, device)
     return SearchSetup(graph, specs, state, space, evaluator, sensitivity, subset.key)
 
@@ -242,10 +243,9 @@ def _check_calibration_fits(ctx, specs: Mapping[str, SiteSpec] | None) -> None:
     activation site, and leaves images of its split outside it for the search subset."""
     from pipeline.data import clamp_size, search_room, split_size
     from pipeline.quant.calibration import calibration_widths
-    from pipeline.search.space import check_act_widths
     from pipeline.stages.calibrate import calibration_front, find_calibration
 
-    data, searched = ctx.cfg.data, [n for n, spec in (specs or {}).items() if spec.enabled and spec.quantizer == "uniform" and not n.endswith(".weight")]
+    data, searched = ctx.cfg.data, calibrated_act_sites(specs or {})
     available = split_size(data, data.calib_split)
     if ctx.made_earlier("calibrate", "search"):
         used = clamp_size(int(data.calib_size), available, "data.calib_size", warn=False)
@@ -258,13 +258,26 @@ def _check_calibration_fits(ctx, specs: Mapping[str, SiteSpec] | None) -> None:
     search_room(available, used, data.calib_split)
 
 
+def space_of(cfg: DictConfig, graph: SiteGraph, specs: Mapping[str, SiteSpec], image: torch.Tensor) -> SearchSpace:
+    """The search space of `search.*` over the graph's sites; `image` (1 x C x H x W) only counts elements."""
+    s = cfg.search
+    return build_space(graph, specs, list(s.act_bits), list(s.weight_bits), list(s.ties), image, float(s.weight_cost_weight), float(s.act_cost_weight))
+
+
+def _check_budget(ctx, specs: Mapping[str, SiteSpec]) -> None:
+    """search.budget reaches the space's cheapest assignment: the space needs only the model (a zero image)."""
+    image = torch.zeros(1, *ctx.fp32.data_config["input_size"])
+    space_of(ctx.cfg, attach_sites(ctx.fp32.model), specs, image).check_budget(float(ctx.cfg.search.budget))
+
+
 def check_inputs(ctx, specs) -> None:
-    """Before any run opens: a calibration from from_run fits the model and recipe, and sensitivity
-    scores given or found in from_run exist and belong to the model."""
+    """Before any run opens: a calibration from from_run fits the model and recipe, the budget reaches
+    the cheapest assignment, and sensitivity scores given or found in from_run exist and belong to the model."""
     from pipeline.stages.calibrate import check_calibration_input
 
     check_calibration_input(ctx, specs, "search")
     _check_calibration_fits(ctx, specs)
+    _check_budget(ctx, specs)
     if ctx.cfg.search.get("sensitivity") or not ctx.made_earlier("sensitivity", "search"):
         path = _sensitivity_file(ctx)
         if path is not None:
@@ -282,8 +295,6 @@ def run(ctx) -> dict[str, Any]:
     sensitivity, sens_path = load_sensitivity(ctx, ctx.out_dir)
     setup = prepare(cfg, ctx.fp32, ctx.device, calib_dir, sensitivity)
     space = setup.space
-    if float(s.budget) < space.min_cost() - 1e-12:
-        raise PipelineError(f"search.budget={float(s.budget):g} is below the minimum possible cost {space.min_cost():.4f} (every site at its lowest width)")
     storage_url = s.storage or default_storage()
     write_json(ctx.out_dir / "space.json", {**space.describe(), "budget": float(s.budget), "groups": [{"name": g.name, "members": g.members, "widths": g.widths, "cost": g.step_cost} for g in space.groups]})
     runs, search_s = _run_studies(ctx, setup, calib_dir, sens_path, storage_url)

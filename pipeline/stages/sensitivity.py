@@ -88,7 +88,7 @@ def profiler_isolated(ctx: StageContext) -> dict[str, float] | None:
         table = read_json(path)
         rows = table.get("sites", [])
         found = {r["site"]: r.get("logit_kl") for r in rows if isinstance(r.get("logit_kl"), (int, float))}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):  # unreadable, or a hand-edited row without "site"
         log.warning("could not read %s; ranking without it", path)
         return None
     if table.get("model") != ctx.fp32.fingerprint or table.get("recipe") != ctx.cfg.quant.name:
