@@ -392,10 +392,10 @@ class OmseObserver(Observer):
 
     forward: running min/max, plus a uniform random sample of at most ``max_samples`` columns (values per
         channel) over everything seen so far: each batch offers ``max_samples`` of its columns (drawn by
-        `sample_columns`: distinct unless the batch holds over 16x as many), each with a pseudo-random key from a generator seeded with (seed, batch number), and
-        the sample keeps the columns with the smallest keys ("bottom-k" sampling). Over batches of equal
-        size every column is equally likely to be kept (a short last batch is slightly over-represented),
-        and the result is deterministic given the inputs. All channels share the same columns (token positions).
+        `sample_columns`: distinct unless the batch holds over 16x as many), each with a pseudo-random key
+        from a generator seeded with (seed, batch number), and the sample keeps the columns with the
+        smallest keys ("bottom-k" sampling). Over batches of equal size every column is equally likely to
+        be kept (a short last batch is slightly over-represented), and the result is deterministic given the inputs. All channels share the same columns (token positions).
     calculate_qparams: candidate ranges [r * min_val, r * max_val], first for r in linspace(1, min_ratio,
         grid), then ``grid`` finer ratios around each channel's best (symmetric modes use
         r * max(|min|, |max|) through choose_qparams); each candidate's error fq(x) - x over the sample

@@ -174,7 +174,8 @@ def local_move(space: SearchSpace, priors: Priors, levels: Mapping[str, int], bu
     raised = sorted((n for n, lvl in levels.items() if lvl > 0), key=lambda n: priors.priority(n, levels[n] - 1))
     # weights rank^(1/T) relative to the largest (in log space: no overflow at small T or many groups)
     log_weight = [math.log(len(raised) - i) / max(temperature, 1e-3) for i in range(len(raised))]
-    weight = {n: math.exp(lw - max(log_weight)) for n, lw in zip(raised, log_weight)}
+    top = max(log_weight, default=0.0)
+    weight = {n: math.exp(lw - top) for n, lw in zip(raised, log_weight)}
     # weighted draw without replacement: order by u^(1/w), compared as log(u)/w
     order = sorted(raised, key=lambda n: math.log(rng.random() or 1e-300) / weight[n] if weight[n] > 0 else -math.inf, reverse=True)
     for first in order:
