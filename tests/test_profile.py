@@ -559,6 +559,23 @@ def test_compare_draws_two_profiles_and_rejects_a_bad_table(tmp_path):
         compare_main([f"a={tmp_path / 'bad.json'}", "--out", str(out)])
     with pytest.raises(SystemExit, match="--out .*new_folder is a folder"):
         compare_main([f"a={table(5.0)}", "--roles", "sv_attn", "--out", str(out.parent)])
+    for row, message in [({"role": "sv_attn", "block": 0}, "site row 0 needs a 'site' and a 'role'"),
+                         ({"site": "blocks.x", "role": "sv_attn", "block": 0}, "site row 0 \\(blocks.x\\): 'block' 0 needs an integer and a site named"),
+                         ({"site": "blocks.0.attn.sv", "role": "sv_attn", "block": "0"}, "'block' '0' needs an integer")]:
+        (tmp_path / "rows.json").write_text(json.dumps({"sites": [row]}))
+        with pytest.raises(SystemExit, match=message):  # a hand-edited row: one line, not a KeyError while drawing
+            compare_main([f"a={tmp_path / 'rows.json'}", "--roles", "sv_attn", "--out", str(out)])
+
+
+def test_wasted_threshold_is_drawn_only_on_panels_of_uniform_sites():
+    from pipeline.profile.report import _judged_roles, block_figure
+
+    rows = [{"site": f"blocks.{b}.{leaf}", "role": role, "block": b, "quantizer": q, "channel_level_pct": 40.0}
+            for b in range(2) for leaf, role, q in (("attn.softmax", "intSoft", "log2"), ("mlp.act", "mlp_act", "uniform"))]
+    fig = block_figure(rows, "channel_level_pct", "t", "%", 10.0, _judged_roles(rows, "wasted_levels_pct"))
+    dashed = {ax.get_title(): sum(line.get_linestyle() == "--" for line in ax.get_lines()) for ax in fig.axes}
+    assert dashed == {"intSoft": 0, "mlp_act": 1}  # a log2 grid is fixed: the wasted flag never judges it
+    assert _judged_roles(rows, "saturation_max_pct") is None  # other thresholds: every panel
 
 
 def test_compare_keeps_one_colour_per_profile_across_panels():

@@ -198,6 +198,9 @@ def test_priors_reject_scores_without_the_width():
     del sens["sites"]["s3"]["scores"]["noise_kl"]["16"]
     with pytest.raises(PipelineError, match="cover widths \\[8\\], not 8 and 16"):
         Priors(space, sens, "noise_kl")
+    del sens["sites"]["s3"]["scores"]["noise_kl"]  # names what this site has, not what any site has
+    with pytest.raises(PipelineError, match=r"no 'noise_kl' for s3 \(it has: hessian; noise scores need the site calibrated at sensitivity.noise_bits\)"):
+        Priors(space, sens, "noise_kl")
 
 
 # -- the assembled model ----------------------------------------------------------------------
@@ -468,7 +471,12 @@ def test_budget_below_minimum_and_foreign_sensitivity_fail_before_any_trial(tmp_
         run_pipeline(compose([*base, "search.act_bits=[8,12]"]), tmp_path / "widths")
     with pytest.raises(PipelineError, match=r"was calibrated for bits \[8, 16\], not \[12\]"):
         run_pipeline(compose(search_overrides(tiny_overrides, tmp_path, "stages=[calibrate,search]", "search.act_bits=[8,12]")), tmp_path / "widths")
-    assert not any((tmp_path / name).exists() for name in ("seed", "none_left", "widths"))
+    # a noise prior scored in this run needs sensitivity.noise_bits calibrated (sensitivity would skip those sites)
+    with pytest.raises(PipelineError, match=r"search.prior=noise_kl scores sites at sensitivity.noise_bits=6, but site .* was calibrated for bits \[8, 16\]"):
+        run_pipeline(compose([*base, "search.method=prior", "sensitivity.noise_bits=6"]), tmp_path / "noise")
+    with pytest.raises(PipelineError, match=r"sensitivity.noise_bits=6, but site"):
+        run_pipeline(compose(search_overrides(tiny_overrides, tmp_path, "stages=[calibrate,sensitivity,search]", "search.method=greedy", "sensitivity.noise_bits=6")), tmp_path / "noise")
+    assert not any((tmp_path / name).exists() for name in ("seed", "none_left", "widths", "noise"))
 
 
 def test_exported_recipe_reproduces_the_assignment_when_the_base_names_the_site_before_a_glob(tmp_path):

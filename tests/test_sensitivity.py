@@ -36,6 +36,9 @@ def test_hutchinson_trace_of_a_quadratic_within_5_percent_at_200_samples():
     result = hutchinson_trace(lambda: 0.5 * x @ a @ x, [x], iters=200, tol=0.0, generator=torch.Generator().manual_seed(1))
     assert result.iters == 200 and not result.converged
     assert result.total == pytest.approx(float(torch.trace(a)), rel=0.05)
+    # Rademacher: Var(v.Av) = 2 * sum of the squared off-diagonal entries, so the mean's stderr is known
+    expected = (2 * float((a - torch.diag(a.diagonal())).square().sum()) / 200) ** 0.5
+    assert result.stderr[0] == pytest.approx(expected, rel=0.2)
 
 
 def test_hutchinson_block_traces_and_diagonal_of_two_tensors():
@@ -135,6 +138,7 @@ def test_scores_per_site_and_width():
         assert abs(s["4"]) > abs(s["8"]) > abs(s["16"])  # coarser weights, larger predicted drop
     a = result["sites"]["blocks.0.attn.sv"]
     assert a["widths"] == [8, 16] and a["hessian_trace"] is not None
+    assert all(e["hessian_trace_stderr"] > 0 for e in result["sites"].values() if e["hessian_trace"])  # a noisy estimate says so
     assert a["scores"]["noise_kl"]["16"] < a["scores"]["noise_kl"]["8"] / 1000  # (2^8)^2 less noise energy
     soft = result["sites"]["blocks.0.attn.softmax"]  # log2: more bits add range, not resolution
     assert soft["quantizer"] == "log2" and soft["widths"] == [4, 8, 16]

@@ -35,9 +35,25 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
     """The site rows of one profile table (`cumulative.json` or `isolated.json`)."""
     try:
         table = json.loads(Path(path).read_text())
-        return list(table["sites"])
+        rows = list(table["sites"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SystemExit(f"error: {path}: not a profile table ({exc.__class__.__name__}: {exc})") from None
+    for index, row in enumerate(rows):
+        problem = _row_problem(row)
+        if problem:
+            raise SystemExit(f"error: {path}: site row {index} {problem}")
+    return rows
+
+
+def _row_problem(row: Any) -> str | None:
+    """What keeps a table row from being drawn (None if nothing): `site` and `role` strings, and for a
+    site inside a block an integer `block` and a name `blocks.<i>.<leaf>`."""
+    if not isinstance(row, dict) or not isinstance(row.get("site"), str) or not isinstance(row.get("role"), str):
+        return "needs a 'site' and a 'role' string"
+    block = row.get("block")
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or row["site"].count(".") < 2):
+        return f"({row['site']}): 'block' {block!r} needs an integer and a site named blocks.<i>.<leaf>"
+    return None
 
 
 def compare_png(profiles: Mapping[str, Sequence[Mapping[str, Any]]], roles: Sequence[str] = ("sv_attn", "mlp_act"), metrics: Sequence[str] = tuple(METRICS), title: str = "") -> bytes:

@@ -21,7 +21,7 @@ import html
 import io
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -114,11 +114,17 @@ def block_series(rows: Sequence[Mapping[str, Any]], key: str) -> dict[str, dict[
     return {role: out[role] for role in ROLES if role in out}
 
 
-def plot_by_block(rows: Sequence[Mapping[str, Any]], key: str, title: str, ylabel: str, threshold: float | None = None) -> bytes | None:
-    """PNG: one panel per role, one line per site of a block, metric `key` against the block index.
+def plot_by_block(rows: Sequence[Mapping[str, Any]], key: str, title: str, ylabel: str, threshold: float | None = None, threshold_roles: Collection[str] | None = None) -> bytes | None:
+    """PNG of `block_figure`; None when no row lies inside a block."""
+    fig = block_figure(rows, key, title, ylabel, threshold, threshold_roles)
+    return None if fig is None else _png(fig)
 
-    A dashed red line marks the flag threshold. Few ticks and shared axis labels keep the
-    rendering cheap (text layout dominates matplotlib's cost).
+
+def block_figure(rows: Sequence[Mapping[str, Any]], key: str, title: str, ylabel: str, threshold: float | None = None, threshold_roles: Collection[str] | None = None) -> Figure | None:
+    """One panel per role, one line per site of a block, metric `key` against the block index.
+
+    A dashed red line marks the flag threshold, on the panels of `threshold_roles` (default: all).
+    Few ticks and shared axis labels keep the rendering cheap (text layout dominates matplotlib's cost).
     """
     series = block_series(rows, key)
     if not series:
@@ -133,7 +139,7 @@ def plot_by_block(rows: Sequence[Mapping[str, Any]], key: str, title: str, ylabe
         ax = fig.add_subplot(nrows, ncols, i + 1)
         for leaf, (blocks, values) in sorted(leaves.items()):
             ax.plot(blocks, values, marker="o", markersize=3, linewidth=1.2, label=leaf)
-        if threshold is not None:
+        if threshold is not None and (threshold_roles is None or role in threshold_roles):
             ax.axhline(threshold, color="red", linestyle="--", linewidth=0.8)
         ax.set_title(role, fontsize=10)
         every = [b for blocks, _ in leaves.values() for b in blocks]
@@ -149,7 +155,12 @@ def plot_by_block(rows: Sequence[Mapping[str, Any]], key: str, title: str, ylabe
             ax.legend(fontsize=6)
     # fixed margins: tight_layout would cost an extra draw of every panel
     fig.subplots_adjust(left=0.25 / ncols, right=0.98, bottom=0.45 / (2.6 * nrows), top=1 - 0.7 / (2.6 * nrows), wspace=0.25, hspace=0.5)
-    return _png(fig)
+    return fig
+
+
+def _judged_roles(rows: Sequence[Mapping[str, Any]], attr: str | None) -> set[str] | None:
+    """The roles a threshold judges (None: all): `wasted` only judges uniform sites (a log2 grid is fixed)."""
+    return {row["role"] for row in rows if row.get("quantizer") == "uniform"} if attr == "wasted_levels_pct" else None
 
 
 def plot_isolated(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
@@ -288,7 +299,7 @@ def write_report(folder: Path, rows: Sequence[Mapping[str, Any]], output: Mappin
         paths.append(write_json(folder / "isolated.json", {"mode": "isolated", **meta, **table_json(iso_table, ISOLATED_COLUMNS, {})}))
     plots: dict[str, bytes] = {}
     for key, stem, plot_title, ylabel, attr in BLOCK_PLOTS:
-        png = plot_by_block(table, key, plot_title, ylabel, getattr(thresholds, attr) if attr else None)
+        png = plot_by_block(table, key, plot_title, ylabel, getattr(thresholds, attr) if attr else None, _judged_roles(table, attr))
         if png is not None:
             plots[stem] = png
     if iso_table:

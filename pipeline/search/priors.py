@@ -45,8 +45,8 @@ class Priors:
                         raise PipelineError(f"the sensitivity scores have no site {m}: they were computed for another model or recipe (rerun sensitivity)")
                     scores = sites[m]["scores"].get(method)
                     if scores is None:
-                        available = sorted({k for e in sites.values() for k in e["scores"]})
-                        raise PipelineError(f"search.prior={method}: the sensitivity scores have no '{method}' for {m} (available: {', '.join(available)})")
+                        hint = "; noise scores need the site calibrated at sensitivity.noise_bits" if method.startswith("noise_") else ""
+                        raise PipelineError(f"search.prior={method}: the sensitivity scores have no '{method}' for {m} (it has: {', '.join(sorted(sites[m]['scores'])) or 'none'}{hint})")
                     lo, hi = str(g.width(m, lvl)), str(g.width(m, lvl + 1))
                     if lo not in scores or hi not in scores:
                         raise PipelineError(f"sensitivity scores for {m} cover widths {sorted(int(k) for k in scores)}, not {g.width(m, lvl)} and {g.width(m, lvl + 1)}: rerun sensitivity with these widths")

@@ -302,9 +302,10 @@ def isolated_quantization(probe: SensitivityProbe, runner: SuffixRunner, fp_logi
 def hessian_traces(probe: SensitivityProbe, batches: list[Tensor], labels: list[Tensor], settings: SensitivitySettings) -> dict[str, Any]:
     """Hutchinson over every weight site's parameter and (optionally) every activation site, averaged over batches.
 
-    Returns {"weights": {site: {"trace", "diag" (sum diag * (Q_b(W) - W)^2 per width of `probe.qweights`)}},
-    "acts": {site: {"trace", "diag" (per channel, (1,), or for log2 sites sum diag * e_b(x)^2 per width of
-    `probe.act_bits`)}},
+    Returns {"weights": {site: {"trace", "stderr", "diag" (sum diag * (Q_b(W) - W)^2 per width of `probe.qweights`)}},
+    "acts": {site: {"trace", "stderr", "diag" (per channel, (1,), or for log2 sites sum diag * e_b(x)^2 per width of
+    `probe.act_bits`)}}, where "stderr" is the standard error of "trace" (from the spread of the Hutchinson
+    samples; the stopping rule watches only the total trace, so a small site's estimate can stay noisy),
     "iters": [...], "converged": [...], "seconds": s}.
     """
     graph, device = probe.graph, probe.device
@@ -342,16 +343,20 @@ def hessian_traces(probe: SensitivityProbe, batches: list[Tensor], labels: list[
                 )
             iters.append(result.iters)
             converged.append(result.converged)
-            for acc, names, traces, diags in ((acc_w, probe.weights, result.traces[: len(wparams)], result.diag[: len(wparams)]), (acc_a, acts, result.traces[len(wparams):], result.diag[len(wparams):])):
-                for n, t, d in zip(names, traces, diags):
-                    entry = acc.setdefault(n, {"trace": 0.0, "diag": torch.zeros_like(d, dtype=torch.float64)})
+            w = len(wparams)
+            for acc, names, part in ((acc_w, probe.weights, slice(0, w)), (acc_a, acts, slice(w, None))):
+                for n, t, se, d in zip(names, result.traces[part], result.stderr[part], result.diag[part]):
+                    entry = acc.setdefault(n, {"trace": 0.0, "var": 0.0, "diag": torch.zeros_like(d, dtype=torch.float64)})
                     entry["trace"] += t / len(batches)
+                    entry["var"] += (se / len(batches)) ** 2  # batches are independent draws
                     entry["diag"] = entry["diag"] + d.double().cpu() / len(batches)
             del deltas, reducers, result
     finally:
         for p, flag in saved.items():
             p.requires_grad_(flag)
         graph.set_tap(None)
+    for entry in (*acc_w.values(), *acc_a.values()):
+        entry["stderr"] = entry.pop("var") ** 0.5
     return {"weights": acc_w, "acts": acc_a, "iters": iters, "converged": converged, "seconds": time.perf_counter() - t0}
 
 

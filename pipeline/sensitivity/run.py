@@ -4,7 +4,7 @@
 the result is a plain dict, saved as `sensitivity.json`:
 
     {"meta": {model, model_name, recipe, noise_bits, ...},
-     "sites": {site: {role, block, kind, quantizer, elements, hessian_trace,
+     "sites": {site: {role, block, kind, quantizer, elements, hessian_trace, hessian_trace_stderr,
                       measured: {noise_kl, noise_loss, noise_agreement, isolated_kl, isolated_loss, isolated_agreement},
                       scores: {method: {"<bits>": value}}}},
      "ranking": {"spearman": {...}, "top5_overlap": {...}, "top5": {...}}}
@@ -104,7 +104,7 @@ def compute_sensitivity(
         widths = sorted(probe.qweights[name]) if kind == "weight" else probe.act_bits[name]
         measured = {f"{key}_{m}": source[name][m] for key, source in (("noise", noise), ("isolated", isolated)) if name in source for m in ("kl", "loss", "agreement")}
         scores = _site_scores(probe, name, widths, measured, isolated_at, hess.get(name), nb)
-        trace = (traces["weights" if kind == "weight" else "acts"].get(name) or {}).get("trace")
+        entry = traces["weights" if kind == "weight" else "acts"].get(name) or {}
         sites[name] = {
             "role": site.role,
             "block": site.block,
@@ -112,7 +112,8 @@ def compute_sensitivity(
             "quantizer": specs[name].quantizer,
             "granularity": specs[name].granularity,
             "elements": weight_of(graph, name).numel() if kind == "weight" else None,
-            "hessian_trace": trace,
+            "hessian_trace": entry.get("trace"),
+            "hessian_trace_stderr": entry.get("stderr"),
             "widths": list(widths),
             "measured": measured,
             "scores": scores,
@@ -221,10 +222,10 @@ def csv_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
     widths = sorted({int(b) for e in result["sites"].values() for s in e["scores"].values() for b in s})
     methods = sorted({m for e in result["sites"].values() for m in e["scores"]})
     measured = sorted({m for e in result["sites"].values() for m in e["measured"]})
-    header = ["site", "role", "block", "kind", "quantizer", "hessian_trace", *measured, *[f"{m}@{b}" for m in methods for b in widths]]
+    header = ["site", "role", "block", "kind", "quantizer", "hessian_trace", "hessian_trace_stderr", *measured, *[f"{m}@{b}" for m in methods for b in widths]]
     rows = []
     for name, e in result["sites"].items():
-        row = [name, e["role"], e["block"], e["kind"], e["quantizer"], e["hessian_trace"], *[e["measured"].get(m) for m in measured]]
+        row = [name, e["role"], e["block"], e["kind"], e["quantizer"], e["hessian_trace"], e.get("hessian_trace_stderr"), *[e["measured"].get(m) for m in measured]]
         row += [e["scores"].get(m, {}).get(str(b)) for m in methods for b in widths]
         rows.append(row)
     return header, rows

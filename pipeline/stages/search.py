@@ -19,7 +19,7 @@ import multiprocessing
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -255,7 +255,24 @@ def _check_calibration_fits(ctx, specs: Mapping[str, SiteSpec] | None) -> None:
         used = calibration_front(index, data)
         widths = {n: index["sites"].get(n, {}).get("bits", []) for n in searched}
     check_act_widths(widths, list(ctx.cfg.search.act_bits))
+    _check_noise_width(ctx, widths)
     search_room(available, used, data.calib_split)
+
+
+def _check_noise_width(ctx, widths: Mapping[str, Sequence[int]]) -> None:
+    """A noise prior scored in this run needs every searched activation site calibrated at
+    sensitivity.noise_bits: sensitivity skips (with a warning) the sites it is not, and the prior then fails."""
+    s, noise_bits = ctx.cfg.search, int(ctx.cfg.sensitivity.noise_bits)
+    if s.method == "random" or not s.prior.startswith("noise_"):
+        return
+    if s.get("sensitivity") or (not ctx.made_earlier("sensitivity", "search") and _sensitivity_file(ctx) is not None):
+        return  # scores read from a file, checked when they are read
+    for name, have in widths.items():
+        if noise_bits not in have:
+            raise PipelineError(
+                f"search.prior={s.prior} scores sites at sensitivity.noise_bits={noise_bits}, but site {name} was calibrated "
+                f"for bits {list(have)}: add {noise_bits} to quant.candidate_bits, or set sensitivity.noise_bits to one of them"
+            )
 
 
 def space_of(cfg: DictConfig, graph: SiteGraph, specs: Mapping[str, SiteSpec], image: torch.Tensor) -> SearchSpace:
