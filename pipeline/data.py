@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
@@ -75,12 +76,22 @@ def split_dir(cfg: DataConfig, split: str) -> Path:
     if not path.is_dir():
         raise PipelineError(f"split folder '{split}' not found under data root {root}")
     classes = class_names(path)
-    empty = [c for c in classes if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in (path / c).rglob("*"))]  # nested too, as ImageFolder
+    empty = [c for c in classes if next(image_files(path / c), None) is None]
     if len(empty) == len(classes):
         raise PipelineError(f"data split {path} is empty (expected one folder of images per class)")
     if empty:
         raise PipelineError(f"data split {path}: class folder(s) without images: {', '.join(empty[:5])}")
     return path
+
+
+def is_hidden(relative: Path) -> bool:
+    """True when a path below a split holds a hidden part (.ipynb_checkpoints/, macOS ._x.png): not data."""
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def image_files(folder: Path) -> Iterator[Path]:
+    """The image files under a class folder, nested too (as ImageFolder), hidden ones left out (unsorted)."""
+    return (f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(f.relative_to(folder)))
 
 
 def class_names(path: Path) -> list[str]:
@@ -109,7 +120,7 @@ def check_splits(cfg: DataConfig, loaded: LoadedModel, splits: list[str]) -> Non
 def _check_image_size(class_dir: Path, size: tuple[int, int], model: str) -> None:
     from PIL import Image
 
-    image = next(f for f in sorted(class_dir.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES)
+    image = min(image_files(class_dir))
     with Image.open(image) as im:
         height_width = (im.height, im.width)
     if height_width != size:
@@ -157,11 +168,17 @@ def _load_image(file: str):
 
 
 class _ImageFolder(ImageFolder):
-    """torchvision's ImageFolder without hidden folders as classes (labels are indices into class_names)."""
+    """torchvision's ImageFolder without hidden folders as classes (labels are indices into class_names)
+    and without hidden files or folders inside a class (a notebook's checkpoint copies, macOS ._ files)."""
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         classes = class_names(Path(directory))
         return classes, {name: i for i, name in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False) -> list[tuple[str, int]]:
+        samples = ImageFolder.make_dataset(directory, class_to_idx, extensions, is_valid_file, allow_empty)
+        return [(file, label) for file, label in samples if not is_hidden(Path(file).relative_to(directory))]
 
 
 def split_size(cfg: DataConfig, split: str) -> int:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import DataConfig
-from pipeline.data import check_splits, make_subset, seeded_order
+from pipeline.data import check_splits, make_subset, seeded_order, split_size
 from pipeline.errors import PipelineError
 from pipeline.models import LoadedModel
 from tests.conftest import CIFAR, needs_assets
@@ -124,8 +124,12 @@ def test_splits_must_fit_the_model_and_each_other(tmp_path):
     # a hidden folder (.ipynb_checkpoints) is not a class: labels stay the folder order a=0, b=1
     image_tree(root, classes=(".ipynb_checkpoints",), split="train")
     check_splits(cfg, two_class_model(), ["train"])
+    # nor are hidden files and folders inside a class: a notebook's checkpoint copies, macOS ._ files
+    image_tree(root / "train", classes=(".ipynb_checkpoints",), split="a")
+    (root / "train" / "b" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble, not a PNG")
     labels = [int(y) for _, y in make_subset(DataConfig(root=str(root), eval_split="train", batch_size=4), two_class_model(), "eval").loader.dataset]
     assert sorted(labels) == [0, 0, 1, 1]
+    assert split_size(cfg, "train") == 4
     with pytest.raises(PipelineError, match="has 2 class folders, model fake has 10 classes"):
         check_splits(cfg, fake_model(), ["train"])
     image_tree(root, classes=("c",), split="test")
