@@ -67,6 +67,23 @@ def test_codes_follow_quantize_with_known_clipping():
     assert level_counts(counts)[0, [0, 10, 11, 20, 255]].tolist() == [1, 2, 1, 1, 1]
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_parallel_bincount_equals_torch_bincount(threads):
+    from pipeline.quant import counts
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(threads)
+        for n in (7, 2 * counts.CHUNK_MIN - 1, 2 * counts.CHUNK_MIN, 5 * counts.CHUNK_MIN + 3):  # one chunk, then 2 and 3
+            index = torch.randint(0, 777, (n,), generator=g, dtype=torch.int32)
+            torch.testing.assert_close(counts.bincount(index, 800), torch.bincount(index, minlength=800), rtol=0, atol=0)
+        grid = index[: 4 * counts.CHUNK_MIN].view(-1, 64).t()  # non-contiguous: copied, same counts
+        torch.testing.assert_close(counts.bincount(grid, 800), torch.bincount(grid.flatten(), minlength=800), rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_per_channel_codes_and_counts():
     site = uniform_site([0.1, 0.2, 0.5], [0.0, 5.0, 10.0])
     x = torch.tensor([[0.3, -1.2, 100.0], [-0.3, 0.7, 1.2]])

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pipeline.quant.counts import bincount
 from pipeline.quant.quantizers import broadcast_to_axis, exp2_neg, int_dtype, neg_log2, round_to_int, rounded_log2, rounded_quotient
 from pipeline.quant.sites import Site
 
@@ -134,11 +135,6 @@ def code_index(plan: CodePlan, t: Tensor, rounded: Tensor | None = None, out: Te
     return index.add_(plan.offset)
 
 
-def count_into(index: Tensor, size: int) -> Tensor:
-    """Counts of each value 0..size-1 in an integer `index` tensor (any shape): (size,) int64."""
-    return torch.bincount(index.flatten(), minlength=size)
-
-
 def code_counts(site: Site, t: Tensor, axis: int | None = None) -> Tensor:
     """Histogram of a site's pre-clamp codes of `t` (its code source): (K, L + 2) int64, L = qmax - qmin + 1.
 
@@ -147,7 +143,7 @@ def code_counts(site: Site, t: Tensor, axis: int | None = None) -> Tensor:
     or, with `axis`, one row per index along that axis (per channel).
     """
     plan = code_plan(site, t, axis)
-    return count_into(code_index(plan, t), plan.rows * plan.width).view(plan.rows, plan.width)
+    return bincount(code_index(plan, t), plan.rows * plan.width).view(plan.rows, plan.width)
 
 
 def level_counts(counts: Tensor) -> Tensor:

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from pipeline.profile.codes import level_counts
 from pipeline.profile.metrics import bit_utilization, cosine_from_dots, kl_from_counts, logit_kl, sqnr_from_energy, topk_hit_rates
+from pipeline.quant.counts import bincount
 from pipeline.quant.observers import coprime_at_least
 
 HIST_BINS = 256
@@ -126,7 +127,7 @@ class SiteStats:
     @staticmethod
     def _count(total: Tensor | None, index: Tensor, size: int) -> Tensor:
         """total + counts of `index` (integer, values in 0..size-1): (size,) int64."""
-        counts = torch.bincount(memory_order(index), minlength=size)
+        counts = bincount(memory_order(index), size)  # in memory order: a view, no copy
         return counts if total is None else total.add_(counts)
 
     def add_code_index(self, index: Tensor, rows: int, width: int, values: Tensor | None = None) -> None:

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from pipeline.quant.counts import bincount
 from pipeline.quant.quantizers import choose_qparams, fake_quantize_broadcast, qrange
 
 GRANULARITIES = ("per_tensor", "per_channel")
@@ -562,7 +563,7 @@ class KlObserver(Observer):
         channels = rows.shape[0]
         bin_index = (magnitudes * (self.bins / self.hist_max).unsqueeze(1)).long()  # < bins since |x| < hist_max
         bin_index += (torch.arange(channels, device=rows.device) * self.bins).unsqueeze(1)
-        counts = torch.bincount(bin_index.flatten(), minlength=channels * self.bins)
+        counts = bincount(bin_index, channels * self.bins)
         self.histogram = self.histogram + counts.view(channels, self.bins)
 
     def _widen_histogram(self, batch_absmax: Tensor) -> None:
