@@ -9,6 +9,7 @@ the GIL inside the op) and adds the counts: the same int64 result as `torch.binc
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,6 +21,15 @@ CHUNK_MIN = 2**17
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+
+
+def _forget_pool() -> None:
+    """In a forked child the pool's threads do not exist: start a fresh pool there when one is needed."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _workers(count: int) -> ThreadPoolExecutor:
