@@ -20,13 +20,14 @@ CHUNK_MIN = 2**17
 """Values per chunk below which splitting costs more than it saves (one thread-pool round trip is ~50 us)."""
 
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 _pool_lock = threading.Lock()
 
 
 def _forget_pool() -> None:
     """In a forked child the pool's threads do not exist: start a fresh pool there when one is needed."""
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()
+    global _pool, _pool_size, _pool_lock
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_pool)
@@ -34,12 +35,12 @@ os.register_at_fork(after_in_child=_forget_pool)
 
 def _workers(count: int) -> ThreadPoolExecutor:
     """A process-wide pool with at least `count` threads (grown, never shrunk, if torch's thread count rises)."""
-    global _pool
+    global _pool, _pool_size
     with _pool_lock:
-        if _pool is None or _pool._max_workers < count:
+        if _pool_size < count:
             if _pool is not None:
                 _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="bincount")
+            _pool, _pool_size = ThreadPoolExecutor(max_workers=count, thread_name_prefix="bincount"), count
         return _pool
 
 

@@ -193,6 +193,14 @@ def _sensitivity_file(ctx) -> Path | None:
     return ctx.find("sensitivity", "sensitivity.json", required=False)
 
 
+def _given_sensitivity(ctx) -> Path | None:
+    """The scores file the search reads instead of computing: search.sensitivity, or from_run's when this
+    chain runs no sensitivity stage; None when the scores are computed in this run."""
+    if ctx.cfg.search.get("sensitivity") or not ctx.made_earlier("sensitivity", "search"):
+        return _sensitivity_file(ctx)
+    return None
+
+
 def _read_sensitivity(ctx, path: Path) -> dict[str, Any]:
     """The scores in `path`, checked to belong to the run's model."""
     data = read_json(path)
@@ -265,7 +273,7 @@ def _check_noise_width(ctx, widths: Mapping[str, Sequence[int]]) -> None:
     s, noise_bits = ctx.cfg.search, int(ctx.cfg.sensitivity.noise_bits)
     if s.method == "random" or not s.prior.startswith("noise_"):
         return
-    if s.get("sensitivity") or (not ctx.made_earlier("sensitivity", "search") and _sensitivity_file(ctx) is not None):
+    if _given_sensitivity(ctx) is not None:
         return  # scores read from a file, checked when they are read
     for name, have in widths.items():
         if noise_bits not in have:
@@ -295,10 +303,9 @@ def check_inputs(ctx, specs) -> None:
     check_calibration_input(ctx, specs, "search")
     _check_calibration_fits(ctx, specs)
     _check_budget(ctx, specs)
-    if ctx.cfg.search.get("sensitivity") or not ctx.made_earlier("sensitivity", "search"):
-        path = _sensitivity_file(ctx)
-        if path is not None:
-            _read_sensitivity(ctx, path)
+    path = _given_sensitivity(ctx)
+    if path is not None:
+        _read_sensitivity(ctx, path)
 
 
 def run(ctx) -> dict[str, Any]:
