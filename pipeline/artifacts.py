@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from pipeline.errors import PipelineError
+
+
+class ArtifactError(PipelineError):
+    """An artifact file exists but cannot be read (truncated, corrupt, or not the format its name says)."""
 
 
 def _current_umask() -> int:
@@ -60,7 +67,11 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """The JSON value in `path`; ArtifactError (one line, naming the file) when it is not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"cannot read {path}: not valid JSON ({e})") from None
 
 
 def write_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
@@ -72,7 +83,11 @@ def write_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadat
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    """The tensors in the safetensors file `path`; ArtifactError (one line, naming the file) when it is corrupt."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise ArtifactError(f"cannot read {path}: not a valid safetensors file ({e})") from None
 
 
 def _json_default(obj: Any) -> Any:

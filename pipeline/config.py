@@ -7,12 +7,13 @@ starts. The YAML files under `conf/` only fill in values.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, make_dataclass
 from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pipeline.quant.sites import ROLES
 
@@ -215,22 +216,38 @@ class Config:
     stages: List[Stage] = field(default_factory=lambda: [Stage.evaluate])
     from_run: Optional[str] = None  # run dir or MLflow run id whose artifacts earlier stages read
     device: Device = Device.auto
-    threads: int = 0  # torch intra-op threads; 0 = one per physical core
+    threads: int = 0  # torch intra-op threads; 0 = one per CPU this process may use
     assets: str = MISSING  # root of shared assets (reference models, data)
     cache_dir: str = MISSING  # FP32 logits cache
 
 
 def register_configs() -> None:
-    """Register the schema so `conf/` YAML files are validated against it."""
-    cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="data", name="data_schema", node=DataConfig)
-    cs.store(group="quant", name="quant_schema", node=QuantConfig)
-    cs.store(group="tracking", name="tracking_schema", node=TrackingConfig)
-    cs.store(group="profile", name="profile_schema", node=ProfileConfig)
-    cs.store(group="sensitivity", name="sensitivity_schema", node=SensitivityConfig)
-    cs.store(group="search", name="search_schema", node=SearchConfig)
+    """Register the schema so `conf/` YAML files are validated against it.
+
+    Only the root is stored: its typed fields validate every group's YAML (`quant: QuantConfig`, ...).
+    A schema stored in a group would also be an option of that group (`quant=quant_schema`).
+    """
+    ConfigStore.instance().store(name="config_schema", node=Config)
+
+
+def unknown_keys(node: DictConfig, path: str = "") -> list[str]:
+    """Dotted paths of keys that no schema field declares: a `+key=value` override adds them to typed nodes.
+
+    Free-form nodes (`model.kwargs`, the glob keys of `quant.sites`) are not dataclasses and take any key;
+    their values are checked where they are typed (each `quant.sites` entry is a SpecConfig).
+    """
+    schema = OmegaConf.get_type(node)
+    fields = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    found: list[str] = []
+    for key in node.keys():
+        where = f"{path}{key}"
+        if fields is not None and key not in fields:
+            found.append(where)
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            found += unknown_keys(child, where + ".")
+    return found
 
 
 def register_resolvers() -> None:

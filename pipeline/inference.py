@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline.artifacts import read_tensors, write_tensors
+from pipeline.artifacts import ArtifactError, read_tensors, write_tensors
 from pipeline.data import DataSubset
 
 log = logging.getLogger(__name__)
@@ -34,9 +34,12 @@ def fp32_logits(model: nn.Module, fingerprint: str, subset: DataSubset, device: 
     """
     path = Path(cache_dir) / "fp32_logits" / f"{fingerprint}-{subset.key}-{torch.device(device).type}.safetensors"
     if path.is_file():
-        cached = read_tensors(path)
-        if cached["logits"].shape[0] == len(subset):
-            return cached["logits"], cached["labels"], True
+        try:
+            cached = read_tensors(path)
+            if cached["logits"].shape[0] == len(subset):
+                return cached["logits"], cached["labels"], True
+        except (ArtifactError, KeyError) as e:  # a cache entry is only a shortcut: recompute it
+            log.warning("ignoring the unreadable FP32 logits cache %s (%s); recomputing it", path, e)
     logits, labels = predict(model, subset, device, desc="fp32")
     write_tensors(path, {"logits": logits, "labels": labels})
     return logits, labels, False

@@ -125,7 +125,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         reason = str(e).partition("WeightsUnpickler error:")[2].strip().split(". ")[0] or "unpickling failed"
         raise PipelineError(f"cannot read checkpoint {path} as a plain state dict ({reason.splitlines()[0]}): a corrupt file, or one holding more than tensors; save model.state_dict() with torch.save or as .safetensors") from None
     except Exception as e:  # corrupt file: any reader error becomes one line
-        raise PipelineError(f"cannot read checkpoint {path}: {e}".splitlines()[0]) from None
+        raise PipelineError(f"cannot read checkpoint {path}: not a valid {path.suffix} file, corrupt or truncated ({type(e).__name__}: {e})".splitlines()[0]) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PipelineError(f"checkpoint {path} does not hold a state dict of tensors")
     return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}

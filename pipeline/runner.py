@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import write_json, write_text
-from pipeline.config import Stage
+from pipeline.config import Stage, unknown_keys
 from pipeline.errors import PipelineError
 from pipeline.models import LoadedModel, load_model
 from pipeline.tracking import Tracker, flatten, resolve_run_dir
@@ -95,6 +95,11 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, job_label: str = "") -> dict[st
     `job_label` (a multirun job's overrides) is appended to the default run name.
     """
     started = time.time()
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise PipelineError(f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: not in the schema (pipeline/config.py), so nothing would read {'them' if len(unknown) > 1 else 'it'}; check the spelling (a leading + adds any key)")
+    if cfg.threads < 0:
+        raise PipelineError(f"threads must be >= 0 (0 = one per CPU this process may use), got {cfg.threads}")
     set_threads(cfg.threads)
     device = select_device(str(cfg.device.value if hasattr(cfg.device, "value") else cfg.device))
     stages = [Stage(s) for s in cfg.stages]

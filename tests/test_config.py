@@ -25,6 +25,23 @@ def test_typos_and_wrong_types_fail_at_composition(override):
         compose([override])
 
 
+def test_every_shipped_option_has_only_schema_keys_and_schemas_are_not_options():
+    import os
+
+    from hydra.errors import MissingConfigException
+
+    from pipeline.config import unknown_keys
+
+    conf = os.path.join(os.path.dirname(__file__), "..", "conf")
+    for group in ("model", "data", "quant", "tracking", "profile", "sensitivity", "search"):
+        for option in sorted(f[:-5] for f in os.listdir(os.path.join(conf, group)) if f.endswith(".yaml")):
+            assert unknown_keys(compose([f"{group}={option}"])) == [], f"{group}={option}"
+    extra = compose(["+quant.weigth.bits=4", "+model.kwargs.depth=3", "+quant.sites={blocks.0.attn.sv:{bits:16}}", "+foo=1"])
+    assert unknown_keys(extra) == ["quant.weigth", "foo"]  # model.kwargs and the glob keys of quant.sites are free-form
+    with pytest.raises(MissingConfigException):
+        compose(["quant=quant_schema"])  # the schema types conf/ but is no recipe
+
+
 def test_assets_root_follows_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("PIPELINE_ASSETS", str(tmp_path))
     cfg = compose([])

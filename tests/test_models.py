@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import timm
 import torch
@@ -46,6 +48,9 @@ def test_timm_training_checkpoint_and_unreadable_ones(tmp_path):
     (tmp_path / "corrupt.pth").write_bytes(b"\x80\x02garbage")
     with pytest.raises(PipelineError, match="cannot read checkpoint .*corrupt.pth"):
         load_model(tiny_cfg(checkpoint=str(tmp_path / "corrupt.pth")))
+    (tmp_path / "random.pth").write_bytes(random.Random(2).randbytes(1000))  # the reader fails with an internal error ("pop from empty list")
+    with pytest.raises(PipelineError, match=r"cannot read checkpoint .*random.pth: not a valid \.pth file, corrupt or truncated \("):
+        load_model(tiny_cfg(checkpoint=str(tmp_path / "random.pth")))
 
 
 def test_shape_mismatch_names_key_and_shapes(tmp_path):

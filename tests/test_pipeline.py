@@ -8,6 +8,7 @@ import re
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline.artifacts import read_tensors
 from pipeline.runner import run_pipeline
 from tests.conftest import compose, needs_assets
 
@@ -57,6 +58,33 @@ def test_later_stage_runs_alone_from_run_dir_and_run_id(tmp_path, tiny_overrides
     (tmp_path / "first").rename(tmp_path / "moved")  # force the artifact download path
     by_id = run_pipeline(compose([*tiny_overrides, "quant=naive", "stages=[evaluate]", f"from_run={run_id}"]), tmp_path / "third")
     assert by_id["agreement"] == by_dir["agreement"] and by_id["logit_kl"] == by_dir["logit_kl"]
+
+
+def test_corrupt_artifacts_are_one_line_errors_and_a_corrupt_cache_entry_is_recomputed(tmp_path, tiny_overrides):
+    import shutil
+
+    from pipeline.errors import PipelineError
+
+    run_pipeline(compose([*tiny_overrides, "quant=naive", "stages=[calibrate,quantize]"]), tmp_path / "first")
+    cases = (
+        ("calibrate/index.json", b'{"meta": ', "quantize", "index.json: not valid JSON"),
+        ("calibrate/state.safetensors", bytes(range(256)) * 2, "quantize", "calibrate/state.safetensors: not a valid safetensors file"),
+        ("quantize/state.safetensors", b"\x08" + bytes(199), "evaluate", "quantize/state.safetensors: not a valid safetensors file"),
+    )
+    for i, (artifact, content, stage, message) in enumerate(cases):
+        broken = tmp_path / f"broken{i}"
+        shutil.copytree(tmp_path / "first", broken)
+        (broken / artifact).write_bytes(content)
+        with pytest.raises(PipelineError, match=re.escape(message)):
+            run_pipeline(compose([*tiny_overrides, "quant=naive", f"stages=[{stage}]", "profile.enabled=false", f"from_run={broken}"]), tmp_path / f"run{i}")
+
+    fp32 = compose([*tiny_overrides, "quant=none", "stages=[evaluate]"])
+    first = run_pipeline(fp32, tmp_path / "fp32")
+    (entry,) = (tmp_path / "cache" / "fp32_logits").glob("*.safetensors")
+    entry.write_bytes(b"\x00" * 100)  # e.g. a disk that filled up under an older writer
+    again = run_pipeline(fp32, tmp_path / "fp32-again")
+    assert again["top1"] == first["top1"]
+    assert read_tensors(entry)["logits"].shape[0] == again["images"]  # rewritten whole
 
 
 def test_quantize_stores_weight_codes_that_later_stages_bind_as_they_are(tmp_path, tiny_overrides):
@@ -139,6 +167,10 @@ def test_reference_quantized_on_small_subset(tmp_path, mlflow_uri):
         (["data.eval_size=-1"], "data.eval_size must be >= 0 (0 = all), got -1"),
         (["data.synthetic_size=0"], "data.synthetic_size must be >= 1, got 0"),
         (["data.calib_split=val", "data.eval_split=val"], "data.calib_split='val' and data.eval_split='val' share images"),
+        (["threads=-1"], "threads must be >= 0"),
+        (["evaluate.sqnr_images=-2"], "evaluate.sqnr_images must be >= 0"),
+        (["+quant.weigth.bits=4"], "unknown config key quant.weigth: not in the schema"),  # + adds any key; nothing reads this one
+        (["+data.eval_sise=4", "+sensitivity.widht=[8]"], "unknown config keys data.eval_sise, sensitivity.widht:"),
     ],
 )
 def test_bad_setting_is_one_error_before_any_run_opens(tmp_path, tiny_overrides, overrides, message):

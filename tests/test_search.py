@@ -419,6 +419,8 @@ def test_stage_end_to_end_with_sensitivity_computed_first(tmp_path, tiny_overrid
         (["search.objective=accuracy"], "search.objective: unknown objective 'accuracy'"),
         (["search.method=bayes"], "search.method: unknown method 'bayes'"),
         (["search.prior_temperature=0"], "search.prior_temperature must be > 0, got 0"),
+        (["search.storage=notaurl"], "search.storage=notaurl: not a usable database URL"),
+        (["search.storage=nodb://host/x"], "search.storage=nodb://host/x: not a usable database URL"),
     ],
 )
 def test_bad_search_config_fails_before_any_run(tmp_path, tiny_overrides, extra, message):
@@ -451,9 +453,14 @@ def test_budget_below_minimum_and_foreign_sensitivity_fail_before_any_trial(tmp_
     assert mlflow_runs() == opened  # and no MLflow run: the budget is checked before any run opens
     foreign = tmp_path / "foreign.json"
     foreign.write_text(json.dumps({"meta": {"model": "0123abcd", "model_name": "vit_other"}, "sites": {}}))
-    with pytest.raises(PipelineError, match="belong to another model \\(vit_other"):
+    with pytest.raises(PipelineError, match="belongs to another model \\(vit_other"):
         run_pipeline(compose([*base, "search.method=prior", f"search.sensitivity={foreign}"]), tmp_path / "foreign")
     assert not (tmp_path / "foreign").exists()  # found before any run opened
+    for name, text, problem in (("empty.json", "{}", "is not an artifact of this pipeline"), ("cut.json", '{"meta": ', "not valid JSON")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(PipelineError, match=f"{name}.*{problem}"):
+            run_pipeline(compose([*base, "search.method=prior", f"search.sensitivity={tmp_path / name}"]), tmp_path / f"run-{name}")
+        assert not (tmp_path / f"run-{name}").exists()  # found before any run opened
     with pytest.raises(PipelineError, match="search.sensitivity=.*missing.json: file not found"):
         run_pipeline(compose([*base, "search.method=prior", f"search.sensitivity={tmp_path / 'missing.json'}"]), tmp_path / "missing")
     assert not (tmp_path / "missing").exists()

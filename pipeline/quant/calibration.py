@@ -70,11 +70,18 @@ class CalibState:
         return cls(read_tensors(folder / STATE_FILE), read_json(folder / INDEX_FILE))
 
 
-def check_model(index: Mapping[str, Any], fingerprint: str, where: str) -> None:
-    """A calibration or quantized state (its JSON index) must come from the model being run."""
-    meta = index.get("meta", {})
-    if meta.get("model") != fingerprint:
-        raise PipelineError(f"{where} belongs to another model ({meta.get('model_name')})")
+def check_model(index: Any, fingerprint: str, where: str, model_name: str | None = None, remedy: str | None = None) -> None:
+    """An artifact's JSON (a state's index, sensitivity scores) must come from the model being run.
+
+    The model is the artifact's `meta.model` (a fingerprint); JSON without one is not an artifact of
+    this pipeline. `model_name` (the run's model) and `remedy` are added to the message.
+    """
+    meta = index.get("meta") if isinstance(index, Mapping) else None
+    if not isinstance(meta, Mapping) or "model" not in meta:
+        raise PipelineError(f"{where} is not an artifact of this pipeline (its JSON has no meta.model)")
+    if meta["model"] != fingerprint:
+        run_model = f", not {model_name}" if model_name else ""
+        raise PipelineError(f"{where} belongs to another model ({meta.get('model_name')}{run_model})" + (f": {remedy}" if remedy else ""))
 
 
 def check_calibrated(specs: Mapping[str, SiteSpec], index: Mapping[str, Any]) -> None:

@@ -61,6 +61,16 @@ def _quiet_optuna() -> None:
     warnings.filterwarnings("ignore", message=".*Heartbeat of storage.*")
 
 
+def check_storage_url(url: str) -> None:
+    """One clear error unless SQLAlchemy can parse `url` and has its driver (nothing is connected or created)."""
+    import sqlalchemy
+
+    try:
+        sqlalchemy.create_engine(url).dispose()
+    except Exception as e:  # unparsable URL, unknown dialect, missing driver module
+        raise PipelineError(f"search.storage={url}: not a usable database URL: {str(e).splitlines()[0][:200]}") from None
+
+
 def open_storage(url: str, heartbeat_s: int = 5):
     """An RDBStorage with heartbeats; one clear error if the URL cannot be opened."""
     _quiet_optuna()

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from pipeline.artifacts import write_json
+from pipeline.errors import PipelineError
 from pipeline.data import DataSubset, make_subset
 from pipeline.inference import classification_metrics, fp32_logits, predict
 from pipeline.profile.collect import first_images, site_sqnr
@@ -37,6 +38,8 @@ def check_config(cfg) -> None:
     A dump or trace that cannot run (`quant=none` or `profile.enabled=false`) is a warning, not an error,
     so that a sweep over recipes may include `none`.
     """
+    if cfg.evaluate.sqnr_images < 0:
+        raise PipelineError(f"evaluate.sqnr_images must be >= 0 (0 = no per-site SQNR), got {cfg.evaluate.sqnr_images}")
     if not (cfg.quant.enabled and cfg.profile.enabled):
         if cfg.profile.dump or cfg.profile.trace:
             why = "quant=none has no quantized sites" if not cfg.quant.enabled else "profile.enabled=false"

@@ -26,12 +26,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.artifacts import read_json, write_json
 from pipeline.errors import PipelineError
-from pipeline.quant.calibration import CalibState, check_calibrated
+from pipeline.quant.calibration import CalibState, check_calibrated, check_model
 from pipeline.quant.recipe import SiteSpec, check_widths, resolve_recipe
 from pipeline.quant.sites import SiteGraph, attach_sites
 from pipeline.search.objective import OBJECTIVES, Evaluator, metrics_of
 from pipeline.search.space import TIES, SearchSpace, build_space, calibrated_act_sites, check_act_widths, space_hash
-from pipeline.search.study import METHODS, MethodRun, TrialRecord, default_storage, open_storage, run_method
+from pipeline.search.study import METHODS, MethodRun, TrialRecord, check_storage_url, default_storage, open_storage, run_method
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ def check_config(cfg: DictConfig) -> None:
         raise PipelineError("search.weight_cost_weight and search.act_cost_weight must be >= 0")
     if not cfg.quant.enabled:
         raise PipelineError("search needs a quantization recipe as its base (quant=recommended, naive, ...), not quant=none")
+    if s.storage:
+        check_storage_url(s.storage)
     if s.method != "random":  # the priors' sensitivity scores may be computed inside the search
         from pipeline.stages.sensitivity import check_config as check_sensitivity
 
@@ -204,9 +206,9 @@ def _given_sensitivity(ctx) -> Path | None:
 def _read_sensitivity(ctx, path: Path) -> dict[str, Any]:
     """The scores in `path`, checked to belong to the run's model."""
     data = read_json(path)
-    data.setdefault("meta", {})
-    if data["meta"].get("model") != ctx.fp32.fingerprint:
-        raise PipelineError(f"sensitivity scores in {path} belong to another model ({data['meta'].get('model_name')}, not {ctx.fp32.name}): rerun the sensitivity stage")
+    check_model(data, ctx.fp32.fingerprint, f"the sensitivity scores in {path}", ctx.fp32.name, "rerun the sensitivity stage")
+    if not isinstance(data.get("sites"), Mapping):
+        raise PipelineError(f"{path} has no per-site scores ('sites'): it is not a sensitivity.json")
     return data
 
 

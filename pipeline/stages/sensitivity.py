@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from omegaconf import DictConfig
 
-from pipeline.artifacts import read_json
+from pipeline.artifacts import ArtifactError, read_json
 from pipeline.errors import PipelineError
 from pipeline.quant.calibration import CalibState, check_calibrated
 from pipeline.quant.recipe import check_widths, resolve_recipe
@@ -88,7 +88,7 @@ def profiler_isolated(ctx: StageContext) -> dict[str, float] | None:
         table = read_json(path)
         rows = table.get("sites", [])
         found = {r["site"]: r.get("logit_kl") for r in rows if isinstance(r.get("logit_kl"), (int, float))}
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):  # unreadable, or a hand-edited row without "site"
+    except (OSError, ArtifactError, ValueError, AttributeError, KeyError, TypeError):  # unreadable, or a hand-edited row without "site"
         log.warning("could not read %s; ranking without it", path)
         return None
     if table.get("model") != ctx.fp32.fingerprint or table.get("recipe") != ctx.cfg.quant.name:
