@@ -244,8 +244,10 @@ def unknown_keys(node: DictConfig, path: str = "") -> list[str]:
         if fields is not None and key not in fields:
             found.append(where)
             continue
-        child = node._get_node(key)
-        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+        if OmegaConf.is_missing(node, key) or OmegaConf.is_interpolation(node, key):
+            continue
+        child = node[key]
+        if isinstance(child, DictConfig):
             found += unknown_keys(child, where + ".")
     return found
 

@@ -16,7 +16,7 @@ from pipeline.profile.codes import code_counts, code_index, code_plan, code_step
 from pipeline.profile.dump import Capture, check_trace, resolve_dump, trace_site, write_dump
 from pipeline.profile.flags import Thresholds, flag_counts, flag_rows, site_flags
 from pipeline.profile.metrics import bit_utilization, compute_site_metrics, histogram_kl, saturation_from_values, sqnr_db
-from pipeline.profile.profiler import observe_site
+from pipeline.profile.profiler import hist_grid, observe_site
 from pipeline.profile.series import series_keys
 from pipeline.profile.stats import SiteStats, spread_sample
 from pipeline.quant.quantizers import fake_log2_quantize, fake_quantize, log2_quantize, quantize, round_to_int
@@ -170,6 +170,33 @@ def test_streaming_stats_match_the_metric_functions():
     one = SiteStats()  # one batch: same range as histogram_kl, so the same KL
     observe_site(one, site, batches[0], batches[0], tests[0])
     assert one.result(8)["hist_kl"] == pytest.approx(histogram_kl(batches[0], tests[0]), rel=1e-3)
+
+
+def test_value_histograms_follow_the_level_grid_so_the_kl_sees_clipping_not_the_bin_width():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 65, 64, generator=g)
+    fine = uniform_site(0.05, 128.0)  # step 0.05 over about [-4.5, 4.5]: 256 plain bins are narrower than a step
+    y = fine.fake_quant(x)
+    assert histogram_kl(x, y) > 0.3  # plain bins: empty quantized bins between the levels make the KL
+    stats = SiteStats(grid=hist_grid(fine))
+    observe_site(stats, fine, x, x, y)
+    assert stats.result(8)["hist_kl"] < 1e-3  # bins of whole cells: rounding moves no value to another bin
+    lo, hi = stats.hist_range
+    assert (lo / 0.05) % 1 == pytest.approx(0.5, abs=1e-4) and stats.bins <= 257  # edges halfway between levels
+    clipped = uniform_site(0.005, 128.0)  # range about [-0.64, 0.64]: most of x is clipped onto the end levels
+    stats = SiteStats(grid=hist_grid(clipped))
+    observe_site(stats, clipped, x, x, clipped.fake_quant(x))
+    assert stats.result(8)["hist_kl"] > 1.0
+    soft = log2_site(bits=4)  # levels 2^0..2^-15 on -log2 p, then the underflow bin
+    p = torch.randn(4, 3, 65, 65, generator=g).mul(3).softmax(-1)
+    stats = SiteStats(grid=hist_grid(soft))
+    observe_site(stats, soft, p, p, soft.fake_quant(p))
+    assert stats.bins == 17 and stats.result()["hist_kl"] < 1e-3
+    assert histogram_kl(p, soft.fake_quant(p)) > 0.3
+    assert stats.histograms()["axis"].startswith("-log2(x)")
+    logits = SiteStats(bins=None)  # 2 x 10 values: sqrt-sized bins, at least 8
+    logits.add_pair(torch.randn(2, 10, generator=g), torch.randn(2, 10, generator=g))
+    assert logits.bins == 8
 
 
 def test_histogram_sample_takes_whole_rows_spread_over_every_token():

@@ -28,10 +28,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pipeline.profile.codes import CodePlan, code_counts, code_index, code_plan, code_source, column_values, count_axis
+from pipeline.profile.codes import CodePlan, code_counts, code_index, code_plan, code_source, column_values, count_axis, is_log2
 from pipeline.profile.collect import BatchRecorder, SuffixRunner, first_images, lockstep
 from pipeline.profile.dump import Capture
-from pipeline.profile.stats import ROW_SAMPLES, SiteStats, Workspace
+from pipeline.profile.stats import ROW_SAMPLES, HistGrid, SiteStats, Workspace
 from pipeline.quant.sites import Site, SiteGraph, stored_weight
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,18 @@ def site_info(site: Site, graph: SiteGraph) -> dict[str, Any]:
         scale, zp = site.scale.detach().reshape(-1).cpu(), site.zero_point.detach().reshape(-1).cpu()
         info.update(scale_min=float(scale.min()), scale_max=float(scale.max()), zero_point_min=int(zp.min()), zero_point_max=int(zp.max()))
     return info
+
+
+def hist_grid(site: Site) -> HistGrid | None:
+    """The level grid of a site's value histograms (`stats.HistGrid`); None for a site without one."""
+    if site.spec is None:
+        return None
+    if is_log2(site):
+        return HistGrid(log2_frac_bits=site.spec.frac_bits, log2_levels=site.qmax - site.qmin + 1)
+    if site.scale is None:
+        return None
+    steps = site.scale.detach().float().reshape(-1)
+    return HistGrid(step=float(steps.median()), aligned=steps.numel() == 1)
 
 
 def activation_sites(graph: SiteGraph) -> list[str]:
@@ -252,7 +264,7 @@ def weight_pass(graph: SiteGraph, capture: Iterable[str] = ()) -> PassResult:
         weight, effective = module.weight.detach(), module.effective_weight().detach()
         path = name.rsplit(".", 1)[0]
         source, dequantized = stored_weight(graph, path, weight), stored_weight(graph, path, effective)
-        stats = SiteStats()
+        stats = SiteStats(grid=hist_grid(site))
         codes = code_source(site, source, dequantized)  # GPTQ weights: the stored codes, not the nearest ones
         stats.add_codes(code_counts(site, codes, count_axis(site, codes)))
         stats.add_pair(source.flatten(1), dequantized.flatten(1))  # vectors: output channels
@@ -274,8 +286,8 @@ def cumulative_pass(fp_graph: SiteGraph, graph: SiteGraph, batches: list[Tensor]
     t0 = time.perf_counter()
     names = activation_sites(graph)
     workspace = Workspace()
-    stats = {n: SiteStats(token_dim(graph[n]), workspace=workspace) for n in names}
-    logits_stats = SiteStats()
+    stats = {n: SiteStats(token_dim(graph[n]), workspace=workspace, grid=hist_grid(graph[n])) for n in names}
+    logits_stats = SiteStats(bins=None)  # few values (images x classes): sqrt-sized bins
     recorder, store = BatchRecorder(), _CaptureStore(capture, samples)
     tap = _CumulativeTap(stats, store, recorder)
     fp_graph.set_mode("fp")
@@ -345,10 +357,10 @@ def isolated_candidates(graph: SiteGraph) -> list[str]:
 
 def _isolated_site(graph: SiteGraph, site: Site, runner: SuffixRunner, fp_logits: list[Tensor], weight_row: Mapping[str, Any] | None) -> dict[str, Any]:
     """One isolated row: `site` is the only quantized site; `runner` holds the FP32 block inputs."""
-    at_site = SiteStats(token_dim(site))
+    at_site = SiteStats(token_dim(site), grid=hist_grid(site))
     if site.role != "weight":
         site.tap = _StatsTap({site.name: at_site})  # upstream is FP32: the input is the reference
-    at_output = SiteStats()
+    at_output = SiteStats(bins=None)
     start = runner.start(site.name)
     for index, ref_logits in enumerate(fp_logits):
         logits = runner.run(index, start)

@@ -47,7 +47,7 @@ BLOCK_PLOTS = (
     ("cos_mean", "cos_by_block", "Mean token cosine by block", "cosine", "cos_min"),
     ("sat_pct", "saturation_by_block", "Saturation by block (clipped low + high)", "clipped (%)", "saturation_max_pct"),
     ("level_pct", "utilization_by_block", "Bit utilization by block: levels used / 2^bits, whole tensor", "levels used (%)", None),
-    ("channel_level_pct", "channel_utilization_by_block", "Bit utilization by block: levels used / 2^bits, median channel", "levels used (%)", "wasted_levels_pct"),
+    ("channel_level_pct", "channel_utilization_by_block", "Bit utilization by block: levels used / levels reachable (min(2^bits, values)), median channel", "levels used (%)", "wasted_levels_pct"),
 )
 
 
@@ -184,7 +184,7 @@ def plot_histogram(row: Mapping[str, Any], hist: Mapping[str, Any]) -> bytes:
     ax.set_ylim(bottom=floor)
     flags = ", ".join(row.get("flags") or []) or "no flag"
     ax.set_title(f"{row['site']}  SQNR {_cell(row.get('sqnr_db'))} dB  ({flags})", fontsize=9)
-    ax.set_xlabel("value", fontsize=8)
+    ax.set_xlabel(hist.get("axis", "value"), fontsize=8)
     ax.set_ylabel("share of values", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=7)

@@ -64,6 +64,7 @@ SERIES = {
     "sat_low": "sat_low_pct",
     "sat_high": "sat_high_pct",
     "levels": "level_pct",
+    "channel_levels": "channel_level_pct",
     "eff_bits": "effective_bits",
 }
 ISOLATED_SERIES = {"iso_sqnr": "sqnr_db", "iso_logit_sqnr": "logit_sqnr_db", "iso_agreement": "logit_agreement", "iso_logit_kl": "logit_kl"}

@@ -7,6 +7,14 @@ hits. `result()` reduces them once into the metrics of pipeline.profile.metrics
 (same definitions and units) with one host transfer, so the per-batch cost is a
 handful of vectorised passes and no host synchronisation.
 
+Value histograms (for the KL and the plots) have bins that hold whole quantization cells
+(`HistGrid`): a bin spans m >= 1 levels of the site's grid, with edges halfway between
+levels where the levels sit at multiples of one step (per-tensor uniform sites; log2 sites on
+the -log2 axis). Rounding to the grid then moves no value to another bin, so the KL measures
+how the distribution moved (clipping, upstream error), not how the bin width beats against
+the step (bins narrower than the step leave empty quantized bins between the levels, and
+their FP32 mass alone would make the KL several nats).
+
 The quantized tensor's value histogram comes from the code histogram when the
 caller gives the value of every code column (`add_code_index(..., values)`): a
 quantized tensor takes only those values, so no pass over it is needed. The
@@ -21,6 +29,7 @@ every value.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -72,6 +81,23 @@ def spread_sample(x: Tensor, limit: int) -> Tensor:
     return rows[:: coprime_at_least(-(-rows.shape[0] // (limit // row)), next_dim)]
 
 
+@dataclass(frozen=True)
+class HistGrid:
+    """The level grid a site's value-histogram bins follow.
+
+    `step`: distance between levels (value units; per-channel sites: the median channel's step).
+    `aligned`: the levels are the multiples of `step` (per-tensor uniform: (q - zp) * s), so the
+    bin edges go halfway between them. `log2_frac_bits`: a log2 site, binned on -log2(x) * 2^f,
+    where the levels are the integers 0..`log2_levels` - 1; the last bin also holds what underflows
+    (x below the smallest level, flushed to 0).
+    """
+
+    step: float = 1.0
+    aligned: bool = False
+    log2_frac_bits: int | None = None
+    log2_levels: int = 0
+
+
 class Workspace:
     """Reusable buffers, one per dtype, for one temporary at a time (a batch's ref - test, code indices).
 
@@ -100,15 +126,17 @@ class SiteStats:
     - `add_pair(ref, test)`: FP32 and quantized tensors of one batch (same shape); vectors along `token_dim`.
     - `add_rows(ref, test, kl=False)`: rows along the last dim: top-1 / top-5 agreement, logit KL with `kl`.
 
-    The value histograms have `bins` bins on a range fixed by the first batch ([min, max] of both
-    tensors); values of later batches beyond it are counted in the edge bins. Counts accumulate in
-    place (int64) on the tensors' device.
+    The value histograms cover a range fixed by the first batch ([min, max] of both tensors) with
+    at most `bins` bins, each holding whole cells of `grid` when one is given (see `HistGrid`;
+    without one, `bins` equal bins); values of later batches beyond the range are counted in the
+    edge bins. Counts accumulate in place (int64) on the tensors' device.
     """
 
-    def __init__(self, token_dim: int = -1, bins: int = HIST_BINS, workspace: Workspace | None = None):
+    def __init__(self, token_dim: int = -1, bins: int | None = HIST_BINS, workspace: Workspace | None = None, grid: HistGrid | None = None):
         self.token_dim = token_dim
-        self.bins = bins
+        self.bins = bins  # at most; None: sqrt(values of the first batch), for tensors of few values (logits)
         self.workspace = workspace
+        self.grid = grid
         self.elements = 0
         self.hist_range: tuple[float, float] | None = None
         self._tokens: list[Tensor] = []  # per batch (3, T) float32: |r|, |r - t|, |t|
@@ -181,7 +209,7 @@ class SiteStats:
         return counts if total is None else total.add_(counts)
 
     def _set_range(self, r: Tensor, t: Tensor) -> None:
-        """[min, max] over ref and test (test's from its used code values when known): one host sync."""
+        """The bins, from [min, max] over ref and test (test's from its used code values when known): one host sync."""
         lo, hi = torch.aminmax(r)
         if self._values is None:
             tlo, thi = torch.aminmax(t)
@@ -190,14 +218,29 @@ class SiteStats:
             values = self._values.expand_as(used)
             tlo, thi = torch.where(used, values, math.inf).min(), torch.where(used, values, -math.inf).max()
         lo, hi = torch.stack([torch.minimum(lo, tlo), torch.maximum(hi, thi)]).tolist()
-        hi = hi if hi > lo else lo + 1.0
-        self.hist_range = (lo, hi)
-        inv_width = self.bins / (hi - lo)
-        self._affine = (r.new_full((), inv_width), r.new_full((), -lo * inv_width))
+        most = self.bins or min(HIST_BINS, max(8, math.isqrt(r.numel())))
+        grid = self.grid
+        if grid is not None and grid.log2_frac_bits is not None:  # one bin per level on -log2 x, then underflow
+            self.bins, edge, width = grid.log2_levels + 1, -0.5, 1.0
+        elif grid is not None and grid.step > 0 and math.isfinite(hi - lo):
+            levels_per_bin = max(1, math.ceil((hi - lo) / (grid.step * most)))
+            width = levels_per_bin * grid.step
+            edge = (math.floor(lo / grid.step + 0.5) - 0.5) * grid.step if grid.aligned else lo
+            self.bins = math.floor((hi - edge) / width) + 1
+        else:
+            hi = hi if hi > lo else lo + 1.0
+            self.bins, edge, width = most, lo, (hi - lo) / most
+        self.hist_range = (edge, edge + self.bins * width)
+        self._affine = (r.new_full((), 1.0 / width), r.new_full((), -edge / width))
 
     def _bin_index(self, x: Tensor) -> Tensor:
-        """Bin of each value: (x - lo) / width, clamped to [0, bins - 1] and truncated (int32, x's shape)."""
+        """Bin of each value: (x - edge) / width, clamped to [0, bins - 1] and truncated (int32, x's shape).
+
+        A log2 grid bins -log2(x) * 2^f (0 -> +inf: the last bin).
+        """
         scale, shift = self._affine
+        if self.grid is not None and self.grid.log2_frac_bits is not None:
+            x = torch.log2(x.float()).mul_(-(2.0**self.grid.log2_frac_bits))
         # one fused pass; after the clamp to >= 0, truncation is the floor
         return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype)).clamp_(0, self.bins - 1).int()
 
@@ -296,7 +339,12 @@ class SiteStats:
         }
 
     def histograms(self) -> dict[str, object] | None:
-        """{'range': (lo, hi), 'ref': (bins,), 'test': (bins,)} on the CPU, for plots; None before any batch."""
+        """{'range': (lo, hi), 'ref': (bins,), 'test': (bins,), 'axis'} on the CPU, for plots; None before any batch.
+
+        `axis` names the binned quantity: "value", or for a log2 site "-log2(x) * 2^f" (the level index).
+        """
         if self._ref_counts is None:
             return None
-        return {"range": self.hist_range, "ref": self._ref_counts.cpu(), "test": self.test_counts().cpu()}
+        log2 = self.grid is not None and self.grid.log2_frac_bits is not None
+        axis = ("-log2(x)" + (f" * 2^{self.grid.log2_frac_bits}" if self.grid.log2_frac_bits else "") + ", last bin: underflow") if log2 else "value"
+        return {"range": self.hist_range, "ref": self._ref_counts.cpu(), "test": self.test_counts().cpu(), "axis": axis}
