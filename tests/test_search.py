@@ -411,6 +411,8 @@ def test_stage_end_to_end_with_sensitivity_computed_first(tmp_path, tiny_overrid
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == stage.info.run_id]
     assert len(trials) == 4 and all("kl" in r.data.metrics and "cost" in r.data.metrics for r in trials)
     assert [a.path for a in client.list_artifacts(trials[0].info.run_id)] == ["assignment.json"]
+    assert stage.data.tags["study.prior"] == results["methods"]["prior"]["study"]  # what a later run resumes
+    assert stage.data.metrics["search/prior/evaluated_here"] == stage.data.metrics["search/prior/trials"] == 4
 
 
 @pytest.mark.parametrize(

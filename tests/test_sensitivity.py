@@ -124,7 +124,7 @@ def test_noise_injection_ranks_the_artificially_sensitive_site_first():
     isolated = measured_at(result, "isolated_kl", "act")
     assert max(noise, key=noise.get) == "blocks.1.mlp.act"
     assert max(isolated, key=isolated.get) == "blocks.1.mlp.act"
-    assert result["ranking"]["spearman"]["noise_kl~isolated_kl/act"] > 0.5
+    assert result["ranking"]["spearman"]["noise_kl_vs_isolated_kl/act"] > 0.5
     assert "blocks.1.mlp.act" in result["ranking"]["top5"]["noise_kl/act"]
 
 
@@ -184,7 +184,9 @@ def test_no_weights_and_no_activation_hessian_leave_the_hessian_empty():
     assert all(site["scores"]["noise_kl"] for site in result["sites"].values())
 
 
-def test_stage_writes_json_csv_plots_and_metrics(tmp_path, tiny_overrides):
+def test_stage_writes_json_csv_plots_and_metrics(tmp_path, tiny_overrides, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
     from pipeline.runner import run_pipeline
 
     overrides = [*tiny_overrides, "quant=recommended", "stages=[calibrate,sensitivity]", "data.calib_size=16", "data.batch_size=8", "sensitivity.batch_size=8", "sensitivity.batches=1", "sensitivity.noise_batches=1", "sensitivity.hutchinson_iters=3", "sensitivity.hutchinson_min_iters=2", "threads=1"]
@@ -194,7 +196,20 @@ def test_stage_writes_json_csv_plots_and_metrics(tmp_path, tiny_overrides):
     assert data["meta"]["recipe"] == "recommended" and len(data["sites"]) == summary["sensitivity_sites"]
     assert (folder / "sensitivity.csv").read_text().startswith("site,role,block,kind")
     assert (folder / "plots/scores_by_site.png").stat().st_size > 1000
-    assert "spearman/noise_kl~isolated_kl/act" in summary
+    assert "spearman/noise_kl_vs_isolated_kl/act" in summary
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("vit-ptq").experiment_id])
+    logged = set(next(r for r in runs if r.info.run_name == "sensitivity").data.metrics)
+    assert {k for k in summary if k.startswith(("spearman/", "top5_overlap/"))} <= logged  # the same names as in summary.json
+    methods = {m for e in data["sites"].values() for m in e["measured"]}
+    assert "isolated_loss" in methods and {k.split("/")[0] for k in logged if k.startswith("sens_")} == {f"sens_{m}" for m in methods}
+
+
+def test_log_axes_draw_scores_at_or_below_zero_at_a_floor_under_the_smallest_positive_one():
+    from pipeline.sensitivity.run import log_floor
+
+    assert log_floor([0.5, -1.0, 2e-3], [0.0]) == pytest.approx(2e-4)
+    assert log_floor([-1.0], []) == 1e-12
 
 
 def test_bad_noise_kind_is_one_clear_error(tmp_path, tiny_overrides):

@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -188,14 +188,14 @@ def rank_statistics(result: Mapping[str, Any]) -> dict[str, Any]:
             common = [n for n in va if n in vb]
             r = spearman([va[n] for n in common], [vb[n] for n in common])
             if r is not None:
-                rho[f"{a}~{b}/{label}"] = r
+                rho[f"{a}_vs_{b}/{label}"] = r
         for method in ("noise_kl", "hessian", "isolated_kl"):
             values = measured_at(result, method, kind)
             if values:
                 tops[f"{method}/{label}"] = top_k(values, 5)
         for a in ("noise_kl", "hessian"):
             if f"{a}/{label}" in tops and f"isolated_kl/{label}" in tops:
-                overlap[f"{a}~isolated_kl/{label}"] = len(set(tops[f"{a}/{label}"]) & set(tops[f"isolated_kl/{label}"]))
+                overlap[f"{a}_vs_isolated_kl/{label}"] = len(set(tops[f"{a}/{label}"]) & set(tops[f"isolated_kl/{label}"]))
     return {"spearman": rho, "top5_overlap": overlap, "top5": tops}
 
 
@@ -257,9 +257,19 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def log_floor(*groups: Iterable[float]) -> float:
+    """Where a log axis draws scores <= 0 (marked apart): a tenth of the smallest positive value.
+
+    Loss and Hessian scores are estimates; near zero they can come out negative (see the stderr).
+    """
+    positive = [v for group in groups for v in group if v > 0]
+    return 0.1 * min(positive) if positive else 1e-12
+
+
 def plots(result: Mapping[str, Any]) -> dict[str, bytes]:
     """`scores_by_site.png` (every method at noise_bits, forward order, log scale) and
-    `noise_vs_isolated.png` / `hessian_vs_isolated.png` (scatter, log-log, with Spearman rho)."""
+    `noise_vs_isolated.png` / `hessian_vs_isolated.png` (scatter, log-log, with Spearman rho).
+    Scores <= 0 are drawn at `log_floor` with a downward triangle, counted in the legend."""
     from matplotlib.figure import Figure
 
     out: dict[str, bytes] = {}
@@ -267,12 +277,17 @@ def plots(result: Mapping[str, Any]) -> dict[str, bytes]:
     nb = result["meta"]["noise_bits"]
     fig = Figure(figsize=(14, 5))
     ax = fig.add_subplot()
-    for method, style in (("isolated_kl", "k-"), ("noise_kl", "C0.-"), ("noise_loss", "C1.--"), ("hessian", "C2.:")):
+    styles = (("isolated_kl", "k-", "k"), ("noise_kl", "C0.-", "C0"), ("noise_loss", "C1.--", "C1"), ("hessian", "C2.:", "C2"))
+    floor = log_floor(*(measured_at(result, method).values() for method, _, _ in styles))
+    for method, style, color in styles:
         values = measured_at(result, method)
         if not values:
             continue
         xs = [i for i, n in enumerate(names) if n in values]
-        ax.plot(xs, [max(values[names[i]], 1e-12) for i in xs], style, label=method, linewidth=1, markersize=3)
+        ax.plot(xs, [max(values[names[i]], floor) for i in xs], style, label=method, linewidth=1, markersize=3)
+        low = [i for i in xs if values[names[i]] <= 0]
+        if low:
+            ax.plot(low, [floor] * len(low), "v", color=color, markersize=4, label=f"{method} <= 0 ({len(low)}), at the floor")
     ax.set_yscale("log")
     ax.set_xlabel("site (forward order)")
     ax.set_ylabel(f"score at {nb} bits (nats)")
@@ -290,10 +305,15 @@ def plots(result: Mapping[str, Any]) -> dict[str, bytes]:
             continue
         fig = Figure(figsize=(6, 5))
         ax = fig.add_subplot()
+        x_floor, y_floor = log_floor(iso[n] for n in common), log_floor(values[n] for n in common)
         for kind, color in (("act", "C0"), ("weight", "C3")):
             pts = [n for n in common if result["sites"][n]["kind"] == kind]
-            ax.scatter([max(iso[n], 1e-12) for n in pts], [max(values[n], 1e-12) for n in pts], s=10, c=color, label=kind)
-        rho = result["ranking"]["spearman"].get(f"{method}~isolated_kl/all")
+            up = [n for n in pts if values[n] > 0]
+            ax.scatter([max(iso[n], x_floor) for n in up], [values[n] for n in up], s=10, c=color, label=kind)
+            low = [n for n in pts if values[n] <= 0]
+            if low:
+                ax.scatter([max(iso[n], x_floor) for n in low], [y_floor] * len(low), s=14, c=color, marker="v", label=f"{kind}, {method} <= 0 ({len(low)}), at the floor")
+        rho = result["ranking"]["spearman"].get(f"{method}_vs_isolated_kl/all")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(f"isolated INT{nb} quantization: logit KL (nats)")

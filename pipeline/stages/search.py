@@ -359,6 +359,7 @@ def run(ctx) -> dict[str, Any]:
         if test is not None:
             metrics.update({"search_test_top1": test["top1"], "search_test_agreement": test["agreement"], "search_test_kl": test["kl"]})
     metrics.update(_per_method_metrics(results))
+    ctx.tracker.set_tags({f"study.{m}": run.study_name for m, run in runs.items()})  # a resumed study: the same name as the earlier run's
     write_json(ctx.out_dir / "results.json", results)
     ctx.summary["search_results"] = results
     return metrics
@@ -420,6 +421,7 @@ def _per_method_metrics(results: Mapping[str, Any]) -> dict[str, float]:
         best = entry["best"]
         metrics[f"search/{m}/trials"] = entry["trials"]
         metrics[f"search/{m}/evaluations"] = entry["evaluations"]
+        metrics[f"search/{m}/evaluated_here"] = entry["evaluated_here"]  # fewer than trials: a resumed study
         metrics[f"search/{m}/mean_trial_s"] = entry["mean_trial_s"]
         if best is not None:
             metrics[f"search/{m}/best"] = best["value"]

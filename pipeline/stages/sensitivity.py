@@ -140,14 +140,17 @@ def run(ctx: StageContext) -> dict[str, Any]:
     log_series(ctx.tracker, result)
     metrics = summary_metrics(result)
     ranking = result["ranking"]
-    rho = ranking["spearman"].get("noise_kl~isolated_kl/act")
+    rho = ranking["spearman"].get("noise_kl_vs_isolated_kl/act")
     if rho is not None:  # only with the isolated measurement (sensitivity.isolated)
-        log.info("sensitivity: Spearman rho(noise KL, isolated KL) over activation sites = %.3f, top-5 overlap %s/5", rho, ranking["top5_overlap"].get("noise_kl~isolated_kl/act"))
+        log.info("sensitivity: Spearman rho(noise KL, isolated KL) over activation sites = %.3f, top-5 overlap %s/5", rho, ranking["top5_overlap"].get("noise_kl_vs_isolated_kl/act"))
     return metrics
 
 
 def log_series(tracker, result: Mapping[str, Any]) -> None:
-    """MLflow series `sens_<method>/<role>[/<leaf>]` at noise_bits with step = block index."""
+    """MLflow series `sens_<method>/<role>[/<leaf>]` of every measured method at noise_bits, step = block index.
+
+    Sites outside the blocks (patch embedding, final norm, head) have no step: they are in the files only.
+    """
     from pipeline.sensitivity.run import measured_at
 
     per_block: dict[tuple[str, int], int] = {}
@@ -155,7 +158,8 @@ def log_series(tracker, result: Mapping[str, Any]) -> None:
         if entry["block"] is not None:
             per_block[(entry["role"], entry["block"])] = per_block.get((entry["role"], entry["block"]), 0) + 1
     by_step: dict[int, dict[str, float]] = {}
-    for method in ("noise_kl", "noise_loss", "hessian", "isolated_kl"):
+    methods = sorted({m for entry in result["sites"].values() for m in entry["measured"]})
+    for method in methods:
         for name, value in measured_at(result, method).items():
             entry = result["sites"][name]
             if entry["block"] is None:
