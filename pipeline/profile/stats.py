@@ -97,6 +97,10 @@ class HistGrid:
     log2_frac_bits: int | None = None
     log2_levels: int = 0
 
+    @property
+    def log2(self) -> bool:
+        return self.log2_frac_bits is not None
+
 
 class Workspace:
     """Reusable buffers, one per dtype, for one temporary at a time (a batch's ref - test, code indices).
@@ -220,7 +224,7 @@ class SiteStats:
         lo, hi = torch.stack([torch.minimum(lo, tlo), torch.maximum(hi, thi)]).tolist()
         most = self.bins or min(HIST_BINS, max(8, math.isqrt(r.numel())))
         grid = self.grid
-        if grid is not None and grid.log2_frac_bits is not None:  # one bin per level on -log2 x, then underflow
+        if grid is not None and grid.log2:  # one bin per level on -log2 x, then underflow
             self.bins, edge, width = grid.log2_levels + 1, -0.5, 1.0
         elif grid is not None and grid.step > 0 and math.isfinite(hi - lo):
             levels_per_bin = max(1, math.ceil((hi - lo) / (grid.step * most)))
@@ -239,7 +243,7 @@ class SiteStats:
         A log2 grid bins -log2(x) * 2^f (0 -> +inf: the last bin).
         """
         scale, shift = self._affine
-        if self.grid is not None and self.grid.log2_frac_bits is not None:
+        if self.grid is not None and self.grid.log2:
             x = torch.log2(x.float()).mul_(-(2.0**self.grid.log2_frac_bits))
         # one fused pass; after the clamp to >= 0, truncation is the floor
         return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype)).clamp_(0, self.bins - 1).int()
@@ -345,6 +349,7 @@ class SiteStats:
         """
         if self._ref_counts is None:
             return None
-        log2 = self.grid is not None and self.grid.log2_frac_bits is not None
-        axis = ("-log2(x)" + (f" * 2^{self.grid.log2_frac_bits}" if self.grid.log2_frac_bits else "") + ", last bin: underflow") if log2 else "value"
+        axis = "value"
+        if self.grid is not None and self.grid.log2:
+            axis = "-log2(x)" + (f" * 2^{self.grid.log2_frac_bits}" if self.grid.log2_frac_bits else "") + ", last bin: underflow"
         return {"range": self.hist_range, "ref": self._ref_counts.cpu(), "test": self.test_counts().cpu(), "axis": axis}

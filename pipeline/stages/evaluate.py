@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from pipeline.artifacts import write_json
-from pipeline.errors import PipelineError
 from pipeline.data import DataSubset, make_subset
+from pipeline.errors import PipelineError
 from pipeline.inference import classification_metrics, fp32_logits, predict
 from pipeline.profile.collect import first_images, site_sqnr
 from pipeline.profile.metrics import argmax_agreement, logit_kl
