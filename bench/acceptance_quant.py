@@ -34,7 +34,7 @@ from pipeline.profile.metrics import argmax_agreement, logit_kl  # noqa: E402
 from pipeline.quant.calibration import bind, calibrate  # noqa: E402
 from pipeline.quant.recipe import resolve_recipe  # noqa: E402
 from pipeline.quant.sites import attach_sites  # noqa: E402
-from pipeline.runner import set_threads  # noqa: E402
+from pipeline.runner import select_device, set_threads  # noqa: E402
 
 # (label, weight bits, activation bits) per model kind and recipe.
 WIDTHS = {
@@ -61,7 +61,7 @@ def evaluate_widths(model_name: str, recipe: str, widths, calib_images: int, dev
     t0 = time.time()
     state = calibrate(graph, specs, calib_set.loader, device, acts)
     calib_s = time.time() - t0
-    fp_graph = attach_sites(fp32.model)
+    fp_graph = attach_sites(fp32.model).to(device)
     rows = []
     for label, wbits, abits in widths:
         bits = {n: (wbits if graph[n].role == "weight" else abits) for n, s in specs.items() if s.enabled}
@@ -152,7 +152,7 @@ def main() -> None:
     register_resolvers()
     register_configs()
     set_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = select_device("auto")
     out = Path(args.out)
     rows = json.loads(out.read_text())["rows"] if args.append and out.is_file() else []
     for model_name in args.models.split(","):

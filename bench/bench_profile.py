@@ -34,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import write_result  # noqa: E402
+from bench.common import synchronize, write_result  # noqa: E402
 
 from pipeline.config import register_configs, register_resolvers  # noqa: E402
 from pipeline.data import make_subset  # noqa: E402
@@ -45,7 +45,7 @@ from pipeline.profile.report import write_report  # noqa: E402
 from pipeline.quant.calibration import bind, calibrate  # noqa: E402
 from pipeline.quant.recipe import resolve_recipe  # noqa: E402
 from pipeline.quant.sites import attach_sites  # noqa: E402
-from pipeline.runner import set_threads  # noqa: E402
+from pipeline.runner import select_device, set_threads  # noqa: E402
 
 
 def compose(overrides: list[str]):
@@ -60,6 +60,7 @@ def compose(overrides: list[str]):
 def quantized_forward(graph, batches: list[torch.Tensor], device: torch.device) -> None:
     for images in batches:
         graph.model(images.to(device))
+    synchronize(device)  # a GPU's queued kernels count in the time read after this
 
 
 def main() -> None:
@@ -79,7 +80,7 @@ def main() -> None:
     register_configs()
     cfg = compose([f"model={args.model}", f"quant={args.recipe}", f"data.eval_size={args.images}", f"data.calib_size={args.images}", "data.batch_size=64", "data.num_workers=0"])
     set_threads(args.threads)
-    device = torch.device(args.device)
+    device = select_device(args.device)
     fp32 = load_model(cfg.model)
     graph = attach_sites(fp32.model)
     specs = resolve_recipe(cfg.quant, graph)

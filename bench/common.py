@@ -5,7 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from pipeline.artifacts import write_text
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels (no-op on the CPU), so that a timer read next counts them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def write_result(result: dict, out: str | Path) -> None:

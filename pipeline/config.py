@@ -28,12 +28,6 @@ class Stage(str, Enum):
     search = "search"
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
 @dataclass
 class ModelConfig:
     """A timm model: by hub name, by checkpoint, or by a model card (.json)."""
@@ -87,6 +81,7 @@ class SpecConfig:
     ptf_frac_bits: Optional[int] = None  # granularity ptf: mantissa bits f, factors 2^k * m / 2^f, m in 2^f..2^(f+1)-1 (default 0)
     gptq: Optional[bool] = None  # weights: GPTQ rounding from the calibration inputs' Hessian (default false)
     samples: Optional[int] = None  # omse: values kept per channel (per tensor) for the range search (default 512 per channel, 8192 per tensor)
+    bias_bits: Optional[int] = None  # weights: the layer's bias as an integer of this width on the accumulator's step, 8..32; 0 = float bias (default 32)
 
 
 RolesConfig = make_dataclass(
@@ -215,7 +210,7 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     stages: List[Stage] = field(default_factory=lambda: [Stage.evaluate])
     from_run: Optional[str] = None  # run dir or MLflow run id whose artifacts earlier stages read
-    device: Device = Device.auto
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads; 0 = one per CPU this process may use
     assets: str = MISSING  # root of shared assets (reference models, data)
     cache_dir: str = MISSING  # FP32 logits cache

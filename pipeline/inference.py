@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -27,12 +28,13 @@ def predict(model: nn.Module, subset: DataSubset, device: torch.device, desc: st
 
 
 def fp32_logits(model: nn.Module, fingerprint: str, subset: DataSubset, device: torch.device, cache_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """FP32 logits and labels of `subset`, cached per (model fingerprint, subset, device type).
+    """FP32 logits and labels of `subset`, cached per (model fingerprint, subset, device kind).
 
-    The device type is in the key because CUDA kernels (TF32 convolutions, fused attention) round
-    differently from the CPU's. Returns (logits (N, K), labels (N,), cache_hit).
+    The device kind (`cpu`, or `cuda-<GPU name>`) is in the key because GPU kernels (fused attention,
+    other summation orders) round differently from the CPU's and from another GPU's.
+    Returns (logits (N, K), labels (N,), cache_hit).
     """
-    path = Path(cache_dir) / "fp32_logits" / f"{fingerprint}-{subset.key}-{torch.device(device).type}.safetensors"
+    path = Path(cache_dir) / "fp32_logits" / f"{fingerprint}-{subset.key}-{device_kind(device)}.safetensors"
     if path.is_file():
         try:
             cached = read_tensors(path)
@@ -40,9 +42,19 @@ def fp32_logits(model: nn.Module, fingerprint: str, subset: DataSubset, device: 
                 return cached["logits"], cached["labels"], True
         except (ArtifactError, KeyError) as e:  # a cache entry is only a shortcut: recompute it
             log.warning("ignoring the unreadable FP32 logits cache %s (%s); recomputing it", path, e)
+    home = next(model.parameters()).device
     logits, labels = predict(model, subset, device, desc="fp32")
+    model.to(home)  # the FP32 model is shared by the stages, which copy it (attach_sites) and move the copies themselves
     write_tensors(path, {"logits": logits, "labels": labels})
     return logits, labels, False
+
+
+def device_kind(device: torch.device | str) -> str:
+    """`cpu`, or `cuda-<GPU name>` (file-name safe, e.g. `cuda-NVIDIA-H200`): what the FP32 cache is keyed on."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    return "cuda-" + re.sub(r"[^A-Za-z0-9_.]+", "-", torch.cuda.get_device_name(device)).strip("-")
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -90,7 +90,7 @@ def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     if not timm.is_model(name):
         raise PipelineError(f"unknown timm model name '{name}' (timm.list_models('*vit*') lists the ViTs)")
     try:
-        with torch.random.fork_rng():  # random init (no weights given) is the same in every run
+        with torch.random.fork_rng(devices=[]):  # random init (no weights given) is the same in every run; it draws on the CPU only
             torch.manual_seed(0)
             return timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:

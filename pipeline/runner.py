@@ -74,12 +74,33 @@ def stage_function(stage: Stage) -> Callable[[StageContext], dict[str, Any]]:
     return importlib.import_module(f"pipeline.stages.{stage.value}").run
 
 
+DEVICE_NAMES = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
 def select_device(name: str) -> torch.device:
+    """The torch device for `device=` (`auto`: the first GPU when CUDA is available, else the CPU;
+    `cpu`; `cuda`; `cuda:N`), with FP32 kept exact on it (`exact_fp32`)."""
+    if not DEVICE_NAMES.fullmatch(name):
+        raise PipelineError(f"device={name}: choose auto, cpu, cuda or cuda:N")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("device=cuda but no CUDA device is available (use device=auto or device=cpu)")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PipelineError(f"device={name} but no CUDA device is available (use device=auto or device=cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise PipelineError(f"device={name} but {torch.cuda.device_count()} CUDA device(s) are visible (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    exact_fp32(device)
+    return device
+
+
+def exact_fp32(device: torch.device) -> None:
+    """No TF32 on GPUs: cuDNN convolutions default to it (10 mantissa bits, a relative error of about
+    5e-4, some 30 INT16 steps), which would make the FP32 reference and every 16-bit figure of the
+    patch embedding measure TF32's rounding. Matmuls are kept at full FP32 too."""
+    if device.type == "cuda":
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
 
 
 def set_threads(threads: int) -> None:
@@ -101,7 +122,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, job_label: str = "") -> dict[st
     if cfg.threads < 0:
         raise PipelineError(f"threads must be >= 0 (0 = one per CPU this process may use), got {cfg.threads}")
     set_threads(cfg.threads)
-    device = select_device(str(cfg.device.value if hasattr(cfg.device, "value") else cfg.device))
+    device = select_device(str(cfg.device))
     stages = [Stage(s) for s in cfg.stages]
     if not stages:
         raise PipelineError("stages is empty: choose from " + ", ".join(s.value for s in Stage))

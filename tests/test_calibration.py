@@ -9,7 +9,7 @@ import timm
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.quant.calibration import CalibState, bind, calibrate
+from pipeline.quant.calibration import CalibState, bind, calibrate, stored_weight_codes
 from pipeline.quant.quantizers import fake_quantize, qrange
 from pipeline.quant.recipe import resolve_recipe
 from pipeline.quant.sites import attach_sites
@@ -105,6 +105,44 @@ def test_per_channel_scales_fold_into_the_consuming_weight():
     torch.testing.assert_close(torch.nn.functional.linear(sv(x), proj.qweight), integer_path, rtol=1e-4, atol=1e-4)
 
 
+def test_bias_is_an_integer_on_the_accumulator_step():
+    _, graph, specs, state = calibrated("recommended", "quant.weight.observer=minmax", "quant.weight.gptq=false")
+    bind(graph, specs, state)
+    # A folded input (sv_attn per channel into proj): the accumulator's step is the weight row's scale.
+    proj = graph.module("blocks.0.attn.proj")
+    with torch.no_grad():
+        proj.bias.copy_(torch.linspace(-0.5, 0.5, 192))
+    codes, step = proj.bias_codes()
+    assert torch.equal(step, proj.weight_site.scale.double())
+    assert torch.equal(codes, torch.floor(proj.bias.double() / step + 0.5).long())
+    torch.testing.assert_close(proj.effective_bias(), (codes * step).float(), rtol=0, atol=0)
+    assert (proj.effective_bias() != proj.bias).any()  # the float bias is not on that grid
+    # A per-tensor input (the head): step = s_w · s_x, and the layer is the NPU's integer accumulator.
+    head = graph.module("head")
+    with torch.no_grad():
+        head.bias.copy_(torch.linspace(-1, 1, 10))
+    s_x, z_x = head.in_site.scale, head.in_site.zero_point
+    assert not head.in_site.per_channel
+    x = torch.randn(4, 192) * 2
+    x_codes = torch.clamp(torch.floor(x / s_x + 0.5) + z_x, head.in_site.qmin, head.in_site.qmax).long()
+    w_codes = stored_weight_codes(graph, "head.weight").long()
+    b_codes, step = head.bias_codes()
+    torch.testing.assert_close(step, (head.weight_site.scale * s_x).double())
+    accumulator = (x_codes - z_x.long()) @ w_codes.T + b_codes  # int64
+    with torch.no_grad():
+        torch.testing.assert_close(head(x).double(), accumulator.double() * step, rtol=1e-6, atol=1e-6)
+    # A narrow bias saturates; bias_bits 0 and a float input keep the float bias.
+    head.weight_site.spec = replace(head.weight_site.spec, bias_bits=8)
+    with torch.no_grad():
+        head.bias.mul_(1e4)
+    assert head.bias_codes()[0].abs().max() == 128 and head.bias_codes()[0].max() <= 127
+    head.weight_site.spec = replace(head.weight_site.spec, bias_bits=0)
+    assert head.bias_codes() is None and head.effective_bias() is head.bias
+    head.weight_site.spec = replace(head.weight_site.spec, bias_bits=32)
+    head.in_site.mode = "fp"
+    assert head.bias_codes() is None and head.effective_bias() is head.bias
+
+
 def test_folded_weights_keep_16_bit_resolution():
     # 16-bit per-channel activation scales (~1e-4) folded into 16-bit weights give weight steps far
     # below float32 eps; they must not be floored there (that left the folded model at ~10 dB).
@@ -144,6 +182,11 @@ def test_layer_scale_is_folded_into_the_stored_weight():
         assert (codes - codes.round()).abs().max() < 1e-3 and codes.abs().max() <= 128
         assert (codes.round() != 0).sum(dim=1)[:-1].min() < 20  # rows with a small gamma keep few levels, as on the NPU
         assert torch.isfinite(module.qweight).all() and (module.qweight[-1] == 0).all()
+        # The stored bias is gamma·b on the stored rows' accumulator grid; back in b's units it is 0 where gamma is.
+        bias_codes, step = module.bias_codes()
+        with torch.no_grad():
+            torch.testing.assert_close(module.effective_bias().double() * gamma.double(), bias_codes * step, rtol=1e-6, atol=1e-12)
+        assert module.effective_bias()[-1] == 0
 
 
 def test_per_channel_image_input_folds_into_the_patch_embedding():

@@ -18,7 +18,7 @@ def test_default_config_composes_with_reference_and_cifar():
 
 @pytest.mark.parametrize(
     "override",
-    ["data.eval_sise=10", "data.eval_size=many", "stages=[evaluate,evalute]", "device=tpu", "quant.candidate_bits=[eight]"],
+    ["data.eval_sise=10", "data.eval_size=many", "stages=[evaluate,evalute]", "quant.candidate_bits=[eight]"],
 )
 def test_typos_and_wrong_types_fail_at_composition(override):
     with pytest.raises((ConfigCompositionException, ValidationError, ConfigKeyError)):

@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.artifacts import read_tensors
@@ -90,7 +91,6 @@ def test_corrupt_artifacts_are_one_line_errors_and_a_corrupt_cache_entry_is_reco
 def test_quantize_stores_weight_codes_that_later_stages_bind_as_they_are(tmp_path, tiny_overrides):
     """The quantized state holds every weight's integer codes (GPTQ's choice included); binding it gives the
     in-memory model bit for bit, and the codes, not a new range search or GPTQ pass, decide the weights."""
-    import torch
 
     from pipeline.models import load_model
     from pipeline.quant.calibration import CalibState, bind
@@ -116,8 +116,14 @@ def test_quantize_stores_weight_codes_that_later_stages_bind_as_they_are(tmp_pat
 
     bits = {n: s["bits"] for n, s in sites.items() if s["bits"]}
     _, in_memory = logits(CalibState.load(tmp_path / "run/calibrate"))
-    _, loaded = logits(saved, bits)
+    graph, loaded = logits(saved, bits)
     assert torch.equal(loaded, in_memory)
+    # Each layer's integer bias is stored too (int32 codes, the accumulator's step); a later stage's is the same.
+    for name in weights:
+        codes, step = graph.module(name.rsplit(".", 1)[0]).bias_codes()
+        assert saved.tensors[f"{name}/4/bias_codes"].dtype == torch.int32
+        assert torch.equal(saved.tensors[f"{name}/4/bias_codes"].long(), codes)
+        assert torch.equal(saved.tensors[f"{name}/4/bias_step"], step.float())
     fc1 = "blocks.0.mlp.fc1.weight"
     saved.tensors[f"{fc1}/4/codes"] = torch.zeros_like(saved.weight_codes(fc1, 4))  # symmetric: code 0 is 0.0
     graph, _ = logits(saved, bits)
@@ -168,6 +174,8 @@ def test_reference_quantized_on_small_subset(tmp_path, mlflow_uri):
         (["data.synthetic_size=0"], "data.synthetic_size must be >= 1, got 0"),
         (["data.calib_split=val", "data.eval_split=val"], "data.calib_split='val' and data.eval_split='val' share images"),
         (["threads=-1"], "threads must be >= 0"),
+        (["device=mps"], "device=mps: choose auto, cpu, cuda or cuda:N"),
+        (["device=cuda:1"] if not torch.cuda.is_available() else ["device=cuda:99"], "but no CUDA device is available" if not torch.cuda.is_available() else "CUDA device(s) are visible"),
         (["evaluate.sqnr_images=-2"], "evaluate.sqnr_images must be >= 0"),
         (["+quant.weigth.bits=4"], "unknown config key quant.weigth: not in the schema"),  # + adds any key; nothing reads this one
         (["+data.eval_sise=4", "+sensitivity.widht=[8]"], "unknown config keys data.eval_sise, sensitivity.widht:"),

@@ -103,6 +103,8 @@ def test_disabled_recipe_disables_every_site(graph):
         ({"roles": {"intSoft": {"frac_bits": 5}}}, r"quant\.roles\.intSoft\.frac_bits=5 is outside 0\.\.4"),
         ({"roles": {"intSoft": {"quantizer": "int_softmax", "frac_bits": 1}}}, r"frac_bits=1 needs quantizer log2"),
         (["quant.act.gptq=true"], r"gptq is a weight rounding .* not for role"),
+        (["quant.weight.bias_bits=4"], r"quant\.weight\.bias_bits=4 must be 0 \(float bias\) or in 8\.\.32"),
+        (["quant.roles.mlp_act.bias_bits=16"], r"blocks\.0\.mlp\.act: bias_bits sets a layer's bias with its weight"),
         (["quant.roles.residual.samples=0"], r"quant\.roles\.residual\.samples=0 must be an integer >= 1"),
         (["quant.roles.scores.samples=64"], r"blocks\.0\.attn\.scores: samples=64 sets the omse range search's sample; observer 'percentile' keeps none"),
         (["quant.act.alpha=1.5"], r"quant\.act \(observer percentile\): alpha must be in \(0\.5, 1\], got 1\.5"),

@@ -32,6 +32,7 @@ from pipeline.quant.sites import QuantConv2d, QuantLinear, SiteGraph, divide_by_
 STATE_FILE = "state.safetensors"
 INDEX_FILE = "index.json"
 CODES_KEY = "codes"
+BIAS_CODES_KEY = "bias_codes"
 
 
 @dataclass

@@ -52,8 +52,10 @@ def bincount(index: Tensor, size: int) -> Tensor:
     non-contiguous index is copied once (pass a contiguous view when the order does not matter).
     """
     flat = index.reshape(-1)
+    if flat.device.type != "cpu":
+        return scatter_count(flat, size)
     chunks = min(torch.get_num_threads(), flat.numel() // CHUNK_MIN)
-    if flat.device.type != "cpu" or chunks < 2:
+    if chunks < 2:
         return torch.bincount(flat, minlength=size)
     parts = flat.chunk(chunks)
     futures = [_workers(chunks - 1).submit(torch.bincount, part, None, size) for part in parts[1:]]
@@ -61,3 +63,11 @@ def bincount(index: Tensor, size: int) -> Tensor:
     for future in futures:
         total.add_(future.result())
     return total
+
+
+def scatter_count(flat: Tensor, size: int) -> Tensor:
+    """`bincount` by a scatter-add, for GPUs: CUDA's `torch.bincount` reads the input's max back to
+    the host, one synchronisation per call, which on the profiler's path is several per site and batch.
+    flat: (N,) integer values in [0, size). Returns (size,) int64."""
+    ones = torch.ones((), dtype=torch.int64, device=flat.device).expand(flat.numel())
+    return torch.zeros(size, dtype=torch.int64, device=flat.device).index_add_(0, flat, ones)

@@ -22,6 +22,7 @@ GRANULARITIES = ("per_tensor", "per_channel", "ptf")
 LOSSES = ("l1", "l2", "huber")
 MAX_FRAC_BITS = 4
 MAX_PTF_SHIFT = 8
+MIN_BIAS_BITS, MAX_BIAS_BITS = 8, 32
 PTF_ROLES = ("residual", "norm_in")
 """Roles whose tensors only feed LayerNorms and residual adds: where power-of-two factors (granularity ptf) run as shifts."""
 
@@ -48,6 +49,7 @@ class SiteSpec:
     ptf_frac_bits: int = 0  # granularity ptf: mantissa bits f of the channel factors 2^k * m / 2^f, m in 2^f..2^(f+1)-1
     gptq: bool = False  # weights: choose codes by GPTQ from the layer's input Hessian (pipeline.quant.gptq)
     samples: int | None = None  # omse: values kept per channel (per tensor) for the range search; None: the observer's default
+    bias_bits: int = 32  # weights: the layer's bias as an integer of this width on the accumulator's step; 0: float bias
 
     @property
     def per_channel(self) -> bool:
@@ -78,8 +80,8 @@ class SiteSpec:
         }.get(self.observer, {})
 
     def calibration_key(self) -> dict[str, Any]:
-        """The fields calibration depends on (bits and enabled are chosen later; frac_bits is log2-only, never observed)."""
-        skip = {"bits", "enabled", "frac_bits"} | (set() if self.granularity == "ptf" else {"ptf_shift"})
+        """The fields calibration depends on (bits, enabled and bias_bits are chosen when binding; frac_bits is log2-only, never observed)."""
+        skip = {"bits", "enabled", "frac_bits", "bias_bits"} | (set() if self.granularity == "ptf" else {"ptf_shift"})
         # keys at their "unset" value are left out, so calibration states made before the key existed still match
         skip |= (set() if self.ptf_frac_bits and self.granularity == "ptf" else {"ptf_frac_bits"}) | (set() if self.samples is not None else {"samples"})
         return {k: v for k, v in asdict(self).items() if k not in skip}
@@ -182,6 +184,8 @@ def _check_values(spec: SiteSpec, where: str) -> None:
         raise PipelineError(f"{where}.ptf_shift={spec.ptf_shift} is outside 1..{MAX_PTF_SHIFT}")
     if not isinstance(spec.ptf_frac_bits, int) or not 0 <= spec.ptf_frac_bits <= MAX_FRAC_BITS:
         raise PipelineError(f"{where}.ptf_frac_bits={spec.ptf_frac_bits} is outside 0..{MAX_FRAC_BITS}")
+    if isinstance(spec.bias_bits, bool) or not isinstance(spec.bias_bits, int) or not (spec.bias_bits == 0 or MIN_BIAS_BITS <= spec.bias_bits <= MAX_BIAS_BITS):
+        raise PipelineError(f"{where}.bias_bits={spec.bias_bits} must be 0 (float bias) or in {MIN_BIAS_BITS}..{MAX_BIAS_BITS}")
     if spec.samples is not None and (isinstance(spec.samples, bool) or not isinstance(spec.samples, int) or spec.samples < 1):
         raise PipelineError(f"{where}.samples={spec.samples} must be an integer >= 1 (values kept for the omse range search)")
     checks = (
@@ -211,6 +215,8 @@ def _check_site(spec: SiteSpec, name: str, role: str, graph: SiteGraph) -> SiteS
         raise PipelineError(f"site {name}: quantizer '{spec.quantizer}' is only for the softmax output (role intSoft)")
     if spec.gptq and role != "weight":
         raise PipelineError(f"site {name}: gptq is a weight rounding (set it under quant.weight or on weight sites), not for role {role}")
+    if spec.bias_bits != SiteSpec.bias_bits and role != "weight":
+        raise PipelineError(f"site {name}: bias_bits sets a layer's bias with its weight (set it under quant.weight or on weight sites), not for role {role}")
     if spec.enabled and spec.samples is not None and spec.observer != "omse":
         raise PipelineError(f"site {name}: samples={spec.samples} sets the omse range search's sample; observer '{spec.observer}' keeps none (use observer omse or drop samples)")
     if spec.enabled and spec.frac_bits and spec.quantizer != "log2":

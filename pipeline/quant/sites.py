@@ -183,14 +183,67 @@ class QuantLinear(nn.Linear, _SiteOwner):
         self.in_site = Site(f"{name}.in", in_role, axis=channel_axis) if in_role else None
         self._own_sites = tuple(s for s in (self.weight_site, self.in_site) if s is not None)
         self.register_buffer("qweight", None, persistent=False)
+        # Set by SiteGraph (plain attributes, not submodules): the site that quantizes this layer's input
+        # and the LayerScale whose gamma is folded into its rows; they define the accumulator's step.
+        self.__dict__["input_site"] = self.in_site
+        self.__dict__["layer_scale"] = None
 
     def effective_weight(self) -> torch.Tensor:
         return self.qweight if self.weight_site.mode == "quant" else self.weight
 
+    def accumulator_step(self) -> torch.Tensor | None:
+        """The step of the integer accumulator in output units, (C_out,) or a scalar, float32.
+
+        The NPU sums codes: weight codes (step s_w per stored row) times input codes (x_q - z), whose
+        step is the input site's per-tensor scale s_x, or 1 where the input's per-channel scales are
+        folded into the weight. Step = s_w · s_x (s_w · 1 when folded), in the stored weight's rows
+        (a LayerScale gamma folded in). None unless the weight and its input are both quantized on a
+        uniform grid: then there is no integer accumulator and the bias stays float.
+        """
+        weight, source = self.weight_site, self.input_site
+        if weight.mode != "quant" or weight.scale is None or source is None or source.mode != "quant" or source.scale is None:
+            return None
+        return weight.scale if source.per_channel else weight.scale * source.scale.reshape(())
+
+    def bias_codes(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(codes, step): the bias as the NPU stores it, on the accumulator's grid (`accumulator_step`).
+
+        codes = clamp(round(gamma · b / step), -2^(n-1), 2^(n-1) - 1), n = the weight spec's `bias_bits`,
+        with the weight's rounding mode; int64 (C_out,); step float64 (C_out,). The stored rows carry a
+        folded LayerScale gamma, so the stored bias is gamma · b. None when the layer has no bias, the
+        spec asks for a float bias (`bias_bits: 0`) or there is no integer accumulator.
+        """
+        from pipeline.quant.quantizers import round_to_int
+
+        step = self.accumulator_step()
+        bits = self.weight_site.spec.bias_bits if step is not None else 0
+        if self.bias is None or not bits:
+            return None
+        stored = self.bias.detach().double()
+        if self.layer_scale is not None:
+            stored = stored * self.layer_scale.gamma.detach().double()
+        step = step.double().expand_as(stored)
+        limit = 2 ** (bits - 1)
+        codes = round_to_int(stored / step, self.weight_site.spec.rounding).clamp_(-limit, limit - 1)
+        return codes.to(torch.int64), step
+
+    def effective_bias(self) -> torch.Tensor | None:
+        """The bias the layer adds: the integer bias (`bias_codes`) dequantized back to the output's own
+        units while the layer runs on an integer accumulator, else the float bias."""
+        integer = self.bias_codes()
+        if integer is None:
+            return self.bias
+        codes, step = integer
+        stored = codes.double() * step
+        if self.layer_scale is not None:  # 0 where gamma is 0: that row's output is multiplied by 0
+            gamma = self.layer_scale.gamma.detach().double()
+            stored = torch.where(gamma == 0, torch.zeros_like(stored), stored / gamma)
+        return stored.to(self.bias.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_site is not None:
             x = self.in_site(x)
-        return F.linear(x, self.effective_weight(), self.bias)
+        return F.linear(x, self.effective_weight(), self.effective_bias())
 
 
 class QuantConv2d(nn.Conv2d, _SiteOwner):
@@ -198,11 +251,14 @@ class QuantConv2d(nn.Conv2d, _SiteOwner):
 
     _init_sites = QuantLinear._init_sites
     effective_weight = QuantLinear.effective_weight
+    accumulator_step = QuantLinear.accumulator_step
+    bias_codes = QuantLinear.bias_codes
+    effective_bias = QuantLinear.effective_bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_site is not None:
             x = self.in_site(x)
-        return self._conv_forward(x, self.effective_weight(), self.bias)
+        return self._conv_forward(x, self.effective_weight(), self.effective_bias())
 
 
 def _attention_classes() -> tuple[type, type]:
@@ -311,6 +367,13 @@ class SiteGraph:
         self.consumers = {consumer: producer for producer, consumer in folds.items()}
         self.channel_operands = {m.v_site.name for m in model.modules() if isinstance(getattr(m, "v_site", None), Site)}
         self.layer_scales = _layer_scales(model)
+        for path, module in model.named_modules():
+            if isinstance(module, (QuantLinear, QuantConv2d)):
+                producer = self.consumers.get(path)
+                if module.in_site is None and producer is not None:
+                    module.__dict__["input_site"] = sites[producer]
+                if path in self.layer_scales:
+                    module.__dict__["layer_scale"] = model.get_submodule(self.layer_scales[path])
 
     def output_scale(self, consumer: str) -> torch.Tensor | None:
         """The LayerScale gamma (C_out,) that multiplies module `consumer`'s output channels (DeiT III's

@@ -132,7 +132,7 @@ def activation_elements(graph: SiteGraph, sites: Iterable[str], image: torch.Ten
     graph.set_tap(lambda s, x, y: counts.__setitem__(s.name, x.numel()) if s.name in wanted else None)
     try:
         with torch.no_grad():
-            graph.model(image[:1])
+            graph.model(image[:1].to(next(graph.model.parameters()).device))
     finally:
         graph.set_tap(None)
         for n, m in modes.items():

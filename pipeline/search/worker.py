@@ -21,6 +21,7 @@ def worker_main(payload: dict[str, Any], index: int) -> None:
     from pipeline.config import TrackingConfig
     from pipeline.errors import PipelineError
     from pipeline.models import load_model
+    from pipeline.runner import select_device
     from pipeline.stages.search import prepare, run_methods
     from pipeline.tracking import Tracker
 
@@ -30,7 +31,7 @@ def worker_main(payload: dict[str, Any], index: int) -> None:
     try:
         fp32 = load_model(cfg.model)
         sensitivity = read_json(payload["sensitivity"]) if payload.get("sensitivity") else None
-        setup = prepare(cfg, fp32, torch.device(payload["device"]), Path(payload["calib_dir"]), sensitivity)
+        setup = prepare(cfg, fp32, select_device(payload["device"]), Path(payload["calib_dir"]), sensitivity)
         tracking = TrackingConfig(**{k: v for k, v in dict(cfg.tracking).items() if k in TrackingConfig.__dataclass_fields__})
         tracker = Tracker.attach(tracking, payload.get("run_id"))
         run_methods(cfg, fp32, setup, payload["storage"], tracker)

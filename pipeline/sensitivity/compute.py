@@ -220,8 +220,8 @@ def weight_noise(probe: SensitivityProbe, name: str, b: int, settings: Sensitivi
     noisy = w + _unit_noise(w.shape, settings.noise, gen).to(w.device) * step
     if settings.noise_clip:
         qmin, qmax = qrange(b, probe.specs[name].signed)
-        ends = divide_by_storage_factor(torch.stack(torch.broadcast_tensors((qmin - zero_point) * scale, (qmax - zero_point) * scale)), factor)
-        noisy = torch.maximum(torch.minimum(noisy, ends.amax(0)), ends.amin(0))  # a negative LayerScale row swaps the ends
+        low, high = (divide_by_storage_factor((q - zero_point) * scale, factor) for q in (qmin, qmax))
+        noisy = torch.maximum(torch.minimum(noisy, torch.maximum(low, high)), torch.minimum(low, high))  # a negative LayerScale row swaps the ends
     return noisy
 
 
@@ -346,7 +346,7 @@ def hessian_traces(probe: SensitivityProbe, batches: list[Tensor], labels: list[
             w = len(wparams)
             for acc, names, part in ((acc_w, probe.weights, slice(0, w)), (acc_a, acts, slice(w, None))):
                 for n, t, se, d in zip(names, result.traces[part], result.stderr[part], result.diag[part]):
-                    entry = acc.setdefault(n, {"trace": 0.0, "var": 0.0, "diag": torch.zeros_like(d, dtype=torch.float64)})
+                    entry = acc.setdefault(n, {"trace": 0.0, "var": 0.0, "diag": torch.zeros_like(d, dtype=torch.float64, device="cpu")})
                     entry["trace"] += t / len(batches)
                     entry["var"] += (se / len(batches)) ** 2  # batches are independent draws
                     entry["diag"] = entry["diag"] + d.double().cpu() / len(batches)

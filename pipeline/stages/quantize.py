@@ -2,7 +2,8 @@
 
 Writes `quantize/state.safetensors` + `quantize/index.json` (the bound width of
 every site, in the calibration-state format, plus every weight's integer codes as the
-NPU stores them, `<weight site>/<bits>/codes`) and `quantize/sites.json` (per-site
+NPU stores them, `<weight site>/<bits>/codes`, and each layer's integer bias on its accumulator's
+step, `<weight site>/<bits>/bias_codes` (int32) and `bias_step`) and `quantize/sites.json` (per-site
 spec, width, qmin/qmax, fold target). `load_quantized()` rebuilds the quantized
 model from these files for the later stages: weights from their stored codes, with no
 new range search or GPTQ pass, so what later stages run is what was saved.
@@ -15,9 +16,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
+
 from pipeline.artifacts import read_json, write_json
 from pipeline.errors import PipelineError
-from pipeline.quant.calibration import CODES_KEY, INDEX_FILE, CalibState, bind, check_calibrated, check_model, describe_bound, stored_weight_codes
+from pipeline.quant.calibration import BIAS_CODES_KEY, CODES_KEY, INDEX_FILE, CalibState, bind, check_calibrated, check_model, describe_bound, stored_weight_codes
 from pipeline.quant.recipe import SiteSpec, resolve_recipe
 from pipeline.quant.sites import SiteGraph, attach_sites
 from pipeline.runner import StageContext
@@ -46,6 +49,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
         selected.index["sites"][name] = {"role": site.role, "bits": [site.bits] if site.mode == "quant" else []}
         if site.mode == "quant" and site.role == "weight":
             selected.tensors[f"{name}/{site.bits}/{CODES_KEY}"] = stored_weight_codes(graph, name).cpu()
+            bias = graph.module(name.rsplit(".", 1)[0]).bias_codes()
+            if bias is not None:
+                selected.tensors[f"{name}/{site.bits}/{BIAS_CODES_KEY}"] = bias[0].to(torch.int32).cpu()
+                selected.tensors[f"{name}/{site.bits}/bias_step"] = bias[1].float().cpu()
     selected.save(ctx.out_dir)
     sites = describe_bound(graph, specs)
     write_json(ctx.out_dir / "sites.json", sites)
