@@ -28,6 +28,7 @@ register_resolvers()
 register_configs()
 log = logging.getLogger("pipeline")
 _sweep = {"jobs": 0, "failed": []}  # this process's multirun jobs (the CLI's own record, read after the sweep)
+_signalled: list[str] = []  # SIGTERM received (a library may turn the KeyboardInterrupt into another error)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -51,6 +52,8 @@ def main(cfg: DictConfig) -> None:
     except KeyboardInterrupt:
         _fail(run_dir, kept, "interrupted (SIGTERM or Ctrl-C): the running stage left nothing behind", 130)
     except Exception:  # a bug, not bad input: clean up, then Hydra prints the traceback
+        if _signalled or _interrupt_in_chain(sys.exc_info()[1]):
+            _fail(run_dir, kept, "interrupted (SIGTERM or Ctrl-C): the running stage left nothing behind", 130)
         if multirun:
             _fail_job(run_dir, kept, None)
         else:
@@ -61,7 +64,20 @@ def main(cfg: DictConfig) -> None:
 
 
 def _interrupt(signum: int, frame) -> None:
+    _signalled.append(signal.Signals(signum).name)
     raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _interrupt_in_chain(error: BaseException | None) -> bool:
+    """Whether a KeyboardInterrupt caused `error`: Optuna, stopped inside its bookkeeping, can raise an
+    error of its own while handling the interrupt (an UnboundLocalError in Optuna 5.0's trial loop)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _fail(run_dir: Path, kept: frozenset[str], message: str, code: int) -> None:

@@ -43,10 +43,18 @@ def fake_metrics(widths: dict, delay: float = 0.0) -> dict:
     return {"kl": kl, "agreement": 1 - kl / 10, "top1": 0.5, "loss": 1.0, "eval_s": delay}
 
 
-def run(storage_url: str, study: str, method: str, trials: int, delay: float = 0.0, log_path: str | None = None, heartbeat_s: int = 1):
+def run(storage_url: str, study: str, method: str, trials: int, delay: float = 0.0, log_path: str | None = None, heartbeat_s: int = 1, interrupt_at: int | None = None):
+    """`interrupt_at`: the evaluation (1, 2, ...) that raises KeyboardInterrupt, as Ctrl-C or SIGTERM would."""
     from pipeline.search.study import open_storage, run_method
 
     space = fake_space()
+    calls = []
+
+    def evaluate(widths: dict) -> dict:
+        calls.append(1)
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt("SIGTERM")
+        return fake_metrics(widths, delay)
 
     def on_trial(record, space, study_name):
         if log_path:
@@ -54,7 +62,7 @@ def run(storage_url: str, study: str, method: str, trials: int, delay: float = 0
                 f.write(json.dumps({"pid": os.getpid(), "trial": record.number, "duplicate_of": record.duplicate_of, "cost": record.cost}) + "\n")
 
     storage = open_storage(storage_url, heartbeat_s)
-    return run_method(method, storage, study, "fake", space, lambda w: fake_metrics(w, delay), BUDGET, "kl", trials, fake_sensitivity(space), "noise_kl", 2, 3, 0.5, 2, 0, on_trial)
+    return run_method(method, storage, study, "fake", space, evaluate, BUDGET, "kl", trials, fake_sensitivity(space), "noise_kl", 2, 3, 0.5, 2, 0, on_trial)
 
 
 if __name__ == "__main__":

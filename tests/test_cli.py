@@ -113,3 +113,20 @@ def test_sweep_functions_and_interpolations_of_stages_are_left_to_hydra():
 
     assert check_overrides(["stages=choice([calibrate],[evaluate])", "stages=${oc.env:STAGES}"]) is None
     assert "unknown stage 'evalute'" in check_overrides(["stages=[evaluate,evalute]"])
+
+
+def test_an_error_raised_while_handling_an_interrupt_counts_as_the_interrupt():
+    """Optuna 5.0, interrupted inside its own bookkeeping, raises UnboundLocalError from its `finally`:
+    the CLI must still end with its one interrupt line (exit 130), not a traceback."""
+    from pipeline.__main__ import _interrupt_in_chain
+
+    def optuna_like():
+        try:
+            raise KeyboardInterrupt("SIGTERM")
+        finally:
+            raise UnboundLocalError("cannot access local variable 'updated_state'")
+
+    with pytest.raises(UnboundLocalError) as caught:
+        optuna_like()
+    assert _interrupt_in_chain(caught.value)
+    assert not _interrupt_in_chain(ValueError("a bug")) and not _interrupt_in_chain(None)

@@ -250,9 +250,29 @@ def test_resume_keeps_completed_trials_and_continues_to_a_larger_count(tmp_path)
     assert {r.number for r in first.records} <= {r.number for r in more.records}
 
 
-def _worker(tmp_path: Path, url: str, study: str, trials: int, delay: float, log: Path) -> subprocess.Popen:
+def _worker(tmp_path: Path, url: str, study: str, trials: int, delay: float, log: Path, method: str = "random") -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "tests.fake_search", url, study, "random", str(trials), str(delay), str(log)], cwd=PROJECT_ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "tests.fake_search", url, study, method, str(trials), str(delay), str(log)], cwd=PROJECT_ROOT, env=env, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("method, interrupt_at", [("greedy", 3), ("prior", 1)])  # a greedy step; the first prior seed
+def test_a_step_or_seed_stopped_by_an_interrupt_is_run_again_on_resume(tmp_path, method, interrupt_at):
+    """Ctrl-C or SIGTERM inside a trial fails it; resuming must enqueue that step or seed again (Optuna's
+    skip_if_exists matched the failed trial: the greedy loop then spun for ever, and the seed was lost)."""
+    import optuna
+
+    url = f"sqlite:///{tmp_path}/o.db"
+    with pytest.raises(KeyboardInterrupt):
+        fake_search.run(url, "stopped", method, 8, interrupt_at=interrupt_at)
+    trials = optuna.load_study(study_name="stopped", storage=url).get_trials(deepcopy=False)
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].system_attrs.get("fixed_params")  # an enqueued step or seed
+    resume = _worker(tmp_path, url, "stopped", 8, 0.0, tmp_path / "log.jsonl", method)  # a subprocess: the old code hung here
+    _, err = resume.communicate(timeout=120)
+    assert resume.returncode == 0, err
+    trials = optuna.load_study(study_name="stopped", storage=url).get_trials(deepcopy=False)
+    complete = [t.system_attrs.get("fixed_params") for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert failed[0].system_attrs["fixed_params"] in complete
 
 
 def _log(path: Path) -> list[dict]:
@@ -423,11 +443,17 @@ def test_stage_end_to_end_with_sensitivity_computed_first(tmp_path, tiny_overrid
         (["search.prior_temperature=0"], "search.prior_temperature must be > 0, got 0"),
         (["search.storage=notaurl"], "search.storage=notaurl: not a usable database URL"),
         (["search.storage=nodb://host/x"], "search.storage=nodb://host/x: not a usable database URL"),
+        (["search.storage=sqlite:///{tmp}/file.db/sub/o.db"], r"cannot make the folder .*file\.db/sub \(.*file\.db is not a writable folder\)"),
+        (["search.storage=sqlite:///{tmp}/mlflow.db", "tracking.uri=sqlite:///{tmp}/mlflow.db"], "is the MLflow tracking store's database"),
+        (["search.budget=inf"], "search.budget must be a finite number > 0, got inf"),
+        (["search.seeds=-1"], "search.seeds must be >= 0, got -1"),
     ],
 )
 def test_bad_search_config_fails_before_any_run(tmp_path, tiny_overrides, extra, message):
     from pipeline.runner import run_pipeline
 
+    (tmp_path / "file.db").write_text("")  # a file where the storage wants a folder
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
     with pytest.raises(PipelineError, match=message):
         run_pipeline(compose(search_overrides(tiny_overrides, tmp_path, "stages=[calibrate,search]", *extra)), tmp_path / "run")
     assert not (tmp_path / "run").exists()
@@ -518,3 +544,63 @@ def test_a_rerun_resumes_its_study_and_another_seed_gets_its_own(tmp_path, tiny_
     first, again, other = random_run("first"), random_run("again"), random_run("other", "search.seed=1")
     assert first["study"] == again["study"] and again["evaluated_here"] == 0  # the same study: nothing left to do
     assert other["study"] != first["study"] and other["evaluated_here"] == 2  # a sweep over seeds shares no trials
+
+
+def test_prior_and_greedy_studies_are_keyed_on_the_sensitivity_scores_random_ones_not():
+    """Other scores make other priors: a study run with them must not resume one made with the first."""
+    import copy
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from pipeline.stages.search import fingerprint, scores_digest
+
+    space = fake_search.fake_space()
+    scores = fake_search.fake_sensitivity(space)
+    doubled, jittered = copy.deepcopy(scores), copy.deepcopy(scores)
+    doubled["sites"]["s3"]["scores"]["noise_kl"]["8"] *= 2
+    jittered["sites"]["s3"]["scores"]["noise_kl"]["8"] *= 1 + 1e-12  # a recomputation's last bits
+    assert scores_digest(scores) != scores_digest(doubled) and scores_digest(scores) == scores_digest(jittered)
+    cfg = OmegaConf.create({"search": {"seed": 0, "prior": "noise_kl", "seeds": 2, "n_startup": 3, "prior_temperature": 0.5, "greedy_width": 2, "objective": "kl", "budget": 1.3}})
+    fp32 = SimpleNamespace(fingerprint="fake")
+
+    def key(sensitivity, method):
+        setup = SimpleNamespace(specs={}, state=SimpleNamespace(index={"meta": {}}), space=space, search_key="k", sensitivity=sensitivity)
+        return fingerprint(cfg, fp32, setup, method)
+
+    for method in ("prior", "greedy"):
+        assert key(scores, method) != key(doubled, method)
+    assert key(scores, "random") == key(doubled, "random") and "scores" not in key(scores, "random")
+
+
+def test_a_worker_whose_parent_is_gone_interrupts_itself():
+    """A search worker orphaned by a SIGKILL of the stage's process stops (its trial fails and is rerun
+    on resume) instead of running the study to its end under a stage run no one closes."""
+    from pipeline.search.worker import stop_when_orphaned
+
+    with pytest.raises(KeyboardInterrupt):
+        stop_when_orphaned(parent=os.getppid() + 1_000_000, poll_s=0.01)  # not our parent: as if it had died
+        for _ in range(500):
+            time.sleep(0.01)
+
+
+def test_optuna_does_not_log_an_interrupted_trial_as_a_failure_with_its_traceback():
+    import logging
+
+    from pipeline.search.study import _quiet_optuna
+
+    _quiet_optuna()
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    log = logging.getLogger("optuna.study._optimize")
+    log.addHandler(handler)
+    try:
+        for error in (KeyboardInterrupt("SIGTERM"), ValueError("a real failure")):
+            try:
+                raise error
+            except BaseException:
+                log.warning("Trial 3 failed: %r", error, exc_info=sys.exc_info())
+    finally:
+        log.removeHandler(handler)
+    assert seen == ["Trial 3 failed: ValueError('a real failure')"]

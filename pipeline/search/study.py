@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from pipeline import PROJECT_ROOT
@@ -57,30 +59,60 @@ def _quiet_optuna() -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optimize_log = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, _DropInterrupts) for f in optimize_log.filters):
+        optimize_log.addFilter(_DropInterrupts())
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message=".*Heartbeat of storage.*")
 
 
-def check_storage_url(url: str) -> None:
-    """One clear error unless SQLAlchemy can parse `url` and has its driver (nothing is connected or created)."""
+class _DropInterrupts(logging.Filter):
+    """Optuna logs a trial stopped by Ctrl-C or SIGTERM as a failure, with the whole traceback; the
+    pipeline's one `error: interrupted` line says it already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.exc_info[0] is not None and issubclass(record.exc_info[0], KeyboardInterrupt))
+
+
+def check_storage_url(url: str, tracking_url: str | None = None) -> None:
+    """One clear error unless SQLAlchemy can parse `url` and has its driver, a SQLite file's folder can
+    be made, and the file is not the MLflow store's (`tracking_url`). Nothing is connected or created."""
     import sqlalchemy
 
     try:
         sqlalchemy.create_engine(url).dispose()
     except Exception as e:  # unparsable URL, unknown dialect, missing driver module
         raise PipelineError(f"search.storage={url}: not a usable database URL: {str(e).splitlines()[0][:200]}") from None
+    path = sqlite_path(url)
+    if path is None:
+        return
+    if tracking_url and sqlite_path(tracking_url) == path:
+        raise PipelineError(f"search.storage={url} is the MLflow tracking store's database: give Optuna a file of its own")
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PipelineError(f"search.storage={url}: cannot make the folder {path.parent} ({ancestor} is not a writable folder)")
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The resolved file of a `sqlite:///` URL, None for other databases (and in-memory SQLite)."""
+    if not url.startswith("sqlite:///") or url.removeprefix("sqlite:///") in ("", ":memory:"):
+        return None
+    return Path(url.removeprefix("sqlite:///")).expanduser().resolve()
 
 
 def open_storage(url: str, heartbeat_s: int = 5):
     """An RDBStorage with heartbeats; one clear error if the URL cannot be opened."""
     _quiet_optuna()
-    from pathlib import Path
-
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PipelineError(f"search.storage={url}: cannot make its folder ({e.strerror})") from None
         engine_kwargs = {"connect_args": {"timeout": 120}}
     for attempt in range(6):  # two workers creating one new database race on its schema: the loser retries
         try:
@@ -347,13 +379,22 @@ def run_queue(study, objective: TrialObjective, poll_s: float = 1.0) -> None:
 
 
 def enqueue(study, levels: Levels, source: str) -> None:
-    study.enqueue_trial({k: int(v) for k, v in levels.items()}, user_attrs={"source": source}, skip_if_exists=True)
+    """Enqueue `levels` unless a trial that did not fail already holds them (waiting, running or done).
+
+    A failed trial (a step or seed stopped by Ctrl-C or SIGTERM) is enqueued again; Optuna's own
+    `skip_if_exists` would skip it, and a greedy search would then wait for ever on a step no one runs.
+    """
+    from optuna.trial import TrialState
+
+    params = {k: int(v) for k, v in levels.items()}
+    for t in study.get_trials(deepcopy=False):
+        if t.state != TrialState.FAIL and t.system_attrs.get("fixed_params", t.params) == params:
+            return
+    study.enqueue_trial(params, user_attrs={"source": source})
 
 
 def seed_study(study, seeds: list[tuple[str, Levels]]) -> None:
-    """Enqueue the greedy seeds once per study (the creator does it; a loader only if they are missing)."""
-    if study.user_attrs.get("seeded"):
-        return
+    """Enqueue the greedy seeds: all of them in a new study; later, any whose trial failed (an interrupt)."""
     for source, levels in seeds:
         enqueue(study, levels, source)
     study.set_user_attr("seeded", True)

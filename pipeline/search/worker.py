@@ -2,15 +2,35 @@
 
 Started with the `spawn` method by the search stage; it shares the Optuna storage with the
 stage's own process (and with any other command running the same study), logs its trials
-below the stage's MLflow run, and exits 0 when the studies are complete.
+below the stage's MLflow run, and exits 0 when the studies are complete. Ctrl-C ends it quietly
+(exit 130; the stage's process reports the interrupt), and so does the death of the process that
+started it: an orphan would go on running trials under a stage run that no one closes.
 """
 
 from __future__ import annotations
 
+import _thread
 import logging
+import os
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
+
+
+def stop_when_orphaned(parent: int, poll_s: float = 1.0) -> threading.Thread:
+    """A daemon thread that interrupts the main thread (KeyboardInterrupt) once process `parent` is gone:
+    the worker then has another parent. The trial it was running fails and is run again on resume."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        _thread.interrupt_main()
+
+    thread = threading.Thread(target=watch, name="orphan-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def worker_main(payload: dict[str, Any], index: int) -> None:
@@ -25,6 +45,7 @@ def worker_main(payload: dict[str, Any], index: int) -> None:
     from pipeline.stages.search import prepare, run_methods
     from pipeline.tracking import Tracker
 
+    stop_when_orphaned(int(payload["parent"]))
     logging.basicConfig(level=logging.INFO, format=f"[search worker {index}] %(message)s")
     torch.set_num_threads(max(1, int(payload.get("threads") or 1)))
     cfg = OmegaConf.create(payload["cfg"])
@@ -38,3 +59,5 @@ def worker_main(payload: dict[str, Any], index: int) -> None:
     except PipelineError as e:
         print(f"error: search worker {index}: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -15,7 +15,9 @@ with `hydra.searchpath=[file://<run>/search]`) and `plots/pareto.png`.
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +34,7 @@ from pipeline.quant.sites import SiteGraph, attach_sites
 from pipeline.search.objective import OBJECTIVES, Evaluator, metrics_of
 from pipeline.search.space import TIES, SearchSpace, build_space, calibrated_act_sites, check_act_widths, space_hash
 from pipeline.search.study import METHODS, MethodRun, TrialRecord, check_storage_url, default_storage, open_storage, run_method
+from pipeline.tracking import default_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +56,13 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("trials", "workers", "greedy_width", "heartbeat_s"):
         if int(s[key]) < 1:
             raise PipelineError(f"search.{key} must be >= 1, got {s[key]}")
+    for key in ("seeds", "n_startup"):
+        if int(s[key]) < 0:
+            raise PipelineError(f"search.{key} must be >= 0, got {s[key]}")
     for key in ("act_bits", "weight_bits"):
         check_widths(f"search.{key}", s[key], required=True)
-    if not s.budget > 0:
-        raise PipelineError(f"search.budget must be > 0, got {s.budget}")
+    if not (math.isfinite(s.budget) and s.budget > 0):
+        raise PipelineError(f"search.budget must be a finite number > 0, got {s.budget}")
     if not s.prior_temperature > 0:
         raise PipelineError(f"search.prior_temperature must be > 0, got {s.prior_temperature}")
     if s.weight_cost_weight < 0 or s.act_cost_weight < 0:
@@ -64,7 +70,7 @@ def check_config(cfg: DictConfig) -> None:
     if not cfg.quant.enabled:
         raise PipelineError("search needs a quantization recipe as its base (quant=recommended, naive, ...), not quant=none")
     if s.storage:
-        check_storage_url(s.storage)
+        check_storage_url(s.storage, cfg.tracking.uri or default_tracking_uri())
     if s.method != "random":  # the priors' sensitivity scores may be computed inside the search
         from pipeline.stages.sensitivity import check_config as check_sensitivity
 
@@ -120,7 +126,22 @@ def fingerprint(cfg: DictConfig, fp32, setup: SearchSetup, method: str) -> dict[
         "search_subset": setup.search_key,
         "method": method,
         "sampler": sampler,
+        **({"scores": scores_digest(setup.sensitivity)} if method != "random" else {}),
     }
+
+
+def scores_digest(sensitivity: Mapping[str, Any] | None) -> str | None:
+    """A hash of the per-site sensitivity scores that seeds, biases and repairs the prior and greedy
+    searches, to 6 significant digits (a recomputation that differs in the last bits still resumes)."""
+    if sensitivity is None:
+        return None
+
+    def rounded(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {str(k): rounded(v) for k, v in value.items()}
+        return float(f"{value:.6g}") if isinstance(value, float) else value
+
+    return space_hash({name: rounded(entry.get("scores", {})) for name, entry in sensitivity["sites"].items()})
 
 
 def study_name(cfg: DictConfig, fp32, payload: Mapping[str, Any], method: str, methods: list[str]) -> str:
@@ -225,6 +246,7 @@ def spawn_workers(ctx, calib_dir: Path, sensitivity_path: Path | None, storage_u
         "run_id": ctx.tracker.active_id if ctx.tracker.enabled else None,
         "device": str(ctx.device),
         "threads": torch.get_num_threads(),
+        "parent": os.getpid(),
     }
     mp = multiprocessing.get_context("spawn")
     procs = [mp.Process(target=worker_main, args=(payload, i + 1), daemon=False) for i in range(count)]
