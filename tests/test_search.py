@@ -492,6 +492,13 @@ def test_budget_below_minimum_and_foreign_sensitivity_fail_before_any_trial(tmp_
     with pytest.raises(PipelineError, match="search.sensitivity=.*missing.json: file not found"):
         run_pipeline(compose([*base, "search.method=prior", f"search.sensitivity={tmp_path / 'missing.json'}"]), tmp_path / "missing")
     assert not (tmp_path / "missing").exists()
+    meta = json.loads((tmp_path / "calib/calibrate/index.json").read_text())["meta"]  # this model's scores, without the prior's
+    (tmp_path / "noprior.json").write_text(json.dumps({"meta": {"model": meta["model"]}, "sites": {"blocks.0.attn.sv": {"scores": {"noise_kl": {"8": 1.0}}}}}))
+    with pytest.raises(PipelineError, match=r"search.prior=isolated_kl: the sensitivity scores in .*noprior.json have no 'isolated_kl' \(they have: noise_kl\)"):
+        run_pipeline(compose([*base, "search.method=prior", "search.prior=isolated_kl", f"search.sensitivity={tmp_path / 'noprior.json'}"]), tmp_path / "noprior")
+    with pytest.raises(PipelineError, match="search.prior=isolated_kl needs the isolated measurement"):
+        run_pipeline(compose([*base, "search.method=greedy", "search.prior=isolated_kl", "sensitivity.isolated=false"]), tmp_path / "noisolated")
+    assert mlflow_runs() == opened
     # The search subset is cut from the back of the calibration's own permutation: another seed cannot say
     # which images the calibration used, and a calibration over the whole split leaves none.
     with pytest.raises(PipelineError, match="drawn with data.seed=0, this run has 1"):

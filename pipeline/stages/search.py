@@ -328,8 +328,14 @@ def check_inputs(ctx, specs) -> None:
     _check_calibration_fits(ctx, specs)
     _check_budget(ctx, specs)
     path = _given_sensitivity(ctx)
+    s = ctx.cfg.search
     if path is not None:
-        _read_sensitivity(ctx, path)
+        data = _read_sensitivity(ctx, path)
+        have = sorted({m for entry in data["sites"].values() for m in (entry.get("scores") or {})})
+        if s.method != "random" and s.prior not in have:
+            raise PipelineError(f"search.prior={s.prior}: the sensitivity scores in {path} have no '{s.prior}' (they have: {', '.join(have) or 'none'})")
+    elif s.method != "random" and s.prior.startswith("isolated_") and not ctx.cfg.sensitivity.isolated:
+        raise PipelineError(f"search.prior={s.prior} needs the isolated measurement: set sensitivity.isolated=true, or choose another prior")
 
 
 def run(ctx) -> dict[str, Any]:
