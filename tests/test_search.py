@@ -268,7 +268,12 @@ def test_a_step_or_seed_stopped_by_an_interrupt_is_run_again_on_resume(tmp_path,
     failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
     assert len(failed) == 1 and failed[0].system_attrs.get("fixed_params")  # an enqueued step or seed
     resume = _worker(tmp_path, url, "stopped", 8, 0.0, tmp_path / "log.jsonl", method)  # a subprocess: the old code hung here
-    _, err = resume.communicate(timeout=120)
+    try:
+        _, err = resume.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        resume.kill()
+        resume.communicate()
+        raise
     assert resume.returncode == 0, err
     trials = optuna.load_study(study_name="stopped", storage=url).get_trials(deepcopy=False)
     complete = [t.system_attrs.get("fixed_params") for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
