@@ -28,6 +28,7 @@ register_resolvers()
 register_configs()
 log = logging.getLogger("pipeline")
 _sweep = {"jobs": 0, "failed": []}  # this process's multirun jobs (the CLI's own record, read after the sweep)
+INTERRUPTED = "interrupted (SIGTERM or Ctrl-C): the running stage left nothing behind"
 _signalled: list[str] = []  # SIGTERM received (a library may turn the KeyboardInterrupt into another error)
 
 
@@ -50,10 +51,10 @@ def main(cfg: DictConfig) -> None:
         _fail_job(run_dir, kept, f"job #{hydra_cfg.job.num}: {_one_line(str(e))}")
         return
     except KeyboardInterrupt:
-        _fail(run_dir, kept, "interrupted (SIGTERM or Ctrl-C): the running stage left nothing behind", 130)
+        _fail(run_dir, kept, INTERRUPTED, 130)
     except Exception:  # a bug, not bad input: clean up, then Hydra prints the traceback
         if _signalled or _interrupt_in_chain(sys.exc_info()[1]):
-            _fail(run_dir, kept, "interrupted (SIGTERM or Ctrl-C): the running stage left nothing behind", 130)
+            _fail(run_dir, kept, INTERRUPTED, 130)
         if multirun:
             _fail_job(run_dir, kept, None)
         else:

@@ -234,11 +234,8 @@ class QuantLinear(nn.Linear, _SiteOwner):
         if integer is None:
             return self.bias
         codes, step = integer
-        stored = codes.double() * step
-        if self.layer_scale is not None:  # 0 where gamma is 0: that row's output is multiplied by 0
-            gamma = self.layer_scale.gamma.detach().double()
-            stored = torch.where(gamma == 0, torch.zeros_like(stored), stored / gamma)
-        return stored.to(self.bias.dtype)
+        gamma = None if self.layer_scale is None else self.layer_scale.gamma.detach().double()
+        return divide_by_storage_factor(codes.double() * step, gamma).to(self.bias.dtype)  # back from the stored rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_site is not None:

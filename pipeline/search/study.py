@@ -109,8 +109,10 @@ def open_storage(url: str, heartbeat_s: int = 5):
 
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:///"):
+        path = sqlite_path(url)
         try:
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise PipelineError(f"search.storage={url}: cannot make its folder ({e.strerror})") from None
         engine_kwargs = {"connect_args": {"timeout": 120}}
