@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 
-def stop_when_orphaned(parent: int, poll_s: float = 1.0) -> threading.Thread:
+def stop_when_orphaned(parent: int, poll_s: float = 1.0, stop=_thread.interrupt_main) -> threading.Thread:
     """A daemon thread that interrupts the main thread (KeyboardInterrupt) once process `parent` is gone:
     the worker then has another parent. The trial it was running fails and is run again on resume."""
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
-        _thread.interrupt_main()
+        stop()
 
     thread = threading.Thread(target=watch, name="orphan-watch", daemon=True)
     thread.start()
