@@ -187,11 +187,9 @@ class SiteStats:
         if ref.shape != test.shape:
             raise ValueError(f"ref {tuple(ref.shape)} and test {tuple(test.shape)} differ in shape")
         r, t = ref.float(), test.float()
-        if self.token_dim != -1:
-            r, t = r.movedim(self.token_dim, -1), t.movedim(self.token_dim, -1)
         d = torch.sub(r, t, out=self.workspace.like(r)) if self.workspace is not None else r - t
-        norm = torch.linalg.vector_norm
-        per_token = torch.stack([norm(r, dim=-1), norm(d, dim=-1), norm(t, dim=-1)])  # norms: one fast reduction each
+        norm, dim = torch.linalg.vector_norm, self.token_dim  # reduced where it lies (moving it last made strided copies)
+        per_token = torch.stack([norm(r, dim=dim), norm(d, dim=dim), norm(t, dim=dim)])  # norms: one fast reduction each
         self._tokens.append(per_token.reshape(3, -1))
         if self.hist_range is None:
             self._set_range(r, t)
@@ -213,14 +211,9 @@ class SiteStats:
         return counts if total is None else total.add_(counts)
 
     def _set_range(self, r: Tensor, t: Tensor) -> None:
-        """The bins, from [min, max] over ref and test (test's from its used code values when known): one host sync."""
+        """The bins, from [min, max] over ref and test: one host sync."""
         lo, hi = torch.aminmax(r)
-        if self._values is None:
-            tlo, thi = torch.aminmax(t)
-        else:
-            used = self._codes.view(self._code_shape) > 0
-            values = self._values.expand_as(used)
-            tlo, thi = torch.where(used, values, math.inf).min(), torch.where(used, values, -math.inf).max()
+        tlo, thi = torch.aminmax(t)
         lo, hi = torch.stack([torch.minimum(lo, tlo), torch.maximum(hi, thi)]).tolist()
         most = self.bins or min(HIST_BINS, max(8, math.isqrt(r.numel())))
         grid = self.grid
