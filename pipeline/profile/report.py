@@ -25,7 +25,7 @@ from typing import Any, Collection, Mapping, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, NullLocator
 
 from pipeline.artifacts import atomic_path, json_number, write_json, write_text
 from pipeline.profile.flags import FLAGS, Thresholds, flag_counts, flags_by_role
@@ -182,6 +182,7 @@ def plot_histogram(row: Mapping[str, Any], hist: Mapping[str, Any]) -> bytes:
     ax.stairs(test.clamp_min(floor).tolist(), edges, label="quantized", color="tab:orange", linewidth=1.0)
     ax.set_yscale("log")
     ax.set_ylim(bottom=floor)
+    ax.yaxis.set_minor_locator(NullLocator())  # a log axis's minor ticks are most of the drawing time
     flags = ", ".join(row.get("flags") or []) or "no flag"
     ax.set_title(f"{row['site']}  SQNR {_cell(row.get('sqnr_db'))} dB  ({flags})", fontsize=9)
     ax.set_xlabel(hist.get("axis", "value"), fontsize=8)
