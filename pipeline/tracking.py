@@ -32,12 +32,19 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{PROJECT_ROOT / 'mlruns' / 'mlflow.db'}"
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file a `sqlite:///` URL opens, resolved as SQLAlchemy resolves it (against the current
+    folder; `~` is not expanded); None for other databases and in-memory SQLite."""
+    if not url.startswith("sqlite:///") or url.removeprefix("sqlite:///") in ("", ":memory:"):
+        return None
+    return Path(url.removeprefix("sqlite:///")).resolve()
+
+
 def artifact_root(uri: str) -> str | None:
     """Where a new experiment keeps its artifacts: beside a SQLite store's database file (MLflow's own
     default is ./mlruns under the current directory), else the store's default (a server decides)."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "artifacts").as_uri()
-    return None
+    path = sqlite_path(uri)
+    return None if path is None else (path.parent / "artifacts").as_uri()
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -97,8 +104,9 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         try:
-            if self.uri.startswith("sqlite:///"):
-                Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            path = sqlite_path(self.uri)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
             mlflow.set_tracking_uri(self.uri)
             client = MlflowClient(self.uri)
             exp = client.get_experiment_by_name(self.cfg.experiment)

@@ -284,6 +284,21 @@ def _log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def test_sqlite_storage_opens_where_sqlalchemy_puts_the_file(tmp_path, monkeypatch):
+    import sqlalchemy
+
+    from pipeline.search.study import open_storage
+    from pipeline.tracking import sqlite_path
+
+    monkeypatch.chdir(tmp_path)
+    url = "sqlite:///~/nested/o.db"  # SQLAlchemy does not expand ~: the file is ./~/nested/o.db
+    engine = sqlalchemy.create_engine(url)
+    assert sqlite_path(url) == Path(engine.dialect.create_connect_args(engine.url)[0][0])
+    assert sqlite_path("sqlite:///:memory:") is None and sqlite_path("postgresql://h/db") is None
+    open_storage(url)
+    assert (tmp_path / "~" / "nested" / "o.db").is_file()
+
+
 def test_two_workers_on_one_sqlite_storage_share_the_trials(tmp_path):
     url = f"sqlite:///{tmp_path}/o.db"
     log = tmp_path / "log.jsonl"

@@ -37,7 +37,6 @@ import random
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from pipeline import PROJECT_ROOT
@@ -45,6 +44,7 @@ from pipeline.errors import PipelineError
 from pipeline.search.goal import better, direction_of
 from pipeline.search.priors import Priors, greedy_fill, raise_probabilities, repair
 from pipeline.search.space import Levels, SearchSpace
+from pipeline.tracking import sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +93,6 @@ def check_storage_url(url: str, tracking_url: str | None = None) -> None:
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
         raise PipelineError(f"search.storage={url}: cannot make the folder {path.parent} ({ancestor} is not a writable folder)")
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The resolved file of a `sqlite:///` URL, None for other databases (and in-memory SQLite)."""
-    if not url.startswith("sqlite:///") or url.removeprefix("sqlite:///") in ("", ":memory:"):
-        return None
-    return Path(url.removeprefix("sqlite:///")).expanduser().resolve()
 
 
 def open_storage(url: str, heartbeat_s: int = 5):
