@@ -14,13 +14,13 @@ from safetensors import safe_open
 
 from pipeline.artifacts import read_tensors
 from pipeline.errors import PipelineError
-from pipeline.profile.codes import code_counts, code_index, code_plan, code_steps, column_values, count_axis, level_counts
+from pipeline.profile.codes import code_counts, code_index, code_plan, code_steps, column_values, count_axis, level_counts, levels_in_use
 from pipeline.profile.dump import Capture, check_trace, resolve_dump, trace_site, write_dump
 from pipeline.profile.flags import Thresholds, flag_counts, flag_rows, site_flags
-from pipeline.profile.metrics import bit_utilization, compute_site_metrics, histogram_kl, saturation_from_values, sqnr_db
+from pipeline.profile.metrics import bit_utilization, compute_site_metrics, histogram_kl, saturation_from_values, sqnr_db, token_cosine
 from pipeline.profile.profiler import hist_grid, observe_site
 from pipeline.profile.series import series_keys
-from pipeline.profile.stats import SiteStats, spread_sample
+from pipeline.profile.stats import SiteStats, spread_sample, token_norms
 from pipeline.quant.quantizers import fake_log2_quantize, fake_quantize, log2_quantize, quantize, round_to_int
 from pipeline.quant.recipe import SiteSpec
 from pipeline.quant.calibration import bind
@@ -151,6 +151,35 @@ def test_channel_levels_count_out_of_the_levels_a_channel_can_reach():
     r = stats.result(8)
     assert r["channel_level_pct"] == pytest.approx(50.0)  # channels use 4, 2 and 1 of 4 reachable levels: median 2/4
     assert r["level_pct"] == pytest.approx(100 * 4 / 256)  # the tensor's share stays out of 2^bits
+
+
+def test_levels_in_use_count_a_clipped_end_once():
+    # columns: [clipped low, codes 0..3, clipped high]
+    counts = torch.tensor([
+        [2, 0, 1, 0, 0, 0],  # clipped low lands on code 0, unused otherwise: codes 0 and 1
+        [2, 5, 1, 0, 0, 0],  # code 0 used already: still 2
+        [0, 0, 0, 0, 0, 3],  # only clipped high: code 3
+        [0, 0, 0, 0, 4, 1],  # code 3 used already: 1
+        [0, 0, 0, 0, 0, 0],  # an empty channel: 0
+    ])
+    assert levels_in_use(counts).tolist() == [2, 2, 1, 1, 0]
+    g = torch.Generator().manual_seed(0)
+    counts = torch.randint(0, 3, (64, 10), generator=g) * (torch.rand(64, 10, generator=g) < 0.4)
+    assert torch.equal(levels_in_use(counts), (level_counts(counts) > 0).sum(1))
+
+
+def test_token_norms_along_the_channels_of_an_image_batch():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 5, 7, generator=g)  # vectors: the 3 colour channels of each pixel
+    assert torch.allclose(token_norms(images, 1), torch.linalg.vector_norm(images, dim=1), rtol=1e-6)
+    tokens = torch.randn(2, 5, 8, generator=g)
+    assert torch.equal(token_norms(tokens, -1), torch.linalg.vector_norm(tokens, dim=-1))
+    test = images + 0.1 * torch.randn(images.shape, generator=g)
+    stats = SiteStats(token_dim=1)
+    stats.add_pair(images, test)
+    cos_mean, cos_min = token_cosine(images, test, dim=1)
+    assert stats.result()["cos_mean"] == pytest.approx(cos_mean, rel=1e-6)
+    assert stats.result()["cos_min"] == pytest.approx(cos_min, rel=1e-6)
 
 
 def test_streaming_stats_match_the_metric_functions():

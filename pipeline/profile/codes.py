@@ -154,6 +154,18 @@ def level_counts(counts: Tensor) -> Tensor:
     return levels
 
 
+def levels_in_use(counts: Tensor) -> Tensor:
+    """Distinct stored codes per row of a (K, L + 2) code histogram: (K,) int64.
+
+    The same as counting the nonzero entries of `level_counts(counts)` per row, without building it:
+    a clipped column adds a level only where its end code (qmin / qmax) was not used already.
+    """
+    inner = counts[:, 1:-1]
+    extra = (counts[:, 0] > 0) & (inner[:, 0] == 0)
+    extra = extra.long() + ((counts[:, -1] > 0) & (inner[:, -1] == 0))
+    return torch.count_nonzero(inner, dim=1) + extra
+
+
 def column_values(site: Site, device: torch.device | None = None) -> Tensor:
     """The dequantized value of every column of `code_counts`: (K, L + 2) float32, K = channels or 1.
 
