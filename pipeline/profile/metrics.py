@@ -162,13 +162,11 @@ def cosine_from_dots(dot: Tensor, norm_ref: Tensor, norm_test: Tensor) -> Tensor
     Zero-vector conventions as in :func:`token_cosine`: both zero -> 1.0,
     exactly one zero -> 0.0.  Unitless.
     """
-    r_zero, t_zero = norm_ref == 0, norm_test == 0
-    # Denominator is replaced by 1 where either norm is zero; those entries
-    # are overwritten below, this only avoids a 0/0.
-    denom = torch.where(r_zero | t_zero, torch.ones_like(dot), norm_ref * norm_test)
-    cos = (dot / denom).clamp(-1.0, 1.0)
-    cos = torch.where(r_zero & t_zero, torch.ones_like(cos), cos)
-    return torch.where(r_zero ^ t_zero, torch.zeros_like(cos), cos)
+    denom = norm_ref * norm_test
+    # Where a norm is zero: 1.0 if both are (then they are equal), else 0.0; the quotient's 0/0 or
+    # x/0 there is discarded by the where. A NaN norm gives a NaN cosine, as it should.
+    zero_case = (norm_ref == norm_test).to(dot.dtype)
+    return torch.where(denom == 0, zero_case, (dot / denom).clamp(-1.0, 1.0))
 
 
 def histogram_kl(ref: Tensor, test: Tensor, bins: int = 256, eps: float = 1e-10) -> float:
