@@ -14,6 +14,7 @@ from pipeline.profile.metrics import (
     argmax_agreement,
     bit_utilization,
     compute_site_metrics,
+    cosine_from_dots,
     histogram_kl,
     logit_kl,
     mse,
@@ -93,6 +94,15 @@ def test_token_cosine_zero_vector_conventions() -> None:
     mean, low = token_cosine(ref, test)
     assert mean == pytest.approx(0.0)
     assert low == pytest.approx(-1.0)
+
+
+def test_cosine_from_dots_per_token_conventions_and_nan() -> None:
+    norm_ref = torch.tensor([0.0, 0.0, 1.0, 2.0, math.nan])
+    norm_test = torch.tensor([0.0, 3.0, 0.0, 2.0, 1.0])
+    dot = torch.tensor([0.0, 0.0, 0.0, -4.0, 1.0])
+    cos = cosine_from_dots(dot, norm_ref, norm_test)
+    assert cos[:4].tolist() == [1.0, 0.0, 0.0, -1.0]  # both zero, one zero, one zero, opposite
+    assert math.isnan(cos[4])  # a NaN is shown, not hidden as a zero-vector case
 
 
 @pytest.mark.parametrize("device", DEVICES)
