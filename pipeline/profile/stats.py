@@ -67,7 +67,7 @@ def token_norms(x: Tensor, dim: int) -> Tensor:
     squaring and summing across that dimension, which runs over contiguous rows; moving the
     dimension last instead would copy the tensor.
     """
-    if x.stride(dim) == 1 or x.shape[dim] == 1:
+    if x.stride(dim) == 1:
         return torch.linalg.vector_norm(x, dim=dim)
     return x.square().sum(dim).sqrt_()
 

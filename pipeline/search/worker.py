@@ -16,10 +16,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
-def stop_when_orphaned(parent: int, poll_s: float = 1.0, stop=_thread.interrupt_main) -> threading.Thread:
+def stop_when_orphaned(parent: int, poll_s: float = 1.0, stop: Callable[[], None] = _thread.interrupt_main) -> threading.Thread:
     """A daemon thread that interrupts the main thread (KeyboardInterrupt) once process `parent` is gone:
     the worker then has another parent. The trial it was running fails and is run again on resume."""
 
