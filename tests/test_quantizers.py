@@ -55,6 +55,24 @@ def test_half_up_float_quirk_just_below_one_half_is_documented():
     assert round_to_int(torch.nextafter(below_half, t(0.0)).reshape(1)).item() == 0.0
 
 
+def test_half_up_on_16_bit_floats_rounds_in_float32():
+    # In bfloat16, 129 + 0.5 is a tie between 129 and 130 and rounds to 130; in float16 the same
+    # happens from 1025. Both lie inside the code range, so 16-bit floats are rounded in float32.
+    for dtype, odd in ((torch.bfloat16, 129.0), (torch.float16, 1025.0)):
+        x = torch.tensor([odd, odd + 2, -odd, 2.5, -2.5], dtype=dtype)
+        rounded = round_to_int(x)
+        assert rounded.dtype == torch.float32
+        assert torch.equal(rounded, t([odd, odd + 2, -odd, 3.0, -2.0]))
+
+
+def test_quantize_refuses_nan_and_saturates_infinities():
+    scale, zp = t(0.1), torch.tensor(3, dtype=torch.int32)
+    codes = quantize(t([-math.inf, 0.0, math.inf]), scale, zp, 16, False)
+    assert codes.dtype == torch.int32 and codes.tolist() == [0, 3, 65535]
+    with pytest.raises(ValueError, match="1 NaN value"):
+        quantize(t([0.0, math.nan]), scale, zp, 16, False)
+
+
 def test_in_place_rounding_overwrites_and_matches():
     x = t([-2.5, -0.5, 0.5, 1.7])
     for mode in ("half_up", "half_even"):

@@ -36,21 +36,26 @@ def round_to_int(x: Tensor, mode: str = "half_up", *, in_place: bool = False) ->
     """Round every element to an integral value; THE one rounding function of the package.
 
     half_up:   floor(x + 0.5), ties go up as NPU hardware does (-2.5 -> -2, -0.5 -> 0, 2.5 -> 3).
-               Evaluated in x's float format, so x + 0.5 is itself rounded: the single float32 value
-               0.5 - 2^-25 (0.49999997) gives 1 instead of 0 (and likewise one value per float format).
-               Fixed-point hardware inputs never hit this; an exact variant would cost extra passes.
+               Evaluated in float32 (float64 stays float64), so x + 0.5 is itself rounded in two
+               places: the single value 0.5 - 2^-25 (0.49999997) gives 1 instead of 0, and an odd
+               integer in [2^23, 2^24) gives itself + 1. Neither is a code: codes lie in
+               [-2^16, 2^16], and every caller clamps to that range after rounding. An exact
+               variant would cost extra passes on the hot path.
     half_even: banker's rounding, ties go to the even neighbour (-2.5 -> -2, 2.5 -> 2, 1.5 -> 2).
 
     Args:
-        x: any shape; integer tensors are converted to float32 first.
+        x: any shape; integer, float16 and bfloat16 tensors are converted to float32 first
+            (in float16, x + 0.5 would already round every odd integer from 1025 up, in bfloat16
+            from 129: inside the code range).
         mode: one of ROUNDING_MODES.
         in_place: overwrite x (a float tensor the caller owns) instead of allocating a result;
             the hot paths (fake_quantize) use it to avoid a full-size temporary.
     Returns:
-        float tensor of x's shape (float32 for integer input) holding integral values; +-inf and NaN pass through.
+        float tensor of x's shape holding integral values (float32 for integer, float16 and
+        bfloat16 input); +-inf and NaN pass through.
     """
     check_rounding_mode(mode)
-    if not x.is_floating_point():
+    if not x.is_floating_point() or x.dtype in _LOW_PRECISION_FLOATS:
         x, in_place = x.to(torch.float32), True  # the conversion is already a fresh tensor
     if mode == "half_even":
         return x.round_() if in_place else torch.round(x)
@@ -296,11 +301,14 @@ def quantize(
 ) -> Tensor:
     """Integer codes clamp(round_to_int(x / scale) + zp, qmin, qmax) with dtype int_dtype(bits, signed).
 
-    Shapes and axis as in fake_quantize; values beyond the range saturate at qmin / qmax.
+    Shapes and axis as in fake_quantize; values beyond the range saturate at qmin / qmax (+-inf
+    included). A NaN has no code: ValueError (fake_quantize passes NaN through instead).
     """
     qmin, qmax = qrange(bits, signed)
     scale, zero_point = broadcast_qparams(x, scale, zero_point, axis)
     codes = rounded_quotient(x, scale, rounding)
+    if codes.isnan().any():
+        raise ValueError(f"quantize: x holds {int(codes.isnan().sum())} NaN value(s), which have no integer code")
     codes.add_(zero_point.to(codes.dtype)).clamp_(qmin, qmax)
     return codes.to(int_dtype(bits, signed))
 
