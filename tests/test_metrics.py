@@ -23,6 +23,7 @@ from pipeline.profile.metrics import (
     sqnr_db,
     token_cosine,
     topk_hit_rate,
+    topk_hit_rates,
 )
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -205,6 +206,22 @@ def test_topk_hit_rate_k1_and_k5() -> None:
     assert topk_hit_rate(ref, test, k=1) == pytest.approx(2.0 / 3.0)
     assert topk_hit_rate(ref, test, k=5) == pytest.approx((1.0 + 0.0 + 0.6) / 3.0)
     assert argmax_agreement(ref, test) == pytest.approx(2.0 / 3.0)
+
+
+def test_topk_hit_rate_splits_ties_in_the_quantized_row_fairly() -> None:
+    # The FP32 argmax (index 0 or 1) ties with the other on the quantized maximum: half a hit either
+    # way, whatever the index order (torch.topk alone would give 1.0 for one order and 0.0 for the other).
+    ref = torch.tensor([[0.31, 0.30, 0.10, 0.05, 0.02, 0.01, 0.01], [0.30, 0.31, 0.10, 0.05, 0.02, 0.01, 0.01]])
+    test = torch.tensor([[0.25, 0.25, 0.125, 0.0625, 0.0, 0.0, 0.0]] * 2)
+    assert topk_hit_rate(ref, test, k=1) == pytest.approx(0.5)
+    # k = 5: 0.25, 0.25, 0.125, 0.0625 are in; one place is left for the three zeros. The ref's
+    # top 5 are indices 0..4, of which index 4 is one of the three zeros: (4 + 1/3) / 5.
+    assert topk_hit_rate(ref, test, k=5) == pytest.approx((4 + 1 / 3) / 5)
+    # a flat quantized row scores the chance level k / C
+    flat = torch.zeros(1, 7)
+    assert topk_hit_rates(ref[:1], flat, (1, 5)) == pytest.approx([1 / 7, 5 / 7])
+    # the deployed argmax takes the first maximal index: row 0 agrees, row 1 does not
+    assert argmax_agreement(ref, test) == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("device", DEVICES)

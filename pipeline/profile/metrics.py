@@ -28,9 +28,9 @@ Summary
 ``saturation_rate``        % of codes sitting on qmin / qmax
 ``saturation_from_values`` % of pre-clamp values outside [qmin, qmax]
 ``bit_utilization``        integer levels used / effective bits
-``topk_hit_rate``          top-k agreement of rows (e.g. logits), 0..1
+``topk_hit_rate``          top-k agreement of rows (e.g. logits), 0..1, ties split fairly
 ``topk_hit_rates``         the same for several k from one top-k
-``argmax_agreement``       top-1 agreement of rows, 0..1
+``argmax_agreement``       argmax agreement of rows as deployed (first max wins), 0..1
 ``logit_kl``               mean KL(softmax(ref) || softmax(test)), nats
 ``compute_site_metrics``   all of the above that apply -> ``SiteMetrics``
 =========================  ===============================================
@@ -322,8 +322,16 @@ def topk_hit_rate(ref_rows: Tensor, test_rows: Tensor, k: int = 1, dim: int = -1
     and the result is the mean over rows.  For ``k = 1`` this is 1 when the
     argmaxes agree and 0 otherwise; for ``k > 1`` it is the fraction of the
     ref top-k indices that are also in the test top-k (order inside the top-k
-    is ignored; this is *not* all-or-nothing set equality).  Ties are broken
-    as ``torch.topk`` breaks them.
+    is ignored; this is *not* all-or-nothing set equality).
+
+    Ties in ``test`` (common in quantized rows: a log2 softmax puts several
+    probabilities on one level) are split fairly, not by index order: when the
+    k-th largest test value is shared by ``m`` entries and ``s`` of the k places
+    are left for them, each of those entries is in ``T`` with weight ``s / m``,
+    its chance under a random tie-break.  So a row whose FP32 argmax ties with
+    one other entry for the quantized maximum scores 0.5 at k = 1, and a flat
+    row (every entry equal) scores k / row length, the chance level.  Ties in
+    ``ref`` are broken as ``torch.topk`` breaks them.
     """
     return topk_hit_rates(ref_rows, test_rows, (k,), dim)[0]
 
@@ -332,7 +340,7 @@ def topk_hit_rates(ref_rows: Tensor, test_rows: Tensor, ks: tuple[int, ...] = (1
     """:func:`topk_hit_rate` for several ``k`` at once (shares in 0..1, in the order of ``ks``).
 
     One ``torch.topk`` per tensor with the largest ``k``; each smaller ``k``
-    uses the first ``k`` columns of that sorted top-k (its ``k`` largest).
+    reads its cut-off (the k-th largest test value) from that sorted top-k.
     """
     _check_pair(ref_rows, test_rows)
     r, t = _rows(ref_rows, dim), _rows(test_rows, dim)  # (R, C)
@@ -341,18 +349,23 @@ def topk_hit_rates(ref_rows: Tensor, test_rows: Tensor, ks: tuple[int, ...] = (1
             raise ValueError(f"k must be in [1, {r.shape[1]}] (row length), got {k}")
     top = max(ks)
     idx_r = r.topk(top, dim=1).indices  # (R, top), largest first
-    idx_t = t.topk(top, dim=1).indices
+    top_t = t.topk(top, dim=1).values  # (R, top), largest first
+    at_ref = t.gather(1, idx_r)  # (R, top): the test values at the ref's top indices
     rates = []
     for k in ks:
-        # (R, k, 1) == (R, 1, k) -> (R, k, k); a ref index is found if it matches any test index.
-        found = (idx_r[:, :k].unsqueeze(2) == idx_t[:, :k].unsqueeze(1)).any(dim=2)  # (R, k)
-        rates.append(found.double().mean())
+        cut = top_t[:, k - 1 : k]  # (R, 1): the k-th largest test value
+        above = (t > cut).sum(dim=1, keepdim=True)  # (R, 1): surely in T
+        tied = (t == cut).sum(dim=1, keepdim=True)  # (R, 1): share the k - above places left
+        weight = torch.where(at_ref[:, :k] > cut, 1.0, torch.where(at_ref[:, :k] == cut, (k - above) / tied, 0.0))  # (R, k)
+        rates.append(weight.double().mean())
     return torch.stack(rates).tolist()
 
 
 def argmax_agreement(ref_logits: Tensor, test_logits: Tensor, dim: int = -1) -> float:
-    """Share (0..1) of rows whose argmax along ``dim`` agrees; ``topk_hit_rate(k=1)``."""
-    return topk_hit_rate(ref_logits, test_logits, k=1, dim=dim)
+    """Share (0..1) of rows whose argmax along ``dim`` agrees, as deployed: on a tie the first maximal
+    index wins (``torch.argmax``), as the NPU's argmax reads the classes in order."""
+    _check_pair(ref_logits, test_logits)
+    return (ref_logits.argmax(dim=dim) == test_logits.argmax(dim=dim)).double().mean().item()
 
 
 def logit_kl(ref_logits: Tensor, test_logits: Tensor, dim: int = -1) -> float:
@@ -441,7 +454,7 @@ def compute_site_metrics(
     if codes is not None and bits is not None:
         out.levels_used, out.effective_bits, out.level_fraction = bit_utilization(codes, bits)
     if topk_rows:
-        out.top1_agreement = argmax_agreement(ref, test, dim=token_dim)
+        out.top1_agreement = topk_hit_rate(ref, test, k=1, dim=token_dim)
         out.logit_kl = logit_kl(ref, test, dim=token_dim)
         if ref.shape[token_dim] > 5:
             out.top5_hit_rate = topk_hit_rate(ref, test, k=5, dim=token_dim)
