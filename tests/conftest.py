@@ -34,6 +34,16 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="config", overrides=overrides)
 
 
+class StepTracker:
+    """Stands in for pipeline.tracking's tracker: keeps the metrics of each `log_metrics` call by step."""
+
+    def __init__(self) -> None:
+        self.logged: dict[int, dict[str, float]] = {}
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.logged[step] = metrics
+
+
 @pytest.fixture
 def one_thread():
     """Small tensors on a shared 2-core machine: one intra-op thread is several times faster."""

@@ -26,7 +26,7 @@ from pipeline.quant.recipe import SiteSpec
 from pipeline.quant.calibration import bind
 from pipeline.quant.sites import Site, attach_sites
 from pipeline.runner import run_pipeline
-from tests.conftest import compose
+from tests.conftest import StepTracker, compose
 from tests.test_calibration import tiny_model
 
 CPU = torch.device("cpu")
@@ -348,17 +348,10 @@ def test_summary_metrics_keep_weights_out_of_the_activation_figures():
 def test_mlflow_keys_do_not_depend_on_which_sites_are_quantized():
     from pipeline.profile.series import log_rows
 
-    class Tracker:
-        def __init__(self):
-            self.logged: dict[int, dict[str, float]] = {}
-
-        def log_metrics(self, metrics, step):
-            self.logged[step] = metrics
-
     # every site of the model; the recipe quantized res2 only, so only res2 has a row
     sites = {f"blocks.{b}.{leaf}": ("residual", b) for b in range(2) for leaf in ("res1", "res2")}
     rows = [{"site": f"blocks.{b}.res2", "role": "residual", "block": b, "sqnr_db": 20.0 + b} for b in range(2)]
-    tracker = Tracker()
+    tracker = StepTracker()
     log_rows(tracker, rows, {"sqnr": "sqnr_db"}, sites)
     assert tracker.logged == {0: {"sqnr/residual/res2": 20.0}, 1: {"sqnr/residual/res2": 21.0}}  # not sqnr/residual
 

@@ -15,7 +15,7 @@ from pipeline.quant.sites import attach_sites
 from pipeline.sensitivity.compute import SensitivitySettings
 from pipeline.sensitivity.hutchinson import hutchinson_trace
 from pipeline.sensitivity.run import compute_sensitivity, measured_at
-from tests.conftest import compose
+from tests.conftest import StepTracker, compose
 
 CPU = torch.device("cpu")
 
@@ -247,3 +247,53 @@ def test_profiler_isolated_figures_of_another_model_are_not_used(tmp_path):
     for source, expected in (({"model": "abc", "recipe": "naive"}, {"blocks.0.attn.sv": 0.5}), ({"model": "other", "recipe": "naive"}, None), ({"model": "abc", "recipe": "recommended"}, None), ({}, None)):
         table.write_text(json.dumps({"mode": "isolated", **source, "sites": [{"site": "blocks.0.attn.sv", "logit_kl": 0.5}]}))
         assert profiler_isolated(ctx) == expected
+
+
+def test_series_keys_do_not_change_with_the_sites_a_block_scores():
+    from pipeline.stages.sensitivity import log_series
+
+    # block 0 scored only norm2, block 1 both norms: each site keeps one key in every block
+    sites = {f"blocks.{b}.{leaf}": ("norm_out", b) for b in range(2) for leaf in ("norm1", "norm2")}
+    scored = {"blocks.0.norm2": 0.2, "blocks.1.norm1": 0.3, "blocks.1.norm2": 0.4}
+    result = {
+        "meta": {"noise_bits": 8},
+        "sites": {name: {"role": "norm_out", "block": sites[name][1], "kind": "act", "measured": {"noise_kl": v}, "scores": {}} for name, v in scored.items()},
+    }
+    tracker = StepTracker()
+    log_series(tracker, result, sites)
+    assert tracker.logged == {
+        0: {"sens_noise_kl/norm_out/norm2": 0.2},
+        1: {"sens_noise_kl/norm_out/norm1": 0.3, "sens_noise_kl/norm_out/norm2": 0.4},
+    }
+
+
+def test_hessian_figures_pool_batches_by_their_images(monkeypatch):
+    # Each batch's Hutchinson figures are of its mean loss. A stand-in estimator returns that mean
+    # loss as every tensor's "trace": pooled correctly, batches of 6 and 2 images give the mean loss
+    # over all 8 images, not the mean of the two batch means.
+    import torch.nn.functional as F
+
+    from pipeline.sensitivity import compute
+    from pipeline.sensitivity.compute import SensitivityProbe, hessian_traces
+    from pipeline.sensitivity.hutchinson import HutchinsonResult
+
+    def mean_loss_as_trace(loss_fn, params, diag_reduce=None, **_):
+        loss = float(loss_fn().detach())
+        return HutchinsonResult([loss] * len(params), [loss] * len(params), 1, True, [torch.tensor([loss])] * len(params))
+
+    monkeypatch.setattr(compute, "hutchinson_trace", mean_loss_as_trace)
+    model = tiny_outlier_model()
+    graph = attach_sites(model)
+    specs = resolve_recipe(compose(["quant=naive"]).quant, graph)
+    state = calibrate(graph, specs, labelled(1, 8, seed=5), CPU, [8, 16])
+    (x, y), = labelled(1, 8, seed=9)
+    probe = SensitivityProbe(graph, specs, state, [8], [8], CPU)
+    traces = hessian_traces(probe, [x[:6], x[6:]], [y[:6], y[6:]], SensitivitySettings(activation_hessian=False))
+    graph.set_mode("fp")
+    with torch.no_grad():
+        pooled = float(F.cross_entropy(graph.model(x), y))
+        first, second = (float(F.cross_entropy(graph.model(x[s]), y[s])) for s in (slice(0, 6), slice(6, 8)))
+    entry = traces["weights"]["head.weight"]
+    assert entry["trace"] == pytest.approx(pooled, rel=1e-5)
+    assert float(entry["diag"]) == pytest.approx(pooled, rel=1e-5)
+    assert entry["stderr"] == pytest.approx(((first * 6 / 8) ** 2 + (second * 2 / 8) ** 2) ** 0.5, rel=1e-5)  # independent batches

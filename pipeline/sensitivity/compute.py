@@ -300,7 +300,8 @@ def isolated_quantization(probe: SensitivityProbe, runner: SuffixRunner, fp_logi
 
 
 def hessian_traces(probe: SensitivityProbe, batches: list[Tensor], labels: list[Tensor], settings: SensitivitySettings) -> dict[str, Any]:
-    """Hutchinson over every weight site's parameter and (optionally) every activation site, averaged over batches.
+    """Hutchinson over every weight site's parameter and (optionally) every activation site, averaged over the
+    images of `batches` (each batch weighs by its size: a short last batch counts for its images only).
 
     Returns {"weights": {site: {"trace", "stderr", "diag" (sum diag * (Q_b(W) - W)^2 per width of `probe.qweights`)}},
     "acts": {site: {"trace", "stderr", "diag" (per channel, (1,), or for log2 sites sum diag * e_b(x)^2 per width of
@@ -323,8 +324,9 @@ def hessian_traces(probe: SensitivityProbe, batches: list[Tensor], labels: list[
     acc_a: dict[str, dict[str, Tensor | float]] = {}
     iters, converged = [], []
     gen = torch.Generator().manual_seed((settings.seed + 7) % 2**63)
+    images_in_all = sum(int(b.shape[0]) for b in batches)
     try:
-        for bi, (images, y) in enumerate(zip(batches, labels)):
+        for images, y in zip(batches, labels):
             images, y = images.to(device), y.to(device)
             acts, deltas, reducers = _activation_perturbations(probe, images, settings.activation_hessian)
             if not wparams and not deltas:  # no weight sites and no activation Hessian: nothing to differentiate
@@ -344,12 +346,13 @@ def hessian_traces(probe: SensitivityProbe, batches: list[Tensor], labels: list[
             iters.append(result.iters)
             converged.append(result.converged)
             w = len(wparams)
+            share = int(images.shape[0]) / images_in_all  # each batch's loss is a mean over its images: pool by image
             for acc, names, part in ((acc_w, probe.weights, slice(0, w)), (acc_a, acts, slice(w, None))):
                 for n, t, se, d in zip(names, result.traces[part], result.stderr[part], result.diag[part]):
                     entry = acc.setdefault(n, {"trace": 0.0, "var": 0.0, "diag": torch.zeros_like(d, dtype=torch.float64, device="cpu")})
-                    entry["trace"] += t / len(batches)
-                    entry["var"] += (se / len(batches)) ** 2  # batches are independent draws
-                    entry["diag"] = entry["diag"] + d.double().cpu() / len(batches)
+                    entry["trace"] += t * share
+                    entry["var"] += (se * share) ** 2  # batches are independent draws
+                    entry["diag"] = entry["diag"] + d.double().cpu() * share
             del deltas, reducers, result
     finally:
         for p, flag in saved.items():

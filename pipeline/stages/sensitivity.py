@@ -23,7 +23,8 @@ from pipeline.artifacts import ArtifactError, read_json
 from pipeline.errors import PipelineError
 from pipeline.quant.calibration import CalibState, check_calibrated
 from pipeline.quant.recipe import check_widths, resolve_recipe
-from pipeline.quant.sites import attach_sites
+from pipeline.profile.series import graph_sites, log_by_block
+from pipeline.quant.sites import SiteGraph, attach_sites
 from pipeline.runner import StageContext
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,11 @@ def profiler_isolated(ctx: StageContext) -> dict[str, float] | None:
     return found
 
 
-def compute(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
-    """Compute the scores into `out_dir` (sensitivity.json, .csv, plots); returns the result dict."""
+def compute(ctx: StageContext, out_dir: Path, graph: SiteGraph | None = None) -> dict[str, Any]:
+    """Compute the scores into `out_dir` (sensitivity.json, .csv, plots); returns the result dict.
+
+    `graph`: a fresh `attach_sites` of the FP32 model to score on (made here when None).
+    """
     from pipeline.data import make_subset
     from pipeline.sensitivity.compute import SensitivitySettings
     from pipeline.sensitivity.run import compute_sensitivity, write_report
@@ -107,7 +111,7 @@ def compute(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     cfg = ctx.cfg
     check_config(cfg)
     state = CalibState.load(find_calibration(ctx)[0])
-    graph = attach_sites(ctx.fp32.model)
+    graph = attach_sites(ctx.fp32.model) if graph is None else graph
     specs = resolve_recipe(cfg.quant, graph)
     check_calibrated(specs, state.index)
     s = cfg.sensitivity
@@ -136,8 +140,9 @@ def compute(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
 def run(ctx: StageContext) -> dict[str, Any]:
     from pipeline.sensitivity.run import summary_metrics
 
-    result = compute(ctx, ctx.out_dir)
-    log_series(ctx.tracker, result)
+    graph = attach_sites(ctx.fp32.model)
+    result = compute(ctx, ctx.out_dir, graph)
+    log_series(ctx.tracker, result, graph_sites(graph))
     metrics = summary_metrics(result)
     ranking = result["ranking"]
     rho = ranking["spearman"].get("noise_kl_vs_isolated_kl/act")
@@ -146,26 +151,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return metrics
 
 
-def log_series(tracker, result: Mapping[str, Any]) -> None:
+def log_series(tracker, result: Mapping[str, Any], sites: Mapping[str, tuple[str, int | None]]) -> None:
     """MLflow series `sens_<method>/<role>[/<leaf>]` of every measured method at noise_bits, step = block index.
 
-    Sites outside the blocks (patch embedding, final norm, head) have no step: they are in the files only.
+    `sites` is `graph_sites` of the model, so the keys are the profiler's: one series never mixes two
+    kinds of site, whichever sites the recipe left in FP32. Sites outside the blocks (patch embedding,
+    final norm, head) have no step: they are in the files only.
     """
     from pipeline.sensitivity.run import measured_at
 
-    per_block: dict[tuple[str, int], int] = {}
-    for entry in result["sites"].values():
-        if entry["block"] is not None:
-            per_block[(entry["role"], entry["block"])] = per_block.get((entry["role"], entry["block"]), 0) + 1
-    by_step: dict[int, dict[str, float]] = {}
     methods = sorted({m for entry in result["sites"].values() for m in entry["measured"]})
-    for method in methods:
-        for name, value in measured_at(result, method).items():
-            entry = result["sites"][name]
-            if entry["block"] is None:
-                continue
-            leaf = name.split(".", 2)[2].replace(".", "_")
-            key = f"sens_{method}/{entry['role']}" + (f"/{leaf}" if per_block[(entry["role"], entry["block"])] > 1 else "")
-            by_step.setdefault(entry["block"], {})[key] = value
-    for step in sorted(by_step):
-        tracker.log_metrics(by_step[step], step=step)
+    log_by_block(tracker, {f"sens_{method}": measured_at(result, method) for method in methods}, sites)
