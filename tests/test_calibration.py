@@ -143,23 +143,39 @@ def test_bias_is_an_integer_on_the_accumulator_step():
     assert head.bias_codes() is None and head.effective_bias() is head.bias
 
 
+def w16a16_sqnr(model: torch.nn.Module, granularity: str):
+    """(graph, logit SQNR in dB) of `model` with every site at 16 bits, the foldable activations at `granularity`."""
+    graph = attach_sites(model)
+    roles = {role: {"granularity": granularity} for role in ("linear_in", "norm_out", "sv_attn", "mlp_act")}
+    specs = resolve_recipe({"enabled": True, "weight": {"bits": 16, "granularity": "per_channel", "symmetric": True}, "act": {"bits": 16}, "roles": roles}, graph)
+    data = batches(2)
+    state = calibrate(graph, specs, data, CPU, [16])
+    with torch.no_grad():
+        ref = model(data[0][0])
+        bind(graph, specs, state)
+        return graph, sqnr(ref, graph.model(data[0][0]))
+
+
 def test_folded_weights_keep_16_bit_resolution():
     # 16-bit per-channel activation scales (~1e-4) folded into 16-bit weights give weight steps far
     # below float32 eps; they must not be floored there (that left the folded model at ~10 dB).
     sqnrs = {}
     for granularity in ("per_tensor", "per_channel"):
-        model = tiny_model()
-        graph = attach_sites(model)
-        roles = {role: {"granularity": granularity} for role in ("linear_in", "norm_out", "sv_attn", "mlp_act")}
-        specs = resolve_recipe({"enabled": True, "weight": {"bits": 16, "granularity": "per_channel", "symmetric": True}, "act": {"bits": 16}, "roles": roles}, graph)
-        data = batches(2)
-        state = calibrate(graph, specs, data, CPU, [16])
-        with torch.no_grad():
-            ref = model(data[0][0])
-            bind(graph, specs, state)
-            sqnrs[granularity] = sqnr(ref, graph.model(data[0][0]))
+        graph, sqnrs[granularity] = w16a16_sqnr(tiny_model(), granularity)
     assert (graph.module("blocks.0.attn.qkv").weight_site.scale < 1e-7).any()  # folded steps below eps, kept
     assert sqnrs["per_channel"] > 55 and sqnrs["per_channel"] > sqnrs["per_tensor"] - 3
+
+
+def test_every_optional_layer_norm_folds_into_its_matmul_at_16_bits():
+    # scale_attn_norm / scale_mlp_norm put a LayerNorm before proj / fc2, and fc_norm emits the head's
+    # input: each folds per channel like norm1 -> qkv, and each consumer runs on an integer accumulator.
+    from tests.test_sites import build
+
+    graph, logit_sqnr = w16a16_sqnr(build("vit_every_norm"), "per_channel")
+    assert logit_sqnr > 55
+    for producer, consumer in (("blocks.1.attn.norm", "blocks.1.attn.proj"), ("blocks.1.mlp.norm", "blocks.1.mlp.fc2"), ("fc_norm", "head")):
+        assert graph.folds[producer] == consumer and graph[producer].per_channel
+        assert graph.module(consumer).bias_codes() is not None, consumer
 
 
 def test_layer_scale_is_folded_into_the_stored_weight():

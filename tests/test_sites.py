@@ -17,7 +17,14 @@ VARIANTS = {
     "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=8, num_classes=10, depth=3)),
     "vit_wide_heads": ("vit_small_patch16_224", dict(img_size=32, patch_size=16, num_classes=5, depth=1, num_heads=12)),
     "deit3_layer_scale": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, num_classes=10, depth=2, init_values=0.1, no_embed_class=True)),
+    # every optional LayerNorm timm's VisionTransformer has: after the patch conv, before the blocks
+    # (CLIP's pre_norm), on q and k, inside attention and MLP, and fc_norm after average pooling
+    "vit_every_norm": (
+        "vit_tiny_patch16_224",
+        dict(img_size=32, patch_size=8, num_classes=10, depth=2, embed_norm_layer="layernorm", pre_norm=True, qk_norm=True, scale_attn_norm=True, scale_mlp_norm=True, global_pool="avg", class_token=False, fc_norm=True),
+    ),
 }
+FC_NORM = {"vit_gap", "vit_every_norm"}  # fc_norm emits the head's input: no head.in site
 
 
 def build(variant: str) -> torch.nn.Module:
@@ -79,13 +86,55 @@ def test_every_npu_quantization_point_has_a_site(variant):
     for role, n in per_block.items():
         if role != "weight":
             assert counts[role] >= depth * n, role
-    assert counts["head_in"] == heads and counts["linear_in"] == 1 and counts["norm_in"] == 1
+    assert counts.get("head_in", 0) == heads - (variant in FC_NORM) and counts["linear_in"] == 1
     names = set(graph.names())
     for leaf in ("attn.q", "attn.k", "attn.v", "attn.scores", "attn.softmax", "attn.sv", "mlp.act", "norm1", "norm2", "res1", "res2", "attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"):
         assert f"blocks.{depth - 1}.{leaf}" in names, leaf
-    assert {"patch_embed.proj.weight", "patch_embed.proj.in", "blocks.0.in", "head.in", "head.weight"} <= names
+    assert {"patch_embed.proj.weight", "patch_embed.proj.in", "blocks.0.in", "head.weight"} <= names
+    assert ("head.in" in names) == (variant not in FC_NORM) and ("fc_norm.in" in names) == (variant in FC_NORM)
     assert graph["blocks.0.attn.sv"].role == "sv_attn" and graph["blocks.0.attn.softmax"].role == "intSoft"
     assert graph[f"blocks.{depth - 1}.attn.sv"].block == depth - 1 and graph["head.weight"].block is None
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_layer_norm_input_and_output_is_quantized_exactly_once(variant):
+    # In fp mode a site returns the very tensor it got, so a tensor that two sites quantize (the same
+    # values rounded twice) is the output of two sites, and one that no site quantizes of none.
+    model = build(variant)
+    graph = attach_sites(model)
+    graph.set_mode("fp")
+    outputs: list[torch.Tensor] = []
+    graph.set_tap(lambda site, x, y: outputs.append(y))
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    norms = {name: m for name, m in graph.model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+
+    def record(name: str):
+        def hook(module, args, out) -> None:  # runs after the sites' own hooks: sees what they returned
+            seen[name] = (args[0], out)
+
+        return hook
+
+    hooks = [m.register_forward_hook(record(name)) for name, m in norms.items()]
+    with torch.no_grad():
+        graph.model(torch.randn(2, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    assert len(outputs) == len([n for n in graph.names() if graph[n].role != "weight"])  # each site once
+    assert set(seen) == set(norms)
+    for name, (x, y) in seen.items():
+        assert sum(o is x for o in outputs) == 1, f"{name} input"
+        assert sum(o is y for o in outputs) == 1, f"{name} output"
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_site_names_are_in_forward_order(variant):
+    graph = attach_sites(build(variant))
+    graph.set_mode("fp")
+    order: list[str] = []
+    graph.set_tap(lambda site, x, y: order.append(site.name))
+    with torch.no_grad():
+        graph.model(torch.randn(2, 3, 32, 32))
+    assert order == [n for n in graph.names() if graph[n].role != "weight"]
 
 
 def test_sites_see_the_tensors_they_name():
@@ -126,6 +175,13 @@ def test_vit_parts_the_sites_do_not_cover_are_rejected_by_name(kwargs, named):
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10, depth=1, **kwargs).eval()
     with pytest.raises(PipelineError, match=f"not supported here: .*{named}"):
+        attach_sites(model)
+
+
+def test_hybrid_vit_with_a_cnn_backbone_is_rejected_by_name():
+    # its ResNet stem would stay FP32 and patch_embed.proj.in would see feature maps, not the image
+    model = timm.create_model("vit_tiny_r_s16_p8_224", img_size=32, num_classes=10, depth=1).eval()
+    with pytest.raises(PipelineError, match=r"not supported here: hybrid CNN backbone \(patch_embed.backbone\)"):
         attach_sites(model)
 
 

@@ -7,7 +7,7 @@
 |-------------------------------|------------|------------------------------------------|
 | `<linear or conv>.weight`     | weight     | patch_embed.proj, qkv, proj, fc1, fc2, head |
 | `patch_embed.proj.in`         | linear_in  | the input image                          |
-| `blocks.0.in`                 | norm_in    | embeddings + pos_embed (block 0's norm1 input) |
+| `blocks.0.in`                 | norm_in    | embeddings + pos_embed (block 0's norm1 input; after norm_pre where there is one) |
 | `blocks.i.norm1`, `blocks.i.norm2`, `norm`, `fc_norm` | norm_out | LayerNorm outputs (qkv / fc1 / head inputs) |
 | `blocks.i.attn.q`, `.k`       | qkv        | (B, H, N, D)                             |
 | `blocks.i.attn.v`             | qkv        | (B, N, C), before the head split         |
@@ -15,16 +15,25 @@
 | `blocks.i.attn.softmax`       | intSoft    | softmax output (B, H, N, N)              |
 | `blocks.i.attn.sv`            | sv_attn    | attention·V, (B, N, C): the proj input   |
 | `blocks.i.mlp.act`            | mlp_act    | GELU output (B, N, 4C): the fc2 input    |
+| `blocks.i.res1`, `.res2`      | residual   | both residual adds (= norm2 input, next norm1 input) |
+| `head.in` (`head_dist.in`)    | head_in    | the classifier input after pooling (none where fc_norm emits it) |
+
+Where the model has them, the optional LayerNorms get sites too:
+| `patch_embed.norm.in`, `patch_embed.norm` | norm_in, norm_out | `embed_norm_layer`: the patch conv's output and its norm |
+| `norm_pre.in`                 | norm_in    | `pre_norm`: the embeddings before norm_pre (its output is `blocks.0.in`) |
+| `blocks.i.attn.q_norm.in`, `.k_norm.in` | qkv | `qk_norm`: q and k as qkv emits them (B, H, N, D) |
+| `blocks.i.attn.norm`, `blocks.i.mlp.norm` | norm_out | `scale_attn_norm` / `scale_mlp_norm`: the proj / fc2 inputs |
+| `fc_norm.in`                  | norm_in    | global average pooling with fc_norm: the pooled tokens |
 
 Rule: a module's output site is named by its path, an input site `<path>.in`,
 a weight site `<path>.weight`.
-| `blocks.i.res1`, `.res2`      | residual   | both residual adds (= norm2 input, next norm1 input) |
-| `head.in` (`head_dist.in`)    | head_in    | the classifier input after pooling       |
 
 In a pre-norm ViT every LayerNorm input is a residual-stream tensor; each tensor
 is quantized once, where it is produced, as the NPU stores it. Linear outputs
 that the NPU fuses are not separate sites: qkv's output is q/k/v, fc1 fuses
-with GELU (`mlp_act`), proj and fc2 fuse into the residual add.
+with GELU (`mlp_act`), proj and fc2 fuse into the residual add. One tensor is
+re-quantized: with class-token pooling `head.in` is the class token's row of the
+final norm's output, rounded again on a grid calibrated on that token alone.
 
 Attention, Block, Linear and Conv2d modules of the copy are re-classed to the
 subclasses below, which only add sites; LayerNorm and GELU outputs get their
@@ -279,7 +288,11 @@ def _make_quant_attention():
             self.scores_site = Site(f"{name}.scores", "scores")
             self.softmax_site = Site(f"{name}.softmax", "intSoft")
             self.sv_site = Site(f"{name}.sv", "sv_attn")
-            self._own_sites = (self.q_site, self.k_site, self.v_site, self.scores_site, self.softmax_site, self.sv_site)
+            # qk_norm: q and k as qkv emits them are a LayerNorm's input, stored before it (B, H, N, D)
+            self.q_in_site = Site(f"{name}.q_norm.in", "qkv") if isinstance(self.q_norm, nn.LayerNorm) else None
+            self.k_in_site = Site(f"{name}.k_norm.in", "qkv") if isinstance(self.k_norm, nn.LayerNorm) else None
+            sites = (self.q_in_site, self.q_site, self.k_in_site, self.k_site, self.v_site, self.scores_site, self.softmax_site, self.sv_site)
+            self._own_sites = tuple(site for site in sites if site is not None)
 
         def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
             if not self.sites_live:
@@ -288,7 +301,8 @@ def _make_quant_attention():
             gate = self.gate(x).sigmoid() if self.gate is not None else None
             q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads * self.head_dim).unbind(2)
             heads = lambda t: t.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731  (B, H, N, D)
-            q, k = self.q_site(self.q_norm(heads(q))), self.k_site(self.k_norm(heads(k)))
+            q = self.q_site(self.q_norm(_maybe(self.q_in_site, heads(q))))
+            k = self.k_site(self.k_norm(_maybe(self.k_in_site, heads(k))))
             v = heads(self.v_site(v))  # v's site sees (B, N, C): its channels are attention x V's output channels
             scores = self.scores_site((q * self.scale) @ k.transpose(-2, -1))
             scores = maybe_add_mask(scores, resolve_self_attn_mask(N, scores, attn_mask, is_causal))
@@ -337,6 +351,11 @@ def _make_quant_block():
 
 QuantAttention = _make_quant_attention()
 QuantBlock = _make_quant_block()
+
+
+def _maybe(site: Site | None, x: torch.Tensor) -> torch.Tensor:
+    """x through `site`, or x itself where the model has no such site."""
+    return x if site is None else site(x)
 
 
 def _output_site_hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
@@ -430,13 +449,15 @@ def attach_sites(model: nn.Module) -> SiteGraph:
     if unsupported:
         raise PipelineError(f"{type(model).__name__}: quant sites cover timm ViT/DeiT blocks (Attention, Mlp, LayerNorm); not supported here: {'; '.join(unsupported)}")
     qmodel = copy.deepcopy(model).eval()
+    # the head's input is its own site unless fc_norm produces it: that LayerNorm output folds into the head
+    head_inputs = {"head_dist"} | (set() if isinstance(getattr(qmodel, "fc_norm", None), nn.LayerNorm) else {"head"})
     for name, module in list(qmodel.named_modules()):
         if type(module) is nn.Conv2d:
             module.__class__ = QuantConv2d
             module._init_sites(name, "linear_in" if name == "patch_embed.proj" else None)
         elif type(module) is nn.Linear:
             module.__class__ = QuantLinear
-            module._init_sites(name, "head_in" if name in ("head", "head_dist") else None)
+            module._init_sites(name, "head_in" if name in head_inputs else None)
         elif type(module) is Attention:
             module.__class__ = QuantAttention
             module._init_sites(name)
@@ -444,7 +465,7 @@ def attach_sites(model: nn.Module) -> SiteGraph:
             module.__class__ = QuantBlock
             module._init_sites(name)
         elif isinstance(module, nn.LayerNorm) and not name.endswith(("q_norm", "k_norm")):
-            _add_output_site(module, name, "norm_out")
+            _add_layer_norm_sites(module, name)
         elif re.fullmatch(r"blocks\.\d+\.mlp\.act", name) and not isinstance(module, nn.Identity):
             _add_output_site(module, name, "mlp_act")
     qmodel.blocks[0].in_site = Site("blocks.0.in", "norm_in")
@@ -462,6 +483,8 @@ def _unsupported_parts(model: nn.Module, Attention: type, Block: type) -> list[s
     from timm.layers import Mlp
 
     found: dict[str, None] = {}  # ordered set
+    if getattr(getattr(model, "patch_embed", None), "backbone", None) is not None:
+        found["hybrid CNN backbone (patch_embed.backbone)"] = None
     if getattr(model, "attn_pool", None) is not None:
         found["attention pooling (global_pool='map')"] = None
     for block in model.blocks:
@@ -489,6 +512,28 @@ def _add_output_site(module: nn.Module, name: str, role: str) -> None:
     module.register_forward_hook(_output_site_hook)
 
 
+def _add_input_site(module: nn.Module, name: str, role: str) -> None:
+    module.in_site = Site(name, role)
+    module.register_forward_pre_hook(_input_site_pre_hook)
+
+
+LAYER_NORM_INPUTS = {"patch_embed.norm": "norm_in", "norm_pre": "norm_in", "fc_norm": "norm_in"}
+"""LayerNorms outside the blocks whose input is not already a site's output -> the role of their input site:
+the patch embedding's conv output (`embed_norm_layer`), the embeddings before `norm_pre` (`pre_norm`),
+the pooled tokens before `fc_norm` (global average pooling)."""
+
+
+def _add_layer_norm_sites(module: nn.LayerNorm, name: str) -> None:
+    """A LayerNorm's sites: its output (norm_out), and its input where no other site quantizes it.
+
+    `norm_pre` has no output site: its output is block 0's input, the site `blocks.0.in`.
+    """
+    if name in LAYER_NORM_INPUTS:
+        _add_input_site(module, f"{name}.in", LAYER_NORM_INPUTS[name])
+    if name != "norm_pre":
+        _add_output_site(module, name, "norm_out")
+
+
 def _forward_order(qmodel: nn.Module) -> list[Site]:
     """Sites in the order the forward pass meets them; any extra site goes last."""
 
@@ -499,16 +544,17 @@ def _forward_order(qmodel: nn.Module) -> list[Site]:
             return []
         return [site] if isinstance(site, Site) else []
 
-    order = get("patch_embed.proj", "in_site") + get("patch_embed.proj", "weight_site") + get("norm_pre", "out_site")
+    order = get("patch_embed.proj", "in_site") + get("patch_embed.proj", "weight_site")
+    order += get("patch_embed.norm", "in_site") + get("patch_embed.norm", "out_site") + get("norm_pre", "in_site")
     order += get("blocks.0", "in_site")
     for i, blk in enumerate(qmodel.blocks):
         p = f"blocks.{i}"
         order += get(f"{p}.norm1", "out_site") + get(f"{p}.attn.qkv", "weight_site")
-        order += list(getattr(blk.attn, "_own_sites", ())) + get(f"{p}.attn.proj", "weight_site")
+        order += list(getattr(blk.attn, "_own_sites", ())) + get(f"{p}.attn.norm", "out_site") + get(f"{p}.attn.proj", "weight_site")
         order += get(p, "res1_site") + get(f"{p}.norm2", "out_site") + get(f"{p}.mlp.fc1", "weight_site")
-        order += get(f"{p}.mlp.act", "out_site") + get(f"{p}.mlp.fc2", "weight_site") + get(p, "res2_site")
+        order += get(f"{p}.mlp.act", "out_site") + get(f"{p}.mlp.norm", "out_site") + get(f"{p}.mlp.fc2", "weight_site") + get(p, "res2_site")
     for path in ("norm", "fc_norm", "head", "head_dist"):
-        order += get(path, "out_site") + get(path, "in_site") + get(path, "weight_site")
+        order += get(path, "in_site") + get(path, "out_site") + get(path, "weight_site")
     seen = {id(s) for s in order}
     return order + [m for m in qmodel.modules() if isinstance(m, Site) and id(m) not in seen]
 
@@ -572,6 +618,14 @@ def _fold_pairs(qmodel: nn.Module, sites: dict[str, Site]) -> dict[str, str]:
         folds[f"{p}.norm2"] = f"{p}.mlp.fc1"
         if isinstance(blk.attn.norm, nn.Identity) and blk.attn.gate is None:
             folds[f"{p}.attn.sv"] = f"{p}.attn.proj"
-        if isinstance(getattr(blk.mlp, "norm", nn.Identity()), nn.Identity) and f"{p}.mlp.act" in sites:
+        elif isinstance(blk.attn.norm, nn.LayerNorm) and blk.attn.gate is None:  # scale_attn_norm: sv -> LayerNorm -> proj
+            folds[f"{p}.attn.norm"] = f"{p}.attn.proj"
+        mlp_norm = getattr(blk.mlp, "norm", nn.Identity())
+        if isinstance(mlp_norm, nn.Identity) and f"{p}.mlp.act" in sites:
             folds[f"{p}.mlp.act"] = f"{p}.mlp.fc2"
+        elif isinstance(mlp_norm, nn.LayerNorm):  # scale_mlp_norm: GELU -> LayerNorm -> fc2
+            folds[f"{p}.mlp.norm"] = f"{p}.mlp.fc2"
+    head = getattr(qmodel, "head", None)
+    if isinstance(head, QuantLinear) and head.in_site is None and isinstance(getattr(qmodel, "fc_norm", None), nn.LayerNorm):
+        folds["fc_norm"] = "head"  # fc_norm emits the head's input
     return {k: v for k, v in folds.items() if k in sites}
