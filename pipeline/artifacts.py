@@ -67,11 +67,13 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 
 def read_json(path: str | Path) -> Any:
-    """The JSON value in `path`; ArtifactError (one line, naming the file) when it is not valid JSON."""
+    """The JSON value in `path`; ArtifactError (one line, naming the file) when it is missing, unreadable or not valid JSON."""
     try:
         return json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"cannot read {path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise ArtifactError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def write_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
@@ -83,11 +85,14 @@ def write_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadat
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors in the safetensors file `path`; ArtifactError (one line, naming the file) when it is corrupt."""
+    """The tensors in the safetensors file `path`; ArtifactError (one line, naming the file) when it is
+    missing, unreadable or corrupt."""
     try:
         return load_file(str(path))
     except SafetensorError as e:
         raise ArtifactError(f"cannot read {path}: not a valid safetensors file ({e})") from None
+    except OSError as e:
+        raise ArtifactError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def _json_default(obj: Any) -> Any:

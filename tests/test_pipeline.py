@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import re
 
 import pytest
@@ -62,8 +63,6 @@ def test_later_stage_runs_alone_from_run_dir_and_run_id(tmp_path, tiny_overrides
 
 
 def test_corrupt_artifacts_are_one_line_errors_and_a_corrupt_cache_entry_is_recomputed(tmp_path, tiny_overrides):
-    import shutil
-
     from pipeline.errors import PipelineError
 
     run_pipeline(compose([*tiny_overrides, "quant=naive", "stages=[calibrate,quantize]"]), tmp_path / "first")
@@ -203,10 +202,20 @@ def test_from_run_with_another_recipe_is_an_error_before_any_run_opens(tmp_path,
         (["quant=recommended", "stages=[quantize,evaluate]"], r"recipe differs from the calibrated one"),
         (["quant=recommended", "stages=[sensitivity]"], r"recipe differs from the calibrated one"),
         (["model.kwargs.depth=3", "quant=naive", "stages=[evaluate]"], r"quantized state in .* belongs to another model"),
+        (["quant=naive", "quant.act.bits=6", "stages=[quantize]"], r"was calibrated for bits \[8, 16\], not 6: add 6 to quant.candidate_bits"),
     ]
-    for i, (overrides, message) in enumerate(cases):
+    # a calibration folder with its index but no tensors, and one whose index has lost its sites table
+    no_tensors, no_sites = tmp_path / "no_tensors", tmp_path / "no_sites"
+    for folder in (no_tensors, no_sites):
+        shutil.copytree(first, folder)
+    (no_tensors / "calibrate" / "state.safetensors").unlink()
+    index = json.loads((no_sites / "calibrate" / "index.json").read_text())
+    (no_sites / "calibrate" / "index.json").write_text(json.dumps({"meta": index["meta"]}))
+    cases += [(["quant=naive", "stages=[quantize]"], r"has its index but no state.safetensors: rerun calibrate", no_tensors)]
+    cases += [(["quant=naive", "stages=[quantize]"], r"calibration index has no 'sites' table", no_sites)]
+    for i, (overrides, message, *source) in enumerate(cases):
         with pytest.raises(PipelineError, match=message):
-            run_pipeline(compose([*tiny_overrides, *overrides, f"from_run={first}"]), tmp_path / f"run{i}")
+            run_pipeline(compose([*tiny_overrides, *overrides, f"from_run={(source or [first])[0]}"]), tmp_path / f"run{i}")
         assert not (tmp_path / f"run{i}").exists()
     assert len(runs_of(mlflow_uri)[1]) == runs_before
     # the same recipe still evaluates from that run, and quantize then evaluate in one chain reads this run's artifacts

@@ -47,7 +47,7 @@ class CalibState:
         if entry is None:
             raise PipelineError(f"site {site} is not in the calibration state (recalibrate with this recipe)")
         if bits not in entry["bits"]:
-            raise PipelineError(f"site {site} was calibrated for bits {entry['bits']}, not {bits}: add {bits} to quant.candidate_bits and recalibrate")
+            raise PipelineError(missing_width(site, entry["bits"], bits))
         return self.tensors[f"{site}/{bits}/scale"], self.tensors[f"{site}/{bits}/zero_point"]
 
     def weight_codes(self, site: str, bits: int) -> torch.Tensor | None:
@@ -86,16 +86,29 @@ def check_model(index: Any, fingerprint: str, where: str, model_name: str | None
 
 
 def check_calibrated(specs: Mapping[str, SiteSpec], index: Mapping[str, Any]) -> None:
-    """The recipe must match what was calibrated (observer, granularity, signedness...); `index` is the state's JSON index."""
+    """The recipe must match what was calibrated (observer, granularity, signedness..., and its width among the
+    calibrated ones); `index` is the state's JSON index."""
+    sites = index.get("sites") if isinstance(index, Mapping) else None
+    if not isinstance(sites, Mapping):
+        raise PipelineError("the calibration index has no 'sites' table: it is not a calibration state of this pipeline (rerun calibrate)")
     for name, spec in specs.items():
-        entry = index["sites"].get(name)
         if not spec.needs_observer:
             continue
+        entry = sites.get(name)
+        if entry is not None and not (isinstance(entry, Mapping) and isinstance(entry.get("bits"), list) and isinstance(entry.get("spec"), Mapping)):
+            raise PipelineError(f"site {name}: the calibration index's entry is malformed (it needs a 'bits' list and a 'spec' table): rerun calibrate")
         if entry is None or not entry["bits"]:
             raise PipelineError(f"site {name} was not calibrated: run calibrate with this recipe")
         if entry["spec"] != spec.calibration_key():
             diff = {k: (entry["spec"].get(k), v) for k, v in spec.calibration_key().items() if entry["spec"].get(k) != v}
             raise PipelineError(f"site {name}: recipe differs from the calibrated one {diff}: rerun calibrate")
+        if spec.bits not in entry["bits"]:
+            raise PipelineError(missing_width(name, entry["bits"], spec.bits))
+
+
+def missing_width(site: str, calibrated: list[int], bits: int) -> str:
+    """The one-line error for a width a site was not calibrated at."""
+    return f"site {site} was calibrated for bits {calibrated}, not {bits}: add {bits} to quant.candidate_bits and recalibrate"
 
 
 def calibration_widths(spec: SiteSpec, candidate_bits: list[int]) -> list[int]:

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from pipeline.artifacts import read_json
 from pipeline.data import make_subset
 from pipeline.errors import PipelineError
-from pipeline.quant.calibration import INDEX_FILE, calibrate, check_calibrated, check_model
+from pipeline.quant.calibration import INDEX_FILE, STATE_FILE, calibrate, check_calibrated, check_model
 from pipeline.quant.recipe import SiteSpec, resolve_recipe
 from pipeline.quant.sites import attach_sites
 from pipeline.runner import StageContext
@@ -46,7 +46,10 @@ def find_calibration(ctx: StageContext) -> tuple[Path, dict[str, Any]]:
 def check_calibration_input(ctx: StageContext, specs: Mapping[str, SiteSpec] | None, consumer: str) -> None:
     """Before any run opens: a calibration that stage `consumer` reads from an earlier run fits the model and recipe."""
     if ctx.cfg.quant.enabled and not ctx.made_earlier("calibrate", consumer):
-        check_calibrated(specs, find_calibration(ctx)[1])
+        calib_dir, index = find_calibration(ctx)
+        check_calibrated(specs, index)
+        if not (calib_dir / STATE_FILE).is_file():
+            raise PipelineError(f"the calibration in {calib_dir} has its index but no {STATE_FILE}: rerun calibrate")
 
 
 def calibration_front(index: Mapping[str, Any], data) -> int:
