@@ -134,6 +134,32 @@ def test_greedy_fill_is_maximal_and_in_budget():
     assert levels["s0"] == 1  # the most sensitive group per cost goes first
 
 
+def test_greedy_spends_every_evaluation_it_can_and_never_more():
+    # Replays greedy_plan as run_greedy does, measuring each planned assignment once. The step before
+    # the last keeps an evaluation for the final fill only when a fill can follow: with trials=10 and
+    # width 2 the last step's second candidate used to be cut for a fill that turned out to be that step's.
+    from pipeline.search.study import greedy_plan
+
+    space = fake_search.fake_space()
+    priors = Priors(space, fake_search.fake_sensitivity(space), "noise_kl")
+
+    def evaluations(trials: int, width: int) -> int:
+        results: dict[str, float] = {}
+        while True:
+            plan, done = greedy_plan(space, priors, fake_search.BUDGET, trials, width, results, "kl")
+            if done or not plan:
+                return len(results)
+            for _, levels in plan:
+                results[space.key(levels)] = fake_search.fake_metrics(space.widths(levels))["kl"]
+
+    assert evaluations(10, 2) == 10
+    complete = evaluations(100, 2)  # the whole greedy path to a full budget
+    for trials in range(1, 16):
+        for width in (1, 2, 3):
+            assert evaluations(trials, width) <= trials
+        assert evaluations(trials, 2) == min(trials, complete)
+
+
 def test_local_moves_stay_in_budget_and_change_the_assignment():
     from pipeline.search.priors import local_move
 
@@ -236,7 +262,9 @@ def test_each_method_stays_in_budget_and_prior_beats_random(tmp_path):
     assert len(runs["prior"].records) == 8 and len(runs["random"].records) == 8
     assert {r.source for r in runs["prior"].records} >= {"greedy-noise_kl-ratio", "prior-draw", "local"}
     assert runs["prior"].best("kl").value < runs["random"].best("kl").value
-    assert runs["greedy"].records[-1].source == "greedy-final"
+    assert len(runs["greedy"].records) == 8  # as many evaluations as the others
+    last, space = runs["greedy"].records[-1], fake_search.fake_space()  # a fill, or a step that fills the budget
+    assert last.source == "greedy-final" or all(last.cost + space.raise_cost(n, lvl) > fake_search.BUDGET for n, lvl in last.levels.items() if lvl + 1 < space.by_name[n].levels)
 
 
 def test_resume_keeps_completed_trials_and_continues_to_a_larger_count(tmp_path):
@@ -580,6 +608,7 @@ def test_prior_and_greedy_studies_are_keyed_on_the_sensitivity_scores_random_one
 
     from omegaconf import OmegaConf
 
+    from pipeline.quant.calibration import CalibState
     from pipeline.stages.search import fingerprint, scores_digest
 
     space = fake_search.fake_space()
@@ -591,13 +620,16 @@ def test_prior_and_greedy_studies_are_keyed_on_the_sensitivity_scores_random_one
     cfg = OmegaConf.create({"search": {"seed": 0, "prior": "noise_kl", "seeds": 2, "n_startup": 3, "prior_temperature": 0.5, "greedy_width": 2, "objective": "kl", "budget": 1.3}})
     fp32 = SimpleNamespace(fingerprint="fake")
 
-    def key(sensitivity, method):
-        setup = SimpleNamespace(specs={}, state=SimpleNamespace(index={"meta": {}}), space=space, search_key="k", sensitivity=sensitivity)
+    def key(sensitivity, method, state=CalibState({"s3/8/scale": torch.tensor([0.5])}, {"meta": {}})):
+        setup = SimpleNamespace(specs={}, state=state, space=space, search_key="k", sensitivity=sensitivity)
         return fingerprint(cfg, fp32, setup, method)
 
     for method in ("prior", "greedy"):
         assert key(scores, method) != key(doubled, method)
     assert key(scores, "random") == key(doubled, "random") and "scores" not in key(scores, "random")
+    # a calibration of the same images whose scales differ (another data.batch_size moves EMA ranges)
+    rescaled = CalibState({"s3/8/scale": torch.tensor([0.25])}, {"meta": {}})
+    assert key(scores, "random") != key(scores, "random", rescaled)
 
 
 def test_a_worker_whose_parent_is_gone_interrupts_itself():

@@ -14,6 +14,8 @@ and `index.json` (per site: role, spec, widths).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -61,6 +63,16 @@ class CalibState:
         if h is None:
             raise PipelineError(f"weight site {site} asks gptq but the calibration state has no input Hessian for it: recalibrate with this recipe")
         return h
+
+    def digest(self) -> str:
+        """A hash of every tensor (qparams, observer statistics, Hessians) and of the index: two states
+        share it only when a stage would read the same numbers from them (16 hex digits)."""
+        h = hashlib.sha1(json.dumps(self.index, sort_keys=True, default=str).encode())
+        for key in sorted(self.tensors):
+            tensor = self.tensors[key].detach().cpu()
+            h.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+            h.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def save(self, folder: Path) -> None:
         write_tensors(folder / STATE_FILE, self.tensors)

@@ -144,8 +144,9 @@ def tie_key(graph: SiteGraph, site: str, tie: str) -> str | None:
     """The group a site joins under one tie rule (None: the rule does not apply to this site)."""
     s = graph[site]
     if tie == "qkv":
-        if s.role == "qkv":
-            return site.rsplit(".", 1)[0] + ".qkv"
+        if s.role == "qkv":  # <attn>.q / .k / .v, and with qk_norm <attn>.q_norm.in / .k_norm.in
+            attention = site.rsplit(".", 2)[0] if site.endswith("_norm.in") else site.rsplit(".", 1)[0]
+            return attention + ".qkv"
         return None
     if tie == "block":
         return f"blocks.{s.block}" if s.block is not None else None

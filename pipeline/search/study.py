@@ -400,6 +400,7 @@ def greedy_plan(space: SearchSpace, priors: Priors, budget: float, n: int, width
     base = space.lowest()
     order = priors.order()
     used, step = 0, 0
+    stepped: set[str] = set()  # keys the replayed steps measured (the final fill may be one of them)
     while True:
         cost = space.cost(base)
         cands = []
@@ -410,12 +411,19 @@ def greedy_plan(space: SearchSpace, priors: Priors, budget: float, n: int, width
                 cands.append({**base, name: lvl + 1})
                 if len(cands) >= width:
                     break
-        k = min(len(cands), n - used - 1)
+        room = n - used
+        k = min(len(cands), room - 1)  # one evaluation is kept for the final fill...
+        if 0 < room <= len(cands) and all(space.key(greedy_fill(space, priors, budget, c)) == space.key(c) for c in cands[:room]):
+            k = room  # ...unless each candidate it would cut already fills the budget: no fill follows them
         if k <= 0:
-            final = greedy_fill(space, priors, budget, base)
-            key = space.key(final)
-            return ([] if key in results else [("greedy-final", final)]), key in results
+            final = space.key(greedy_fill(space, priors, budget, base))
+            if final not in results:
+                return [("greedy-final", greedy_fill(space, priors, budget, base))], False
+            if final not in stepped or not cands or used >= n:
+                return [], True
+            k = 1  # the fill is a step's assignment, measured already: its evaluation goes to one more step
         cands = cands[:k]
+        stepped.update(space.key(c) for c in cands)
         missing = [(f"greedy-step{step}", c) for c in cands if space.key(c) not in results]
         if missing:
             return missing, False

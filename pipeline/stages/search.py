@@ -119,7 +119,7 @@ def fingerprint(cfg: DictConfig, fp32, setup: SearchSetup, method: str) -> dict[
     return {
         "model": fp32.fingerprint,
         "recipe": space_hash({n: asdict(spec) for n, spec in setup.specs.items()}),
-        "calibration": setup.state.index["meta"].get("subset"),
+        "calibration": setup.state.digest(),  # its images and everything else that moves a scale (batch size, observers)
         "space": space_hash(setup.space.fingerprint()),
         "objective": s.objective,
         "budget": float(s.budget),
