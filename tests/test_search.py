@@ -86,6 +86,15 @@ def test_ties_group_sites(tiny):
         space_of(tiny, ties=["kqv"])
 
 
+def test_qkv_tie_holds_q_and_k_before_their_norms():
+    from pipeline.search.space import tie_key
+    from tests.test_sites import build
+
+    graph = attach_sites(build("vit_every_norm"))  # qk_norm: q_norm.in / k_norm.in are qkv's outputs too
+    members = [n for n in graph.names() if n.startswith("blocks.0.attn.") and graph[n].role == "qkv"]
+    assert len(members) == 5 and {tie_key(graph, n, "qkv") for n in members} == {"blocks.0.attn.qkv"}
+
+
 def test_uncalibrated_width_is_a_clear_error(tiny):
     _, _, specs, state = tiny
     widths = {n: state.index["sites"][n]["bits"] for n in calibrated_act_sites(specs)}
