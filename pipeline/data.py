@@ -8,12 +8,13 @@ subset takes the back, so the two never overlap.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
@@ -124,21 +125,43 @@ def _check_image_size(class_dir: Path, size: tuple[int, int], model: str) -> Non
     with Image.open(image) as im:
         height_width = (im.height, im.width)
     if height_width != size:
-        raise PipelineError(f"{image} is {height_width[0]}x{height_width[1]} pixels; model {model} takes {size[0]}x{size[1]} images as they are (no resize)")
+        raise PipelineError(_wrong_size(image, height_width, size, model))
 
 
 def check_calibration_split(cfg: DataConfig) -> None:
     """Calibration and search must never read the evaluation images: the calibration split may not be the
     evaluation split or contain it (e.g. data.calib_split=. with the evaluation split under the root)."""
-    if cfg.kind == "synthetic":
-        same = cfg.calib_split == cfg.eval_split
-    elif not cfg.root:
+    if cfg.kind == "imagefolder" and not cfg.root:
         return  # split_dir names the missing data.root
-    else:
-        calib, evaluation = (Path(cfg.root) / cfg.calib_split).resolve(), (Path(cfg.root) / cfg.eval_split).resolve()
-        same = calib == evaluation or calib in evaluation.parents or evaluation in calib.parents
-    if same:
+    if _splits_share_images(data_source(cfg), cfg.calib_split, cfg):
         raise PipelineError(f"data.calib_split='{cfg.calib_split}' and data.eval_split='{cfg.eval_split}' share images: calibration and search use other images than evaluation")
+
+
+def check_calibrated_elsewhere(meta: Mapping[str, Any], cfg: DataConfig, where: str) -> None:
+    """A state calibrated in an earlier run (`meta`: its index's meta) must not have drawn its images from
+    the split this run evaluates: that run may have evaluated elsewhere (data.calib_split=test is allowed
+    with data.eval_split=train). States that do not record their split cannot be checked."""
+    split = meta.get("split")
+    if split is None or (cfg.kind == "imagefolder" and not cfg.root):
+        return
+    source = meta.get("source", data_source(cfg))  # states made before the source was recorded: this run's
+    if _splits_share_images(source, split, cfg):
+        raise PipelineError(f"{where} was calibrated on the images of split '{split}', which this run evaluates (data.eval_split='{cfg.eval_split}'): calibrate on other images")
+
+
+def data_source(cfg: DataConfig) -> str:
+    """Where a split's images come from: the resolved data.root, or synthetic/<synthetic_size>."""
+    return f"synthetic/{cfg.synthetic_size}" if cfg.kind == "synthetic" else str(Path(cfg.root).resolve())
+
+
+def _splits_share_images(source: str, split: str, cfg: DataConfig) -> bool:
+    """Whether split `split` of `source` is this run's evaluation split, or a folder containing it or inside it."""
+    if source != data_source(cfg) and (cfg.kind == "synthetic" or source.startswith("synthetic/")):
+        return False
+    if cfg.kind == "synthetic":
+        return split == cfg.eval_split
+    calib, evaluation = (Path(source) / split).resolve(), (Path(cfg.root) / cfg.eval_split).resolve()
+    return calib == evaluation or calib in evaluation.parents or evaluation in calib.parents
 
 
 def build_dataset(cfg: DataConfig, loaded: LoadedModel, split: str) -> Dataset:
@@ -150,21 +173,31 @@ def build_dataset(cfg: DataConfig, loaded: LoadedModel, split: str) -> Dataset:
         return TensorDataset(images, labels)
     if cfg.kind != "imagefolder":
         raise PipelineError(f"unknown data.kind '{cfg.kind}' (imagefolder or synthetic)")
-    return _image_folder(split_dir(cfg, split), build_transform(loaded))
+    # card models take their images as they are: each image is checked as it is read (check_splits saw one)
+    size = tuple(loaded.data_config["input_size"][1:]) if loaded.plain_transform else None
+    return _image_folder(split_dir(cfg, split), build_transform(loaded), functools.partial(_load_image, size=size, model=loaded.name))
 
 
-def _image_folder(path: Path, transform=None) -> Dataset:
+def _image_folder(path: Path, transform=None, loader=None) -> Dataset:
     try:
-        return _ImageFolder(str(path), transform=transform, loader=_load_image)
+        return _ImageFolder(str(path), transform=transform, loader=loader or _load_image)
     except FileNotFoundError as e:  # a class folder without images of a known type
         raise PipelineError(f"data split {path}: {e}") from None
 
 
-def _load_image(file: str):
+def _load_image(file: str, size: tuple[int, int] | None = None, model: str = ""):
+    """The RGB image in `file`; with `size` (height, width), an image of another size is an error."""
     try:
-        return default_loader(file)
+        image = default_loader(file)
     except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
         raise PipelineError(f"cannot read image {file}: {e}") from None
+    if size is not None and (image.height, image.width) != size:
+        raise PipelineError(_wrong_size(file, (image.height, image.width), size, model))
+    return image
+
+
+def _wrong_size(file, height_width: tuple[int, int], size: tuple[int, int], model: str) -> str:
+    return f"{file} is {height_width[0]}x{height_width[1]} pixels; model {model} takes {size[0]}x{size[1]} images as they are (no resize)"
 
 
 class _ImageFolder(ImageFolder):
@@ -228,8 +261,7 @@ def make_subset(cfg: DataConfig, loaded: LoadedModel, purpose: str, calib_images
     if indices.numel() == 0:
         raise PipelineError(f"the {purpose} subset of split '{split}' is empty")
     loader = subset_loader(dataset, indices, cfg.batch_size, cfg.num_workers)
-    source = f"synthetic/{cfg.synthetic_size}" if cfg.kind == "synthetic" else str(Path(cfg.root).resolve())
-    digest = hashlib.sha1(f"{source}|{split}|{loaded.data_config}|{cfg.seed}".encode() + indices.numpy().tobytes())
+    digest = hashlib.sha1(f"{data_source(cfg)}|{split}|{loaded.data_config}|{cfg.seed}".encode() + indices.numpy().tobytes())
     if cfg.kind == "imagefolder":
         _hash_files(digest, dataset, indices)
     return DataSubset(split, indices, loader, digest.hexdigest()[:16])

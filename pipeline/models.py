@@ -93,8 +93,8 @@ def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
         with torch.random.fork_rng(devices=[]):  # random init (no weights given) is the same in every run; it draws on the CPU only
             torch.manual_seed(0)
             return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except TypeError as e:
-        raise PipelineError(f"bad kwargs for timm model '{name}': {e}") from None
+    except (TypeError, AssertionError, KeyError) as e:  # timm asserts on many bad arguments (num_heads, global_pool, ...)
+        raise PipelineError(f"bad kwargs for timm model '{name}': {e}".splitlines()[0]) from None
     except (OSError, RuntimeError, ValueError) as e:
         if pretrained:
             raise PipelineError(f"could not fetch pretrained weights for '{name}' (no network? use model.checkpoint=..., or HF_HUB_OFFLINE=1 to read only the local Hugging Face cache and skip the hub's retries): {e}".splitlines()[0]) from None

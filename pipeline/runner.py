@@ -242,8 +242,8 @@ def cleanup_failed_run(run_dir: Path, kept: frozenset[str] = frozenset()) -> Non
     """After a failed invocation: remove what it left half-made, and everything it made when it
     finished no stage.
 
-    `kept`: what the folder held before this invocation, besides Hydra's `.hydra/` and job log
-    (`hydra.run.dir` pointing at an existing folder); none of it is touched. Half-made: the temp stage
+    `kept`: what the folder held before this invocation (`hydra.run.dir` pointing at an existing
+    folder, see `existing_entries`); none of it is touched. Half-made: the temp stage
     folders and the downloaded `from_run`. When a stage finished, it stays, with config.yaml, `.hydra/`
     and the log. When none did, the run's own files go too, and a folder made by this invocation goes
     whole, then its parent too when that is an empty day folder of the default layout
@@ -268,7 +268,13 @@ def cleanup_failed_run(run_dir: Path, kept: frozenset[str] = frozenset()) -> Non
 
 
 def existing_entries(run_dir: Path, job_log: str) -> frozenset[str]:
-    """What `run_dir` holds before a run starts, less what Hydra itself just wrote (`.hydra/`, the job's log)."""
+    """What `run_dir` holds before a run starts (what a failure must leave alone).
+
+    Hydra has just written `.hydra/` and appended to the job's log. In a folder that holds nothing else
+    they are this run's (empty set: a failure may remove the folder); in one that holds other files,
+    an earlier run may have made them (Hydra appends to its log), so they are kept with the rest.
+    """
     if not run_dir.is_dir():
         return frozenset()
-    return frozenset(p.name for p in run_dir.iterdir() if p.name not in (".hydra", job_log))
+    names = frozenset(p.name for p in run_dir.iterdir())
+    return names if names - {".hydra", job_log} else frozenset()

@@ -83,12 +83,14 @@ def test_a_failed_run_keeps_a_folder_it_did_not_make(tmp_path):
     """hydra.run.dir pointing at an existing folder: a failure removes only what the run made there."""
     folder = tmp_path / "results"
     (folder / ".hydra").mkdir(parents=True)  # an earlier run's files, and the user's own
-    for name in ("mine.csv", "notes.log", "config.yaml"):
+    for name in ("mine.csv", "notes.log", "config.yaml", "__main__.log"):
         (folder / name).write_text("keep\n")
     proc = run_cli(["model=timm", "model.name=vit_tinyy", "hydra.run.dir=.", "tracking.enabled=false"], cwd=folder)
     assert_one_line_error(proc, "unknown timm model name 'vit_tinyy'")
     assert all((folder / name).read_text() == "keep\n" for name in ("mine.csv", "notes.log", "config.yaml"))
-    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "mine.csv", "notes.log"]  # the run's .hydra/ and log went
+    assert (folder / "__main__.log").read_text().startswith("keep\n")  # the earlier run's log, appended to
+    # .hydra/ and the job log stay too: Hydra appended this run's lines to an earlier run's log
+    assert sorted(p.name for p in folder.iterdir()) == [".hydra", "__main__.log", "config.yaml", "mine.csv", "notes.log"]
     empty_parent = tmp_path / "mine"
     empty_parent.mkdir()
     proc = run_cli(["model=timm", "model.name=vit_tinyy", f"hydra.run.dir={empty_parent / 'run'}", "tracking.enabled=false"])

@@ -151,9 +151,18 @@ def test_images_in_nested_folders_of_a_class_count(tmp_path):
 
 
 def test_card_models_need_images_of_their_input_size(tmp_path):
+    from PIL import Image
+
     root = image_tree(tmp_path, size=64)
     with pytest.raises(PipelineError, match="is 64x64 pixels; model fake takes 32x32 images"):
         check_splits(DataConfig(root=str(root)), two_class_model(), ["train"])
+    # check_splits reads one image; any other is checked as the loader reads it, and named
+    root = image_tree(tmp_path / "mixed")
+    Image.new("RGB", (40, 40)).save(root / "train" / "b" / "1.png")
+    check_splits(DataConfig(root=str(root)), two_class_model(), ["train"])
+    subset = make_subset(DataConfig(root=str(root), eval_split="train", batch_size=4), two_class_model(), "eval")
+    with pytest.raises(PipelineError, match="b/1.png is 40x40 pixels; model fake takes 32x32 images"):
+        list(subset.loader)
 
 
 def test_an_unreadable_image_is_named(tmp_path):
@@ -184,3 +193,33 @@ def test_search_subset_avoids_the_images_a_calibration_actually_used():
     # a calibration read from another run used 12 images, though data.calib_size says 4
     search = make_subset(cfg, fake_model(), "search", calib_images=12)
     assert set(search.indices.tolist()) == set(order[12:].tolist())
+
+
+def test_a_state_calibrated_on_the_split_this_run_evaluates_is_refused(tmp_path):
+    from pipeline.data import check_calibrated_elsewhere, data_source
+
+    root = image_tree(image_tree(tmp_path), split="test")
+    cfg = DataConfig(root=str(root))  # evaluates test
+    meta = {"split": "test", "source": data_source(cfg)}  # an earlier run calibrated on test (it evaluated train)
+    with pytest.raises(PipelineError, match="calibrated on the images of split 'test', which this run evaluates"):
+        check_calibrated_elsewhere(meta, cfg, "the calibration in x")
+    check_calibrated_elsewhere({**meta, "split": "train"}, cfg, "x")
+    check_calibrated_elsewhere({**meta, "source": str(tmp_path / "elsewhere")}, cfg, "x")  # another data.root
+    with pytest.raises(PipelineError, match="which this run evaluates"):
+        check_calibrated_elsewhere({"split": "test"}, cfg, "x")  # no source recorded: this run's root
+    synthetic = DataConfig(kind="synthetic")
+    check_calibrated_elsewhere(meta, synthetic, "x")  # other images altogether
+    with pytest.raises(PipelineError, match="which this run evaluates"):
+        check_calibrated_elsewhere({"split": synthetic.eval_split, "source": data_source(synthetic)}, synthetic, "x")
+
+
+def test_search_refuses_a_calibration_whose_split_has_changed_size(tmp_path):
+    from pipeline.stages.calibrate import calibration_front
+
+    root = image_tree(tmp_path, per_class=5)
+    cfg = DataConfig(root=str(root), calib_split="train", seed=0)
+    meta = {"split": "train", "seed": 0, "images": 4, "split_images": 10}
+    assert calibration_front({"meta": meta}, cfg) == 4
+    image_tree(root, classes=("a",), per_class=7)  # two more images: another permutation
+    with pytest.raises(PipelineError, match="held 10 images; it now holds 12"):
+        calibration_front({"meta": meta}, cfg)

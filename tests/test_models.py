@@ -75,6 +75,23 @@ def test_missing_checkpoint_and_unknown_model():
         load_model(ModelConfig(name="vit_tinyy"))
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"num_heads": 5}, "dim should be divisible by num_heads"),  # timm asserts
+        ({"global_pool": "xx"}, "pooling"),  # asserts too
+        ({"act_layer": "nosuch"}, "nosuch"),  # a KeyError from timm's layer registry
+        ({"no_such_argument": 1}, "no_such_argument"),  # a TypeError
+    ],
+)
+def test_bad_timm_kwargs_are_one_line(kwargs, named):
+    cfg = tiny_cfg()
+    cfg.kwargs.update(kwargs)
+    with pytest.raises(PipelineError, match=f"bad kwargs for timm model '{TINY_VIT['name']}': .*{named}") as err:
+        load_model(cfg)
+    assert "\n" not in str(err.value)
+
+
 def test_fingerprint_tells_apart_architectures_that_share_the_weights(tmp_path):
     """num_heads changes the function but no weight shape: same checkpoint, other outputs, other fingerprint."""
     ref = timm.create_model(TINY_VIT["name"], **TINY_VIT["kwargs"])

@@ -189,6 +189,21 @@ def test_bad_setting_is_one_error_before_any_run_opens(tmp_path, tiny_overrides,
     assert not (tmp_path / "run").exists()
 
 
+def test_a_later_run_does_not_evaluate_on_its_calibration_images(tmp_path, tiny_overrides, mlflow_uri):
+    """A run may calibrate on data.calib_split=test when it evaluates train; a later run that evaluates test
+    from it would evaluate (or search) on its own calibration images."""
+    from pipeline.errors import PipelineError
+
+    first = tmp_path / "first"
+    run_pipeline(compose([*tiny_overrides, "quant=naive", "data.calib_split=test", "data.eval_split=train", "stages=[calibrate,quantize]"]), first)
+    runs_before = len(runs_of(mlflow_uri)[1])
+    for i, stages in enumerate(("[evaluate]", "[quantize]", "[sensitivity]")):
+        with pytest.raises(PipelineError, match=r"calibrated on the images of split 'test', which this run evaluates \(data.eval_split='test'\)"):
+            run_pipeline(compose([*tiny_overrides, "quant=naive", f"stages={stages}", "data.eval_split=test", f"from_run={first}"]), tmp_path / f"run{i}")
+        assert not (tmp_path / f"run{i}").exists()
+    assert len(runs_of(mlflow_uri)[1]) == runs_before
+
+
 def test_from_run_with_another_recipe_is_an_error_before_any_run_opens(tmp_path, tiny_overrides, mlflow_uri):
     """A run labelled quant=recommended must not evaluate (or quantize) what an earlier run made with quant=naive."""
     from pipeline.errors import PipelineError

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.artifacts import read_json
-from pipeline.data import make_subset
+from pipeline.data import check_calibrated_elsewhere, data_source, make_subset, split_size
 from pipeline.errors import PipelineError
 from pipeline.quant.calibration import INDEX_FILE, STATE_FILE, calibrate, check_calibrated, check_model
 from pipeline.quant.recipe import SiteSpec, resolve_recipe
@@ -28,7 +28,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
     subset = make_subset(cfg.data, ctx.fp32, "calib")
     state = calibrate(graph, specs, subset.loader, ctx.device, list(cfg.quant.candidate_bits))
     state.index["meta"].update(
-        model=ctx.fp32.fingerprint, model_name=ctx.fp32.name, recipe=cfg.quant.name, images=len(subset), subset=subset.key, split=subset.split, seed=int(cfg.data.seed)
+        model=ctx.fp32.fingerprint,
+        model_name=ctx.fp32.name,
+        recipe=cfg.quant.name,
+        images=len(subset),
+        subset=subset.key,
+        source=data_source(cfg.data),
+        split=subset.split,
+        split_images=split_size(cfg.data, subset.split),  # the seeded permutation's length: search cuts from its back
+        seed=int(cfg.data.seed),
     )
     state.save(ctx.out_dir)
     calibrated = sum(1 for e in state.index["sites"].values() if e["bits"])
@@ -36,10 +44,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 
 def find_calibration(ctx: StageContext) -> tuple[Path, dict[str, Any]]:
-    """This run's or from_run's calibrate folder and its JSON index, checked to belong to the run's model."""
+    """This run's or from_run's calibrate folder and its JSON index, checked to belong to the run's model
+    and not to have calibrated on the images this run evaluates."""
     calib_dir = ctx.find("calibrate", INDEX_FILE).parent
     index = read_json(calib_dir / INDEX_FILE)
     check_model(index, ctx.fp32.fingerprint, f"calibration state in {calib_dir}")
+    check_calibrated_elsewhere(index["meta"], ctx.cfg.data, f"the calibration in {calib_dir}")
     return calib_dir, index
 
 
@@ -64,4 +74,9 @@ def calibration_front(index: Mapping[str, Any], data) -> int:
             log.warning("the calibration state does not record its data.%s (made before it was recorded): assuming %s; recalibrate if it was drawn otherwise", option, value)
         elif meta[key] != value:
             raise PipelineError(f"the calibration state was drawn with data.{option}={meta[key]!r}, this run has {value!r}: the search subset is cut from the same permutation (set data.{option}={meta[key]} or recalibrate)")
+    if "split_images" in meta and int(meta["split_images"]) != split_size(data, str(data.calib_split)):
+        raise PipelineError(
+            f"the calibration was drawn when split '{data.calib_split}' held {meta['split_images']} images; it now holds "
+            f"{split_size(data, str(data.calib_split))}, a different permutation, so the search subset could reach the calibration images: recalibrate"
+        )
     return int(meta["images"])

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import torch
 
 from pipeline.artifacts import read_json, write_json
+from pipeline.data import check_calibrated_elsewhere
 from pipeline.errors import PipelineError
 from pipeline.quant.calibration import BIAS_CODES_KEY, CODES_KEY, INDEX_FILE, CalibState, bind, check_calibrated, check_model, describe_bound, stored_weight_codes
 from pipeline.quant.recipe import SiteSpec, resolve_recipe
@@ -66,13 +67,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 
 def find_quantized(ctx: StageContext, wanted: Mapping[str, SiteSpec]) -> tuple[Path, dict[str, SiteSpec], dict[str, int]]:
-    """This run's or from_run's quantize folder, its specs and bound widths, checked to hold the run's model and recipe.
+    """This run's or from_run's quantize folder, its specs and bound widths, checked to hold the run's model and recipe
+    (calibrated on other images than this run evaluates).
 
     Reads the JSON files only, so the runner can call it before any run opens.
     """
     qdir = ctx.find("quantize", "sites.json").parent
     index = read_json(qdir / INDEX_FILE)
     check_model(index, ctx.fp32.fingerprint, f"quantized state in {qdir}")
+    check_calibrated_elsewhere(index["meta"], ctx.cfg.data, f"the quantized state in {qdir}")  # its meta is its calibration's
     sites = read_json(qdir / "sites.json")
     specs = {name: SiteSpec(**entry["spec"]) for name, entry in sites.items()}
     check_same_recipe(specs, wanted, f"{qdir} (quant={index['meta'].get('recipe')})", ctx.cfg.quant.name)
