@@ -159,6 +159,12 @@ def test_reference_quantized_on_small_subset(tmp_path, mlflow_uri):
     assert summary["sqnr_min/sv_attn"] > 30
 
 
+def test_a_weight_only_recipe_evaluates_without_the_profile(tmp_path, tiny_overrides):
+    # no activation is quantized, so the per-site SQNR table is empty and has no minimum
+    summary = run_pipeline(compose([*tiny_overrides, "quant=naive", "quant.act.enabled=false", "profile.enabled=false", "stages=[calibrate,quantize,evaluate]"]), tmp_path / "run")
+    assert summary["quant_sites"] > 0 and "sqnr_min" not in summary and 0 <= summary["agreement"] <= 1
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

@@ -435,6 +435,19 @@ def test_dump_writes_fp32_codes_dequantized_and_qparams(tmp_path):
         assert f.metadata()["granularity"] == "per_channel" and f.metadata()["bits"] == "8"
 
 
+def test_a_log2_dump_decodes_with_the_frac_bits_it_records(tmp_path):
+    site = log2_site(bits=4, frac_bits=1)  # levels 2^(-code/2), codes 0..15
+    p = torch.tensor([[0.9, 0.3, 0.05, 2.0**-12]])
+    y = fake_log2_quantize(p, 4, frac_bits=1)
+    t = read_tensors(write_dump(tmp_path, site, Capture(None, p, y)))
+    with safe_open(str(tmp_path / f"{site.name}.safetensors"), "pt") as f:
+        frac_bits = int(f.metadata()["frac_bits"])
+    decoded = torch.where(t["zero_mask"], 0.0, torch.exp2(-t["codes"].float() / 2**frac_bits))
+    assert frac_bits == 1 and t["zero_mask"].tolist() == [[False, False, False, True]] and torch.equal(decoded, t["dequantized"])
+    text = trace_site(site, Capture(None, p, y), elements=4)
+    assert "dequantized = 2^(-code / 2^1)" in text and "-log2 x*2^1" in text.splitlines()[2]
+
+
 def test_bad_dump_glob_and_trace_site_end_with_one_clear_line():
     graph = attach_sites(tiny_model())
     graph.set_mode("quant", ["blocks.0.attn.sv"])

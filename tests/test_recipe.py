@@ -118,6 +118,15 @@ def test_bad_recipes_fail_with_one_clear_message(graph, overrides, message):
     with pytest.raises(PipelineError, match=message):
         resolve_recipe(recipe("recommended", *args, extra=extra), graph)
 
+def test_role_settings_are_checked_where_the_model_has_no_such_site():
+    from tests.test_sites import build
+
+    gap = attach_sites(build("vit_gap"))  # fc_norm emits the head input: no head_in site
+    assert not gap.names("head_in")
+    for override, message in (("quant.roles.head_in.bits=99", r"quant\.roles\.head_in\.bits=99 is outside 2\.\.16"), ("quant.roles.head_in.observer=bogus", r"unknown observer 'bogus'")):
+        with pytest.raises(PipelineError, match=message):
+            resolve_recipe(recipe("recommended", override), gap)
+
 
 def test_recipe_file_can_extend_another_with_globs(graph):
     specs = resolve_recipe(recipe("recommended_tail16"), graph)

@@ -4,7 +4,8 @@ A dump (`profile/dump/<site>.safetensors`) holds, for the first `dump_samples`
 images: `fp32` (the FP32 model's tensor at the site), `input` (the quantized
 model's tensor entering the site), `codes` (the NPU's integers), `dequantized`
 (codes back to real values), `output` (what the site passed on), and the
-site's `scale` / `zero_point` (uniform) or `zero_mask` (log2: flushed to 0).
+site's `scale` / `zero_point` (uniform: dequantized = (codes - zero_point) * scale) or `zero_mask`
+(log2: dequantized = 2^(-codes / 2^frac_bits), 0 where flushed; `frac_bits` is in the metadata).
 For a weight site `fp32` is the weight, `input` the folded weight W·diag(s)
 that is quantized, `output` its dequantized codes Q(W·diag(s)) (the effective
 weight is that times diag(1/s)). GPTQ weights (`gptq: true`) and int_softmax
@@ -123,6 +124,8 @@ def write_dump(folder: Path, site: Site, capture: Capture) -> Path:
         "axis": str(site.axis),
         "samples": str(capture.x.shape[0]) if site.role != "weight" else "weight",
     }
+    if is_log2(site):
+        meta["frac_bits"] = str(site.spec.frac_bits)  # levels 2^(-code / 2^frac_bits)
     return write_tensors(folder / f"{site.name}.safetensors", dump_tensors(site, capture), metadata=meta)
 
 
@@ -155,7 +158,8 @@ def trace_site(site: Site, capture: Capture, elements: int = 8) -> str:
     lines = [f"trace {site.name}: role={site.role} quantizer={site.spec.quantizer} bits={site.bits} {granularity} qmin={site.qmin} qmax={site.qmax} rounding={site.spec.rounding}"]
     if is_log2(site):
         f = site.spec.frac_bits
-        lines.append(f"  steps: x (a probability) -> -log2 x{f' * 2^{f}' if f else ''} -> rounded -> code = clamp(rounded, qmin, qmax) -> dequantized = 2^-code{f' / 2^{f}' if f else ''} (0 if rounded > qmax: flushed)")
+        level = f"2^(-code / 2^{f})" if f else "2^-code"
+        lines.append(f"  steps: x (a probability) -> -log2 x{f' * 2^{f}' if f else ''} -> rounded -> code = clamp(rounded, qmin, qmax) -> dequantized = {level} (0 if rounded > qmax: flushed)")
         if site.spec.quantizer == "int_softmax":
             lines.append("  int_softmax: the integer softmax makes the codes (pipeline.quant.intsoftmax); the steps are read back from its output, x is the float softmax")
     else:
@@ -175,7 +179,7 @@ def trace_site(site: Site, capture: Capture, elements: int = 8) -> str:
                 f"(ptf_frac_bits={f}); the NPU aligns channels as ((code - zp) * m_c) << k_c at scale {unit:.6g} (note: m<<k per row)"
             )
     log2 = is_log2(site)
-    header = ["index", "fp32", "x", "-log2 x" if log2 else "x/scale", "rounded"] + ([] if log2 else ["+zp"]) + ["code", "dequantized", "error"] + ([] if log2 else ["scale", "zp"]) + ["note"]
+    header = ["index", "fp32", "x", (f"-log2 x*2^{site.spec.frac_bits}" if site.spec.frac_bits else "-log2 x") if log2 else "x/scale", "rounded"] + ([] if log2 else ["+zp"]) + ["code", "dequantized", "error"] + ([] if log2 else ["scale", "zp"]) + ["note"]
     rows = [header]
     flat_steps = {k: getattr(steps, k).flatten() for k in ("scaled", "rounded", "shifted", "codes", "dequantized", "scale", "zero_point")}
     for flat, reason in trace_elements(x, steps.dequantized, elements):

@@ -111,6 +111,7 @@ def resolve_recipe(quant: Mapping[str, Any], graph: SiteGraph, verbose: bool = F
     for role in roles:
         if role not in ROLES:
             raise PipelineError(f"quant.roles: unknown role '{role}' (roles: {', '.join(ROLES)})")
+        _overlay(weight if role == "weight" else act, roles[role], f"quant.roles.{role}")  # checked even where the model has no such site
     globs = quant.get("sites") or {}
     names = graph.names()
     for pattern in globs:

@@ -116,5 +116,6 @@ def _site_sqnr_only(ctx: StageContext, graph, subset) -> dict[str, Any]:
     for name, v in sqnr.items():
         by_role.setdefault(graph[name].role, []).append(v)
     out = {f"sqnr_min/{role}": min(vs) for role, vs in by_role.items()}
-    out["sqnr_min"] = min(sqnr.values())
+    if sqnr:  # a weight-only recipe quantizes no activation
+        out["sqnr_min"] = min(sqnr.values())
     return out
