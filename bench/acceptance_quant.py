@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_quant import compose  # noqa: E402
+from bench.common import machine  # noqa: E402
 from pipeline.artifacts import write_text  # noqa: E402
 from pipeline.config import register_configs, register_resolvers  # noqa: E402
 from pipeline.data import make_subset  # noqa: E402
@@ -86,6 +87,7 @@ def evaluate_widths(model_name: str, recipe: str, widths, calib_images: int, dev
             "images": q["images"],
             "device": device.type,
             "threads": torch.get_num_threads(),
+            "machine": machine(),
         }
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if not k.startswith("sv_attn")}), flush=True)

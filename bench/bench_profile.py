@@ -23,7 +23,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import synchronize, write_result  # noqa: E402
+from bench.common import machine, synchronize, write_result  # noqa: E402
 
 from pipeline.config import register_configs, register_resolvers  # noqa: E402
 from pipeline.data import make_subset  # noqa: E402
@@ -132,7 +131,7 @@ def main() -> None:
         "batch_size": batch_size,
         "device": str(device),
         "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
+        "machine": machine(),
         "sites_profiled": len(rows),
         "seconds": {
             "quantized_forward": t_forward,

@@ -13,7 +13,6 @@ calibration images. Writes bench/results/quant.json. Usage:
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import write_result  # noqa: E402
+from bench.common import machine, write_result  # noqa: E402
 
 from pipeline.config import register_configs, register_resolvers  # noqa: E402
 from pipeline.data import make_subset  # noqa: E402
@@ -87,7 +86,7 @@ def main() -> None:
         "recipe": args.recipe,
         "images": args.images,
         "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
+        "machine": machine(),
         "seconds": {"fp32_eval": t_fp32_eval, "fp32_calib_pass": t_fp32_calib, "calibrate": t_calib, "quantize_bind": t_bind, "quantized_eval": t_q_eval},
         "ratios": {
             "quantized_eval_vs_fp32": t_q_eval / t_fp32_eval,

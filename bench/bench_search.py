@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import machine  # noqa: E402
 from pipeline.artifacts import write_text  # noqa: E402
 from pipeline.config import register_configs, register_resolvers  # noqa: E402
 
@@ -214,7 +214,7 @@ def main() -> None:
         "search_size": args.search_size,
         "eval_size": args.eval_size,
         "threads": args.threads,
-        "machine": platform.processor() or platform.machine(),
+        "machine": machine(),
         "tag": args.tag,
         "reuse_tag": args.reuse_tag,
         "regimes": dict(previous.get("regimes", {})) if previous.get("trials_per_method") == args.trials and previous.get("tag") == args.tag else {},
