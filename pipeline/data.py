@@ -146,7 +146,7 @@ def check_calibrated_elsewhere(meta: Mapping[str, Any], cfg: DataConfig, where: 
         return
     source = meta.get("source", data_source(cfg))  # states made before the source was recorded: this run's
     if _splits_share_images(source, split, cfg):
-        raise PipelineError(f"{where} was calibrated on the images of split '{split}', which this run evaluates (data.eval_split='{cfg.eval_split}'): calibrate on other images")
+        raise PipelineError(f"{where} was calibrated on the images of split '{split}', which this run evaluates on (data.eval_split='{cfg.eval_split}'): calibrate on other images")
 
 
 def data_source(cfg: DataConfig) -> str:

@@ -94,7 +94,8 @@ def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
             torch.manual_seed(0)
             return timm.create_model(name, pretrained=pretrained, **kwargs)
     except (TypeError, AssertionError, KeyError) as e:  # timm asserts on many bad arguments (num_heads, global_pool, ...)
-        raise PipelineError(f"bad kwargs for timm model '{name}': {e}".splitlines()[0]) from None
+        why = " ".join(str(e).split())[:300] or f"{type(e).__name__} in timm.create_model, no message"
+        raise PipelineError(f"bad kwargs for timm model '{name}': {why}") from None
     except (OSError, RuntimeError, ValueError) as e:
         if pretrained:
             raise PipelineError(f"could not fetch pretrained weights for '{name}' (no network? use model.checkpoint=..., or HF_HUB_OFFLINE=1 to read only the local Hugging Face cache and skip the hub's retries): {e}".splitlines()[0]) from None

@@ -270,11 +270,12 @@ def cleanup_failed_run(run_dir: Path, kept: frozenset[str] = frozenset()) -> Non
 def existing_entries(run_dir: Path, job_log: str) -> frozenset[str]:
     """What `run_dir` holds before a run starts (what a failure must leave alone).
 
-    Hydra has just written `.hydra/` and appended to the job's log. In a folder that holds nothing else
-    they are this run's (empty set: a failure may remove the folder); in one that holds other files,
-    an earlier run may have made them (Hydra appends to its log), so they are kept with the rest.
+    Not `.hydra/`, which Hydra has just written for this run; and the job's log only when it already
+    holds an earlier run's lines (Hydra appends to it; this run has logged nothing yet).
     """
     if not run_dir.is_dir():
         return frozenset()
-    names = frozenset(p.name for p in run_dir.iterdir())
-    return names if names - {".hydra", job_log} else frozenset()
+    names = {p.name for p in run_dir.iterdir() if p.name != ".hydra"}
+    if job_log in names and (run_dir / job_log).stat().st_size == 0:
+        names.discard(job_log)
+    return frozenset(names)

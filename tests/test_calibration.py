@@ -323,6 +323,16 @@ def test_nan_calibration_data_names_the_site():
         calibrate(graph, specs, batches(1), CPU, [8])  # named as the weight, not as the data at the next activation
 
 
+def test_a_site_the_forward_never_reaches_is_named():
+    model = tiny_model()
+    graph = attach_sites(model)
+    specs = resolve_recipe(compose(["quant=naive"]).quant, graph)
+    head = graph.model.head
+    graph.model.forward_head = lambda x, pre_logits=False: torch.nn.functional.linear(x[:, 0], head.weight, head.bias)  # skips head.in
+    with pytest.raises(PipelineError, match="site head.in saw no data in calibration"):
+        calibrate(graph, specs, batches(1), CPU, [8])
+
+
 def test_zero_calibration_batches_is_an_error():
     graph = attach_sites(tiny_model())
     specs = resolve_recipe(compose(["quant=naive"]).quant, graph)

@@ -89,8 +89,14 @@ def test_a_failed_run_keeps_a_folder_it_did_not_make(tmp_path):
     assert_one_line_error(proc, "unknown timm model name 'vit_tinyy'")
     assert all((folder / name).read_text() == "keep\n" for name in ("mine.csv", "notes.log", "config.yaml"))
     assert (folder / "__main__.log").read_text().startswith("keep\n")  # the earlier run's log, appended to
-    # .hydra/ and the job log stay too: Hydra appended this run's lines to an earlier run's log
-    assert sorted(p.name for p in folder.iterdir()) == [".hydra", "__main__.log", "config.yaml", "mine.csv", "notes.log"]
+    # the run's .hydra/ went; the job log stays: Hydra appended this run's lines to an earlier run's log
+    assert sorted(p.name for p in folder.iterdir()) == ["__main__.log", "config.yaml", "mine.csv", "notes.log"]
+    theirs = tmp_path / "theirs"  # a folder without an earlier run: this run's log goes with its .hydra/
+    theirs.mkdir()
+    (theirs / "mine.csv").write_text("keep\n")
+    proc = run_cli(["model=timm", "model.name=vit_tinyy", "hydra.run.dir=.", "tracking.enabled=false"], cwd=theirs)
+    assert_one_line_error(proc, "unknown timm model name 'vit_tinyy'")
+    assert [p.name for p in theirs.iterdir()] == ["mine.csv"]
     empty_parent = tmp_path / "mine"
     empty_parent.mkdir()
     proc = run_cli(["model=timm", "model.name=vit_tinyy", f"hydra.run.dir={empty_parent / 'run'}", "tracking.enabled=false"])

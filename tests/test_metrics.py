@@ -222,6 +222,12 @@ def test_topk_hit_rate_splits_ties_in_the_quantized_row_fairly() -> None:
     assert topk_hit_rates(ref[:1], flat, (1, 5)) == pytest.approx([1 / 7, 5 / 7])
     # the deployed argmax takes the first maximal index: row 0 agrees, row 1 does not
     assert argmax_agreement(ref, test) == pytest.approx(0.5)
+    # ties in the FP32 row: each tied entry is a top-k entry, so a row matches itself
+    tied = torch.tensor([[0.4, 0.4, 0.2], [2.0, 2.0, 0.0]])
+    assert topk_hit_rate(tied, tied.clone(), k=1) == 1.0 and topk_hit_rates(torch.zeros(1, 7), torch.zeros(1, 7), (1, 5)) == pytest.approx([1.0, 1.0])
+    # and a k's rate does not depend on the other ks asked for with it
+    ref2, test2 = torch.tensor([[2.0, 2.0, 0.0, 3.0, 1.0]]), torch.tensor([[2.0, 0.0, 0.0, 0.0, 1.0]])
+    assert topk_hit_rate(ref2, test2, k=2) == topk_hit_rates(ref2, test2, (2, 5))[0] == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -82,6 +82,7 @@ def test_missing_checkpoint_and_unknown_model():
         ({"global_pool": "xx"}, "pooling"),  # asserts too
         ({"act_layer": "nosuch"}, "nosuch"),  # a KeyError from timm's layer registry
         ({"no_such_argument": 1}, "no_such_argument"),  # a TypeError
+        ({"pos_embed": "bogus"}, "AssertionError in timm.create_model, no message"),  # a bare assert
     ],
 )
 def test_bad_timm_kwargs_are_one_line(kwargs, named):

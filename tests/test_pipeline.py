@@ -204,7 +204,7 @@ def test_a_later_run_does_not_evaluate_on_its_calibration_images(tmp_path, tiny_
     run_pipeline(compose([*tiny_overrides, "quant=naive", "data.calib_split=test", "data.eval_split=train", "stages=[calibrate,quantize]"]), first)
     runs_before = len(runs_of(mlflow_uri)[1])
     for i, stages in enumerate(("[evaluate]", "[quantize]", "[sensitivity]")):
-        with pytest.raises(PipelineError, match=r"calibrated on the images of split 'test', which this run evaluates \(data.eval_split='test'\)"):
+        with pytest.raises(PipelineError, match=r"calibrated on the images of split 'test', which this run evaluates on \(data.eval_split='test'\)"):
             run_pipeline(compose([*tiny_overrides, "quant=naive", f"stages={stages}", "data.eval_split=test", f"from_run={first}"]), tmp_path / f"run{i}")
         assert not (tmp_path / f"run{i}").exists()
     assert len(runs_of(mlflow_uri)[1]) == runs_before

@@ -178,6 +178,21 @@ def test_vit_parts_the_sites_do_not_cover_are_rejected_by_name(kwargs, named):
         attach_sites(model)
 
 
+def test_a_distilled_deit_with_fc_norm_keeps_both_head_inputs():
+    # timm's distilled forward_head never runs fc_norm: its sites would see no data, and head.in is the token itself
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, num_classes=10, depth=1, fc_norm=True).eval()
+    graph = attach_sites(model)
+    names = set(graph.names())
+    assert {"head.in", "head_dist.in"} <= names and not {n for n in names if n.startswith("fc_norm")} and "fc_norm" not in graph.folds
+    graph.set_mode("fp")
+    seen: set[str] = set()
+    graph.set_tap(lambda site, x, y: seen.add(site.name))
+    with torch.no_grad():
+        graph.model(torch.randn(2, 3, 32, 32))
+    assert seen == {n for n in names if graph[n].role != "weight"}  # every activation site sees data
+
+
 def test_hybrid_vit_with_a_cnn_backbone_is_rejected_by_name():
     # its ResNet stem would stay FP32 and patch_embed.proj.in would see feature maps, not the image
     model = timm.create_model("vit_tiny_r_s16_p8_224", img_size=32, num_classes=10, depth=1).eval()

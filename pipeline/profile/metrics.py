@@ -324,14 +324,15 @@ def topk_hit_rate(ref_rows: Tensor, test_rows: Tensor, k: int = 1, dim: int = -1
     ref top-k indices that are also in the test top-k (order inside the top-k
     is ignored; this is *not* all-or-nothing set equality).
 
-    Ties in ``test`` (common in quantized rows: a log2 softmax puts several
-    probabilities on one level) are split fairly, not by index order: when the
-    k-th largest test value is shared by ``m`` entries and ``s`` of the k places
-    are left for them, each of those entries is in ``T`` with weight ``s / m``,
-    its chance under a random tie-break.  So a row whose FP32 argmax ties with
-    one other entry for the quantized maximum scores 0.5 at k = 1, and a flat
-    row (every entry equal) scores k / row length, the chance level.  Ties in
-    ``ref`` are broken as ``torch.topk`` breaks them.
+    Ties are read, not broken by index order.  In ``test`` (common in quantized
+    rows: a log2 softmax puts several probabilities on one level) they are split
+    fairly: when the k-th largest test value is shared by ``m`` entries and ``s``
+    of the k places are left for them, each of those entries is in ``T`` with
+    weight ``s / m``, its chance under a random tie-break.  In ``ref`` every entry
+    tied with the k-th largest counts as a top-k entry (the FP32 row has no
+    preference among them).  So a row compared with itself scores 1; a row whose
+    FP32 argmax ties with one other entry for the quantized maximum scores 0.5 at
+    k = 1; a flat quantized row scores k / row length, the chance level.
     """
     return topk_hit_rates(ref_rows, test_rows, (k,), dim)[0]
 
@@ -339,8 +340,8 @@ def topk_hit_rate(ref_rows: Tensor, test_rows: Tensor, k: int = 1, dim: int = -1
 def topk_hit_rates(ref_rows: Tensor, test_rows: Tensor, ks: tuple[int, ...] = (1, 5), dim: int = -1) -> list[float]:
     """:func:`topk_hit_rate` for several ``k`` at once (shares in 0..1, in the order of ``ks``).
 
-    One ``torch.topk`` per tensor with the largest ``k``; each smaller ``k``
-    reads its cut-off (the k-th largest test value) from that sorted top-k.
+    One ``torch.topk`` per tensor with the largest ``k``; each ``k`` reads its
+    cut-offs (the k-th largest ref and test values) from those sorted values.
     """
     _check_pair(ref_rows, test_rows)
     r, t = _rows(ref_rows, dim), _rows(test_rows, dim)  # (R, C)
@@ -348,16 +349,15 @@ def topk_hit_rates(ref_rows: Tensor, test_rows: Tensor, ks: tuple[int, ...] = (1
         if not 1 <= k <= r.shape[1]:
             raise ValueError(f"k must be in [1, {r.shape[1]}] (row length), got {k}")
     top = max(ks)
-    idx_r = r.topk(top, dim=1).indices  # (R, top), largest first
-    top_t = t.topk(top, dim=1).values  # (R, top), largest first
-    at_ref = t.gather(1, idx_r)  # (R, top): the test values at the ref's top indices
+    top_r, top_t = r.topk(top, dim=1).values, t.topk(top, dim=1).values  # (R, top), largest first
     rates = []
     for k in ks:
+        in_ref = r >= top_r[:, k - 1 : k]  # (R, C): at least the k-th largest ref value
         cut = top_t[:, k - 1 : k]  # (R, 1): the k-th largest test value
         above = (t > cut).sum(dim=1, keepdim=True)  # (R, 1): surely in T
         tied = (t == cut).sum(dim=1, keepdim=True)  # (R, 1): share the k - above places left
-        weight = torch.where(at_ref[:, :k] > cut, 1.0, torch.where(at_ref[:, :k] == cut, (k - above) / tied, 0.0))  # (R, k)
-        rates.append(weight.double().mean())
+        in_test = torch.where(t > cut, 1.0, torch.where(t == cut, (k - above).double() / tied, 0.0))  # (R, C): chance of being in T
+        rates.append((in_test * in_ref).sum(dim=1).div(k).clamp_(max=1.0).mean())
     return torch.stack(rates).tolist()
 
 

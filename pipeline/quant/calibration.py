@@ -162,6 +162,8 @@ def calibrate(graph: SiteGraph, specs: Mapping[str, SiteSpec], loader, device: t
         entry = {"role": site.role, "spec": spec.calibration_key(), "bits": []}
         if site.observer is not None:
             widths = calibration_widths(spec, weight_bits if site.role == "weight" and weight_bits else candidate_bits)
+            if not getattr(site.observer, "batches_seen", 1):
+                raise PipelineError(f"site {name} saw no data in calibration: the model's forward never reaches it")
             for bits in widths:
                 scale, zp = site.observer.calculate_qparams(bits, spec.signed, spec.symmetric, spec.rounding)
                 if spec.granularity == "ptf":  # widens channel ranges only: zp keeps 0.0 exact, nothing clips

@@ -450,7 +450,10 @@ def attach_sites(model: nn.Module) -> SiteGraph:
         raise PipelineError(f"{type(model).__name__}: quant sites cover timm ViT/DeiT blocks (Attention, Mlp, LayerNorm); not supported here: {'; '.join(unsupported)}")
     qmodel = copy.deepcopy(model).eval()
     # the head's input is its own site unless fc_norm produces it: that LayerNorm output folds into the head
-    head_inputs = {"head_dist"} | (set() if isinstance(getattr(qmodel, "fc_norm", None), nn.LayerNorm) else {"head"})
+    # (a distilled DeiT's forward_head takes the two tokens straight to its heads and never runs fc_norm)
+    distilled = getattr(qmodel, "head_dist", None) is not None
+    fc_norm_runs = isinstance(getattr(qmodel, "fc_norm", None), nn.LayerNorm) and not distilled
+    head_inputs = {"head_dist"} | (set() if fc_norm_runs else {"head"})
     for name, module in list(qmodel.named_modules()):
         if type(module) is nn.Conv2d:
             module.__class__ = QuantConv2d
@@ -464,7 +467,7 @@ def attach_sites(model: nn.Module) -> SiteGraph:
         elif type(module) is Block:
             module.__class__ = QuantBlock
             module._init_sites(name)
-        elif isinstance(module, nn.LayerNorm) and not name.endswith(("q_norm", "k_norm")):
+        elif isinstance(module, nn.LayerNorm) and not name.endswith(("q_norm", "k_norm")) and (name != "fc_norm" or fc_norm_runs):
             _add_layer_norm_sites(module, name)
         elif re.fullmatch(r"blocks\.\d+\.mlp\.act", name) and not isinstance(module, nn.Identity):
             _add_output_site(module, name, "mlp_act")

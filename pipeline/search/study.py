@@ -396,11 +396,16 @@ def seed_study(study, seeds: list[tuple[str, Levels]]) -> None:
 
 
 def greedy_plan(space: SearchSpace, priors: Priors, budget: float, n: int, width: int, results: Mapping[str, float], objective: str) -> tuple[list[tuple[str, Levels]], bool]:
-    """Next greedy assignments to measure given the measured `results` (key -> value); (plan, done)."""
+    """Next greedy assignments to measure given the measured `results` (key -> value); (plan, done).
+
+    Replays the steps `results` hold. A plan never takes the study past `n` evaluations, counting
+    every measured one: a study resumed with more trials may hold an earlier run's final fill, off
+    the path the longer run takes.
+    """
     base = space.lowest()
     order = priors.order()
     used, step = 0, 0
-    stepped: set[str] = set()  # keys the replayed steps measured (the final fill may be one of them)
+    left = n - len(results)  # evaluations this study may still make
     while True:
         cost = space.cost(base)
         cands = []
@@ -416,17 +421,13 @@ def greedy_plan(space: SearchSpace, priors: Priors, budget: float, n: int, width
         if 0 < room <= len(cands) and all(space.key(greedy_fill(space, priors, budget, c)) == space.key(c) for c in cands[:room]):
             k = room  # ...unless each candidate it would cut already fills the budget: no fill follows them
         if k <= 0:
-            final = space.key(greedy_fill(space, priors, budget, base))
-            if final not in results:
-                return [("greedy-final", greedy_fill(space, priors, budget, base))], False
-            if final not in stepped or not cands or used >= n:
-                return [], True
-            k = 1  # the fill is a step's assignment, measured already: its evaluation goes to one more step
+            final = greedy_fill(space, priors, budget, base)
+            done = space.key(final) in results or left <= 0
+            return ([] if done else [("greedy-final", final)]), done
         cands = cands[:k]
-        stepped.update(space.key(c) for c in cands)
         missing = [(f"greedy-step{step}", c) for c in cands if space.key(c) not in results]
         if missing:
-            return missing, False
+            return (missing[:left], False) if left > 0 else ([], True)
         best = cands[0]
         for c in cands[1:]:
             if better(objective, results[space.key(c)], results[space.key(best)]):
