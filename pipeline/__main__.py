@@ -42,7 +42,7 @@ def main(cfg: DictConfig) -> None:
     job_label = hydra_cfg.job.override_dirname if multirun else ""
     signal.signal(signal.SIGTERM, _interrupt)
     _sweep["jobs"] += 1
-    kept = existing_entries(run_dir, f"{hydra_cfg.job.name}.log")  # hydra.run.dir may be a folder of the user's
+    kept = existing_entries(run_dir, f"{hydra_cfg.job.name}.log", hydra_cfg.output_subdir)  # hydra.run.dir may be a folder of the user's
     try:
         summary = run_pipeline(cfg, run_dir, job_label)
     except PipelineError as e:

@@ -267,15 +267,16 @@ def cleanup_failed_run(run_dir: Path, kept: frozenset[str] = frozenset()) -> Non
             run_dir.parent.rmdir()
 
 
-def existing_entries(run_dir: Path, job_log: str) -> frozenset[str]:
+def existing_entries(run_dir: Path, job_log: str, hydra_subdir: str | None = ".hydra") -> frozenset[str]:
     """What `run_dir` holds before a run starts (what a failure must leave alone).
 
-    Not `.hydra/`, which Hydra has just written for this run; and the job's log only when it already
-    holds an earlier run's lines (Hydra appends to it; this run has logged nothing yet).
+    Not Hydra's output subdir (`hydra.output_subdir`, `.hydra/` by default; None: Hydra writes none),
+    which Hydra has just written for this run; and the job's log only when it already holds an earlier
+    run's lines (Hydra appends to it; this run has logged nothing yet).
     """
     if not run_dir.is_dir():
         return frozenset()
-    names = {p.name for p in run_dir.iterdir() if p.name != ".hydra"}
+    names = {p.name for p in run_dir.iterdir() if p.name != hydra_subdir}
     if job_log in names and (run_dir / job_log).stat().st_size == 0:
         names.discard(job_log)
     return frozenset(names)

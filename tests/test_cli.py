@@ -97,6 +97,10 @@ def test_a_failed_run_keeps_a_folder_it_did_not_make(tmp_path):
     proc = run_cli(["model=timm", "model.name=vit_tinyy", "hydra.run.dir=.", "tracking.enabled=false"], cwd=theirs)
     assert_one_line_error(proc, "unknown timm model name 'vit_tinyy'")
     assert [p.name for p in theirs.iterdir()] == ["mine.csv"]
+    (theirs / ".hydra").mkdir()  # the user's own, where Hydra writes no output subdir
+    proc = run_cli(["model=timm", "model.name=vit_tinyy", "hydra.run.dir=.", "hydra.output_subdir=null", "tracking.enabled=false"], cwd=theirs)
+    assert_one_line_error(proc, "unknown timm model name 'vit_tinyy'")
+    assert sorted(p.name for p in theirs.iterdir()) == [".hydra", "mine.csv"]
     empty_parent = tmp_path / "mine"
     empty_parent.mkdir()
     proc = run_cli(["model=timm", "model.name=vit_tinyy", f"hydra.run.dir={empty_parent / 'run'}", "tracking.enabled=false"])
