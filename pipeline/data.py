@@ -42,6 +42,11 @@ class DataSubset:
     def __len__(self) -> int:
         return int(self.indices.numel())
 
+    @property
+    def split_images(self) -> int:
+        """Images in the whole split (the seeded permutation's length), from the loader's dataset."""
+        return len(self.loader.dataset.dataset)  # subset_loader's Subset over the split
+
     def without_first(self, n: int) -> "DataSubset":
         """The same subset less its first `n` images (loading order; same batch size and workers).
 

@@ -629,6 +629,6 @@ def _fold_pairs(qmodel: nn.Module, sites: dict[str, Site]) -> dict[str, str]:
         elif isinstance(mlp_norm, nn.LayerNorm):  # scale_mlp_norm: GELU -> LayerNorm -> fc2
             folds[f"{p}.mlp.norm"] = f"{p}.mlp.fc2"
     head = getattr(qmodel, "head", None)
-    if isinstance(head, QuantLinear) and head.in_site is None and isinstance(getattr(qmodel, "fc_norm", None), nn.LayerNorm):
-        folds["fc_norm"] = "head"  # fc_norm emits the head's input
+    if isinstance(head, QuantLinear) and head.in_site is None:
+        folds["fc_norm"] = "head"  # attach_sites gave the head no input site: fc_norm (a site then) emits its input
     return {k: v for k, v in folds.items() if k in sites}

@@ -35,7 +35,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         subset=subset.key,
         source=data_source(cfg.data),
         split=subset.split,
-        split_images=split_size(cfg.data, subset.split),  # the seeded permutation's length: search cuts from its back
+        split_images=subset.split_images,  # the seeded permutation's length: search cuts from its back
         seed=int(cfg.data.seed),
     )
     state.save(ctx.out_dir)
@@ -74,9 +74,11 @@ def calibration_front(index: Mapping[str, Any], data) -> int:
             log.warning("the calibration state does not record its data.%s (made before it was recorded): assuming %s; recalibrate if it was drawn otherwise", option, value)
         elif meta[key] != value:
             raise PipelineError(f"the calibration state was drawn with data.{option}={meta[key]!r}, this run has {value!r}: the search subset is cut from the same permutation (set data.{option}={meta[key]} or recalibrate)")
-    if "split_images" in meta and int(meta["split_images"]) != split_size(data, str(data.calib_split)):
-        raise PipelineError(
-            f"the calibration was drawn when split '{data.calib_split}' held {meta['split_images']} images; it now holds "
-            f"{split_size(data, str(data.calib_split))}, a different permutation, so the search subset could reach the calibration images: recalibrate"
-        )
+    if "split_images" in meta:
+        now = split_size(data, str(data.calib_split))
+        if int(meta["split_images"]) != now:
+            raise PipelineError(
+                f"the calibration was drawn when split '{data.calib_split}' held {meta['split_images']} images; it now holds "
+                f"{now}, a different permutation, so the search subset could reach the calibration images: recalibrate"
+            )
     return int(meta["images"])
