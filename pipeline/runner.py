@@ -216,13 +216,13 @@ def _check_site_names(cfg: DictConfig, stages: list[Stage], fp32: LoadedModel) -
     The recipe is resolved (a bad width, observer, rounding, role or glob fails here), and with
     `evaluate` and a profile, the `profile.dump` globs and the `profile.trace` site are checked.
     """
-    if not cfg.quant.enabled:
-        return None
     from pipeline.quant.recipe import resolve_recipe
     from pipeline.quant.sites import attach_sites
 
     graph = attach_sites(fp32.model)
     specs = resolve_recipe(cfg.quant, graph, verbose=True)
+    if not cfg.quant.enabled:
+        return None
     if Stage.evaluate in stages and cfg.profile.enabled and (cfg.profile.dump or cfg.profile.trace):
         from pipeline.profile.profiler import check_request
 

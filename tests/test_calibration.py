@@ -12,7 +12,7 @@ from pipeline.errors import PipelineError
 from pipeline.quant.calibration import CalibState, bind, calibrate, stored_weight_codes
 from pipeline.quant.quantizers import fake_quantize, qrange
 from pipeline.quant.recipe import resolve_recipe
-from pipeline.quant.sites import attach_sites
+from pipeline.quant.sites import attach_sites, position_codes
 from tests.conftest import compose
 
 CPU = torch.device("cpu")
@@ -143,6 +143,38 @@ def test_bias_is_an_integer_on_the_accumulator_step():
     assert head.bias_codes() is None and head.effective_bias() is head.bias
 
 
+def test_position_embedding_is_an_integer_bias_on_the_patch_accumulator():
+    # timm adds pos_embed to the patch conv's output; on the NPU that add is a second bias in the conv's
+    # integer accumulator, one per position and channel: block 0's input is (acc + b_q + pos_q) · step.
+    _, graph, specs, state = calibrated("recommended", "quant.weight.observer=minmax", "quant.weight.gptq=false")
+    bind(graph, specs, state)
+    model, conv = graph.model, graph.module("patch_embed.proj")
+    with torch.no_grad():
+        model.pos_embed.add_(torch.linspace(-0.3, 0.3, model.pos_embed.numel()).reshape(model.pos_embed.shape))
+    codes, step = position_codes(model)
+    assert torch.equal(step, conv.accumulator_step().double()) and codes.shape == (1, model.pos_embed.shape[1] - 1, 192)
+    assert torch.equal(codes, torch.floor(model.pos_embed.detach()[:, 1:].double() / step + 0.5).long())
+    seen = {}
+    model.blocks[0].register_forward_pre_hook(lambda module, args: seen.setdefault("x", args[0].clone()), prepend=True)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(images)
+        patches = conv(images).flatten(2).transpose(1, 2)  # (acc + b_q) · step
+        expected = (patches.double() / step).round() + codes  # the integer accumulator's codes
+    off_grid = seen["x"][:, 1:].double() / step - expected  # in accumulator steps: float32 holds ~2^24 of them
+    assert off_grid.abs().max() < 0.1
+    timm_add = (patches + model.pos_embed[:, 1:]).double() / step - expected  # the float embedding is off the grid
+    assert timm_add.abs().max() > 0.3
+    torch.testing.assert_close(seen["x"][:, :1], (model.cls_token + model.pos_embed[:, :1]).expand(2, -1, -1), rtol=0, atol=0)
+    assert isinstance(model.pos_embed, torch.nn.Parameter)  # put back after the forward
+    # bias_bits 0 keeps it float, like the bias; an unquantized conv runs timm's own add.
+    conv.weight_site.spec = replace(conv.weight_site.spec, bias_bits=0)
+    assert position_codes(model) is None
+    conv.weight_site.spec = replace(conv.weight_site.spec, bias_bits=32)
+    conv.in_site.mode = "fp"
+    assert position_codes(model) is None
+
+
 def w16a16_sqnr(model: torch.nn.Module, granularity: str):
     """(graph, logit SQNR in dB) of `model` with every site at 16 bits, the foldable activations at `granularity`."""
     graph = attach_sites(model)
@@ -188,6 +220,8 @@ def test_layer_scale_is_folded_into_the_stored_weight():
             for ls in (block.ls1, block.ls2):
                 ls.gamma.copy_(torch.logspace(-3, 0, ls.gamma.numel()) * torch.where(torch.arange(ls.gamma.numel()) % 2 == 0, 1.0, -1.0))
                 ls.gamma[-1] = 0.0  # a pruned row: stored as zeros
+        for linear in (model.blocks[0].attn.proj, model.blocks[0].mlp.fc2):
+            linear.bias.copy_(torch.linspace(-0.5, 0.5, linear.bias.numel()))  # timm's zero init would pin nothing
     graph = attach_sites(model)
     specs = resolve_recipe(compose(["quant=naive"]).quant, graph)
     bind(graph, specs, calibrate(graph, specs, batches(1), CPU, [8]))
@@ -200,6 +234,7 @@ def test_layer_scale_is_folded_into_the_stored_weight():
         assert torch.isfinite(module.qweight).all() and (module.qweight[-1] == 0).all()
         # The stored bias is gamma·b on the stored rows' accumulator grid; back in b's units it is 0 where gamma is.
         bias_codes, step = module.bias_codes()
+        assert torch.equal(bias_codes, torch.floor(gamma.detach().double() * module.bias.detach().double() / step + 0.5).long())
         with torch.no_grad():
             torch.testing.assert_close(module.effective_bias().double() * gamma.double(), bias_codes * step, rtol=1e-6, atol=1e-12)
         assert module.effective_bias()[-1] == 0
@@ -371,3 +406,48 @@ def test_weight_range_search_takes_each_row_whole():
     sampled = weight_observer(SiteSpec(observer="omse", loss="l2", granularity="per_channel", samples=100), weight)
     sampled(weight)
     assert sampled.samples.shape == (4, 100)
+
+
+@pytest.mark.parametrize("rounding, code", [("half_up", 1), ("half_even", 0)])
+def test_bias_ties_follow_the_recipe_rounding(rounding, code):
+    _, graph, specs, state = calibrated("naive", f"quant.rounding={rounding}")
+    bind(graph, specs, state)
+    head = graph.module("head")
+    step = head.accumulator_step()
+    with torch.no_grad():
+        head.bias.copy_((step * 0.5).expand_as(head.bias))  # exactly half a step: a tie
+    assert torch.equal(head.bias_codes()[0], torch.full((10,), code))
+
+
+def test_rebinding_refolds_the_weight_with_the_new_producer_scales():
+    model, graph, specs, state = calibrated("recommended", "quant.weight.gptq=false")
+    bind(graph, specs, state)
+    bind(graph, specs, state, {"blocks.0.attn.sv": 16})  # sv's per-channel 16-bit scales now fold into proj
+    fresh = attach_sites(model)
+    bind(fresh, specs, state, {"blocks.0.attn.sv": 16})
+    assert torch.equal(graph.module("blocks.0.attn.proj").qweight, fresh.module("blocks.0.attn.proj").qweight)
+
+
+def test_bind_applies_a_weight_width_assignment():
+    _, graph, specs, state = calibrated("naive")
+    bind(graph, specs, state, {"blocks.0.mlp.fc1.weight": 16})
+    assert graph["blocks.0.mlp.fc1.weight"].bits == 16 and graph["blocks.0.mlp.fc2.weight"].bits == 8
+    w = graph.module("blocks.0.mlp.fc1")
+    assert (w.qweight - w.weight).abs().max() < w.weight.abs().max() / 2**14
+
+
+def test_a_damaged_state_is_one_line_naming_the_site():
+    _, graph, specs, state = calibrated("naive")
+    damaged = CalibState(dict(state.tensors), state.index)
+    del damaged.tensors["blocks.0.attn.sv/8/scale"]
+    with pytest.raises(PipelineError, match="index lists width 8 for site blocks.0.attn.sv but state.safetensors has no tensor blocks.0.attn.sv/8/scale"):
+        bind(graph, specs, damaged)
+    damaged = CalibState(dict(state.tensors), state.index)
+    damaged.tensors["blocks.0.attn.sv/8/scale"] = torch.tensor([float("nan")])
+    with pytest.raises(PipelineError, match="site blocks.0.attn.sv: the state's 8-bit scale is not finite and positive"):
+        bind(graph, specs, damaged)
+    damaged = CalibState(dict(state.tensors), state.index)
+    damaged.tensors["blocks.0.mlp.fc1.weight/8/codes"] = torch.zeros(3, 3, dtype=torch.int8)
+    with pytest.raises(PipelineError, match=r"weight site blocks.0.mlp.fc1.weight: stored codes \(3, 3\) do not fit the weight \(768, 192\)"):
+        bind(graph, specs, damaged)
+

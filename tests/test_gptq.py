@@ -95,3 +95,17 @@ def test_hessian_hooks_see_conv_patches_in_weight_order():
     assert torch.allclose(hooks.hessians["0.weight"], patches.T @ patches, atol=1e-5)
     w = conv[0].weight.flatten(1)
     assert torch.allclose(patches @ w.T + conv[0].bias, conv(x).flatten(2).transpose(1, 2)[0], atol=1e-5)
+
+
+def test_gptq_rounds_the_loudest_input_first():
+    """README: 'column by column, loudest inputs first': the column with the largest H diagonal has no
+    earlier error to absorb, so it is plain rounding; later columns are not."""
+    w = torch.randn(32, 48, generator=torch.Generator().manual_seed(3))
+    x = _correlated_inputs(2048, 48)
+    h = x.T @ x
+    scale, zp, qmin, qmax = _grid(w, bits=3)
+    got = gptq_fake_quantize(w, h, scale, zp, qmin, qmax)
+    plain = fake_quantize(w, scale, zp, qmin, qmax, axis=0)
+    order = torch.argsort(h.diagonal(), descending=True)
+    assert torch.equal(got[:, order[0]], plain[:, order[0]])
+    assert not torch.equal(got[:, order[-1]], plain[:, order[-1]])

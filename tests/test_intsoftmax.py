@@ -230,3 +230,22 @@ def test_int_softmax_rejects_bad_input():
         int_softmax_log2(torch.zeros(2, 2, dtype=torch.int64), 1 / 64, 8, frac_bits=31)
     with pytest.raises(ValueError, match="intermediates overflow int64"):
         int_softmax_log2(torch.zeros(2, 2, dtype=torch.int64), 2**-20, 8, frac_bits=30)
+
+
+# ---------------------------------------------------------------------------------------------- review-mutq gaps
+
+
+def test_int_softmax_subtracts_each_rows_own_max():
+    # rows [0, -1] and [64, 63] (scale 1/64) have the same softmax [0.731, 0.269] -> -log2 [0.45, 1.89] -> [0, 2].
+    # Integer: e = [46801320, 17225647] (see test_dominant_score...), v = [47904, 17631] -> codes [0, 2].
+    # A max over the whole tensor would leave row 0 at -64 below it: every exp code 0, a zero row sum.
+    codes, zero_mask = int_softmax_log2(ints([[0, -64], [4096, 4032]]), 1 / 64, out_bits=8)
+    assert codes.tolist() == [[0, 2], [0, 2]] and not zero_mask.any()
+
+
+def test_int_softmax_flushes_codes_beyond_the_last_level():
+    # out_bits=2 (codes 0..3): scores [0, -3] -> e = [46801320, 37341520 >> 4 = 2333845], v1 = 3112,
+    # round(log2 3112) = 12 -> code 16 - 12 = 4 > 3 -> probability 0 (float: p = 0.047 -> 4.4 -> 4 > 3, too)
+    codes, zero_mask = int_softmax_log2(ints([[0, -192]]), 1 / 64, out_bits=2)
+    assert codes.tolist() == [[0, 3]] and zero_mask.tolist() == [[False, True]]
+    assert log2_dequantize(codes, zero_mask).tolist() == [[1.0, 0.0]]

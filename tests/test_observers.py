@@ -360,3 +360,75 @@ def test_kl_per_channel_different_ranges_get_different_scales():
     assert scale.shape == (3,)
     assert scale[0] < scale[1] < scale[2]
     assert (scale * 127 < t([30.0, 120.0, 480.0]) / 2).all()
+
+
+# ---------------------------------------------------------------------------------------------- review-mutq gaps
+
+
+def test_observer_qparams_pass_the_rounding_mode_to_the_zero_point():
+    observer = MinMaxObserver()
+    observer(t([-1.5, 1.5]))  # 2-bit unsigned: scale 1, lo / scale = -1.5, a tie
+    assert observer.calculate_qparams(2, False, False)[1].item() == 1  # half_up: -1 -> zp 1
+    assert observer.calculate_qparams(2, False, False, "half_even")[1].item() == 2  # half_even: -2 -> zp 2
+
+
+def test_huber_by_hand():
+    from pipeline.quant.observers import huber
+
+    errors = t([0.5, -2.0, 3.0])
+    assert torch.equal(huber(errors, t(1.0)), t([0.125, 1.5, 2.5]))  # 0.5 e^2 | 1 * (|e| - 0.5)
+    assert torch.equal(huber(errors, t(2.0)), t([0.125, 2.0, 4.0]))  # 0.5 * 4 | 2 * (3 - 1)
+
+
+def test_omse_huber_delta_is_used_and_measured_in_steps():
+    x = outlier_data()
+
+    def scale_of(data, **kwargs):
+        observer = OmseObserver(**kwargs)
+        observer(data)
+        return observer.calculate_qparams(4, signed=True, symmetric=True)[0]
+
+    l2 = scale_of(x, loss="l2")
+    # a delta of 1e4 steps holds every error in the quadratic part: Huber = 0.5 e^2, the l2 choice
+    assert torch.equal(scale_of(x, loss="huber", huber_delta=1e4), l2)
+    huber_1 = scale_of(x, loss="huber", huber_delta=1.0)
+    assert huber_1 < l2  # one step: clipping errors count linearly, so it clips more than l2
+    # delta in steps makes the search scale-free: data x 1024 or / 1024 (exact) give the same range in units
+    assert torch.equal(scale_of(x * 1024, loss="huber", huber_delta=1.0), huber_1 * 1024)
+    assert torch.equal(scale_of(x / 1024, loss="huber", huber_delta=1.0), huber_1 / 1024)
+    # a tiny delta puts every error in the linear part (delta * |e| + const, the same delta for every
+    # candidate): the l1 choice. Scaled by each candidate's own step it had clipped 84% of the Gaussian.
+    assert torch.equal(scale_of(x, loss="huber", huber_delta=1e-4), scale_of(x, loss="l1"))
+    assert scale_of(x, loss="l1") <= huber_1
+
+
+def kl_test_data(outlier: float) -> torch.Tensor:
+    # |x| histogram with bins=16 over [0, 16) (bin width 1): bins 0..3 hold 400, 200, 100, 50; one outlier in bin 12
+    values = [0.5] * 400 + [1.5] * 200 + [2.5] * 100 + [3.5] * 50
+    return t([v if k % 2 else -v for k, v in enumerate(values)] + [outlier])
+
+
+def test_kl_threshold_by_hand():
+    # 4 levels (3-bit signed): at threshold bin i = 4 each level covers one occupied bin, so Q equals P up to
+    # the one clipped outlier (KL ~ 1e-5); every other candidate merges unequal bins (KL >= 0.04, see naive_kl).
+    observer = KlObserver(bins=16, threshold_stride=1)
+    observer(kl_test_data(-12.5))  # min -12.5, max 3.5
+    assert observer.hist_max.item() == 16.0
+    hist = observer.histogram[0].double().tolist()
+    divergences = {i: naive_kl(list(hist), i, 4) for i in list(range(4, 16)) + [16]}
+    assert min(divergences, key=divergences.get) == 4 and sorted(divergences.values())[1] > 0.04
+    assert observer.thresholds(3, True, True).tolist() == [4.0]  # T = 4 bins * 16 / 16
+    scale, zero_point = observer.calculate_qparams(3, signed=True, symmetric=True)
+    assert torch.equal(scale, t(4.0 / 3)) and zero_point.item() == 0
+    # asymmetric: [max(min, -T), min(max, T)] = [-4, 3.5] -> scale 7.5 / 7, zp = -4 - round(-4 / scale) = 0
+    scale, zero_point = observer.calculate_qparams(3, signed=True, symmetric=False)
+    assert torch.equal(scale, t(7.5) / 7) and zero_point.item() == 0
+
+
+def test_kl_nonnegative_data_uses_all_levels_by_hand():
+    # |data| with a 12.5 outlier; unsigned 2 bits = 4 levels over [0, T]: T = 4 as above -> scale 4 / 3.
+    # (With the two-sided 2 levels the search would pick i = 3.)
+    observer = KlObserver(bins=16, threshold_stride=1)
+    observer(kl_test_data(12.5).abs())
+    scale, zero_point = observer.calculate_qparams(2, signed=False, symmetric=False)
+    assert torch.equal(scale, t(4.0) / 3) and zero_point.item() == 0

@@ -94,7 +94,7 @@ def test_quantize_stores_weight_codes_that_later_stages_bind_as_they_are(tmp_pat
     from pipeline.models import load_model
     from pipeline.quant.calibration import CalibState, bind
     from pipeline.quant.recipe import resolve_recipe
-    from pipeline.quant.sites import attach_sites
+    from pipeline.quant.sites import attach_sites, position_codes
 
     cfg = compose([*tiny_overrides, "quant=recommended", "quant.weight.bits=4", "stages=[calibrate,quantize]"])
     run_pipeline(cfg, tmp_path / "run")
@@ -123,6 +123,10 @@ def test_quantize_stores_weight_codes_that_later_stages_bind_as_they_are(tmp_pat
         assert saved.tensors[f"{name}/4/bias_codes"].dtype == torch.int32
         assert torch.equal(saved.tensors[f"{name}/4/bias_codes"].long(), codes)
         assert torch.equal(saved.tensors[f"{name}/4/bias_step"], step.float())
+    pos_codes, pos_step = position_codes(graph.model)  # the patch conv's second integer bias
+    assert saved.tensors["patch_embed.proj.weight/4/pos_codes"].dtype == torch.int32
+    assert torch.equal(saved.tensors["patch_embed.proj.weight/4/pos_codes"].long(), pos_codes[0])
+    assert torch.equal(saved.tensors["patch_embed.proj.weight/4/pos_step"], pos_step.float())
     fc1 = "blocks.0.mlp.fc1.weight"
     saved.tensors[f"{fc1}/4/codes"] = torch.zeros_like(saved.weight_codes(fc1, 4))  # symmetric: code 0 is 0.0
     graph, _ = logits(saved, bits)

@@ -17,7 +17,7 @@ from pipeline.errors import PipelineError
 from pipeline.profile.codes import code_counts, code_index, code_plan, code_steps, column_values, count_axis, level_counts, levels_in_use
 from pipeline.profile.dump import Capture, check_trace, resolve_dump, trace_site, write_dump
 from pipeline.profile.flags import Thresholds, flag_counts, flag_rows, site_flags
-from pipeline.profile.metrics import bit_utilization, compute_site_metrics, histogram_kl, saturation_from_values, sqnr_db, token_cosine
+from pipeline.profile.metrics import bit_utilization, compute_site_metrics, histogram_kl, kl_from_counts, saturation_from_values, sqnr_db, token_cosine
 from pipeline.profile.profiler import hist_grid, observe_site
 from pipeline.profile.series import series_keys
 from pipeline.profile.stats import SiteStats, spread_sample, token_norms
@@ -204,15 +204,15 @@ def test_streaming_stats_match_the_metric_functions():
 
 def test_value_histograms_follow_the_level_grid_so_the_kl_sees_clipping_not_the_bin_width():
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(8, 65, 64, generator=g)
+    x = torch.randn(8, 32, 64, generator=g)  # 2,048 values per image: every value enters the FP32 histogram
     fine = uniform_site(0.05, 128.0)  # step 0.05 over about [-4.5, 4.5]: 256 plain bins are narrower than a step
     y = fine.fake_quant(x)
     assert histogram_kl(x, y) > 0.3  # plain bins: empty quantized bins between the levels make the KL
     stats = SiteStats(grid=hist_grid(fine))
     observe_site(stats, fine, x, x, y)
     assert stats.result(8)["hist_kl"] < 1e-3  # bins of whole cells: rounding moves no value to another bin
-    lo, hi = stats.hist_range
-    assert (lo / 0.05) % 1 == pytest.approx(0.5, abs=1e-4) and stats.bins <= 257  # edges halfway between levels
+    lo, hi = stats.hist_range  # the grid's 256 levels, edges halfway between them, and one bin each side for clipped values
+    assert stats.bins == 258 and (lo, hi) == pytest.approx(((-128 - 1.5) * 0.05, (127 + 1.5) * 0.05), abs=1e-6)
     clipped = uniform_site(0.005, 128.0)  # range about [-0.64, 0.64]: most of x is clipped onto the end levels
     stats = SiteStats(grid=hist_grid(clipped))
     observe_site(stats, clipped, x, x, clipped.fake_quant(x))
@@ -226,7 +226,43 @@ def test_value_histograms_follow_the_level_grid_so_the_kl_sees_clipping_not_the_
     assert stats.histograms()["axis"].startswith("-log2(x)")
     logits = SiteStats(bins=None)  # 2 x 10 values: sqrt-sized bins, at least 8
     logits.add_pair(torch.randn(2, 10, generator=g), torch.randn(2, 10, generator=g))
+    logits.histograms()
     assert logits.bins == 8
+
+
+def test_value_histograms_do_not_depend_on_how_the_images_are_batched(monkeypatch):
+    # The bins span the site's grid (known before any data), not the first batch's range; the FP32 sample
+    # takes the same share of every batch; its bias, (occupied bins - 1) / 2n, is taken off the KL.
+    import pipeline.profile.stats as stats_module
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 65, 192, generator=g)  # 12,480 values per image: the FP32 histogram is a sample
+    x_in = x + 0.2 * torch.randn(x.shape, generator=g)  # what reaches the site: FP32 plus upstream error
+    site = uniform_site(0.05, 128.0)
+
+    def profiled(batch: int, ref: torch.Tensor = x, inputs: torch.Tensor = x_in) -> SiteStats:
+        stats = SiteStats(grid=hist_grid(site))
+        for start in range(0, 16, batch):
+            part = slice(start, start + batch)
+            observe_site(stats, site, ref[part], inputs[part], site.fake_quant(inputs[part]))
+        return stats
+
+    whole, small, reversed_ = profiled(16), profiled(2), profiled(4, x.flip(0), x_in.flip(0))
+    assert whole.hist_range == small.hist_range == reversed_.hist_range
+    kls = [stats.result(8)["hist_kl"] for stats in (whole, small, reversed_)]
+    monkeypatch.setattr(stats_module, "HIST_SAMPLES_PER_IMAGE", 10**9)
+    exact = profiled(16).result(8)["hist_kl"]  # every FP32 value counted: nothing to take off
+    monkeypatch.setattr(stats_module, "HIST_SAMPLES_PER_IMAGE", 2**11)
+    biased = kl_from_counts(whole._ref_counts, whole.test_counts())
+    assert biased - exact > 0.002  # the sample's bias alone is larger than the KL (~0.0012) here
+    assert all(abs(kl - exact) < 0.001 for kl in kls), (kls, exact)  # within the sample's noise (sd ~0.0004)
+    logits = SiteStats(bins=None)  # few values: every one is kept and binned over the range of all of them
+    first, second = torch.randn(4, 10, generator=g), 5 + torch.randn(4, 10, generator=g)
+    logits.add_pair(first, first)
+    logits.add_pair(second, second + 0.01)
+    histograms = logits.histograms()
+    assert histograms["range"][0] == first.min() and histograms["range"][1] == pytest.approx(float(second.max() + 0.01))
+    assert histograms["ref"].sum() == 80 and logits.bins == 8
 
 
 def test_histogram_sample_takes_whole_rows_spread_over_every_token():
@@ -276,8 +312,8 @@ def test_sampled_batches_weigh_by_their_size():
     rows.add_rows(small, -small, limit=500)  # every argmax moved
     assert rows.rows == 4000 and rows.top1 / rows.rows == 0.75  # not 0.5, the mean of the two sampled batches
     hist = SiteStats()
-    low, high = torch.rand(3200, 100) * 0.5, torch.rand(800, 100) * 0.5 + 0.5  # both larger than HIST_SAMPLES
-    low[0, 0], low[0, 1] = 0.0, 1.0  # the histogram's range is set on the first batch: [0, 1]
+    low, high = torch.rand(4, 800, 100) * 0.5, torch.rand(1, 800, 100) * 0.5 + 0.5  # both sampled: > 2,048 values per image
+    low[0, 0, 0], low[0, 0, 1] = 0.0, 1.0  # without a grid, the histogram's range is set on the first batch: [0, 1]
     hist.add_pair(low, low.clone())
     hist.add_pair(high, high.clone())
     ref = hist.histograms()["ref"]

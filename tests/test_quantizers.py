@@ -475,3 +475,46 @@ def test_half_up_bias_only_comes_from_ties():
     even_bias = (fake_quantize(grid, scale, zero_point, -128, 127, rounding="half_even") - grid).mean()
     assert torch.allclose(up_bias, 200 * (scale / 2) / 401, rtol=1e-5)
     assert even_bias.item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- review-mutq gaps
+
+
+def test_zero_point_nudge_follows_the_rounding_mode_on_a_tie():
+    # 2-bit unsigned asymmetric over [-1.5, 1.5]: scale = 3 / 3 = 1, lo / scale = -1.5 is a tie.
+    # half_up: floor(-1.5 + 0.5) = -1 -> zp = 0 - (-1) = 1; half_even: -2 -> zp = 2. Both keep 0.0 exact.
+    for rounding, expected_zp in (("half_up", 1), ("half_even", 2)):
+        scale, zero_point = choose_qparams(t(-1.5), t(1.5), 2, signed=False, symmetric=False, rounding=rounding)
+        assert scale.item() == 1.0 and zero_point.item() == expected_zp
+        assert fake_quantize(t([0.0]), scale, zero_point, 0, 3, rounding=rounding).item() == 0.0
+
+
+def test_integer_codes_follow_the_rounding_mode():
+    ties, scale, zp = t([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5]), t(1.0), torch.tensor(0, dtype=torch.int32)
+    assert quantize(ties, scale, zp, 8, True).tolist() == [-2, -1, 0, 1, 2, 3]
+    assert quantize(ties, scale, zp, 8, True, rounding="half_even").tolist() == [-2, -2, 0, 0, 2, 2]
+
+
+def test_unsigned_symmetric_ignores_the_negative_side():
+    # documented: symmetric unsigned scale = hi / qmax; negative values saturate at 0
+    scale, zero_point = choose_qparams(t(-3.0), t(1.0), 8, signed=False, symmetric=True)
+    assert torch.equal(scale, t(1.0) / 255) and zero_point.item() == 0
+    assert torch.equal(fake_quantize(t([-3.0, 1.0]), scale, zero_point, 0, 255), t([0.0, 1.0]))
+
+
+def test_bfloat16_input_is_divided_in_float32():
+    # 1.0 / (1 / 300.6) = 300.6 -> code 301; in bfloat16 (step 2 at 300) the quotient would be 300.
+    codes = quantize(torch.tensor([1.0], dtype=torch.bfloat16), t(1 / 300.6), torch.tensor(0, dtype=torch.int32), 16, True)
+    assert codes.tolist() == [301]
+
+
+def test_log2_with_three_fractional_bits_by_hand():
+    # recommended uses frac_bits=3: code = round(8 * -log2 p), level 2^(-code/8); 4 bits reach code 15.
+    # 0.6 -> 5.90 -> 6; 0.3 -> 13.90 -> 14; 0.27 -> 15.11 -> 15; 0.26 -> 15.55 -> 16 > 15: flushed
+    p = t([1.0, 0.5, 0.6, 0.3, 0.27, 0.26])
+    codes, zero_mask = log2_quantize(p, 4, frac_bits=3)
+    assert codes.tolist() == [0, 8, 6, 14, 15, 15]
+    assert zero_mask.tolist() == [False] * 5 + [True]
+    expected = t([1.0, 0.5, 2**-0.75, 2**-1.75, 2**-1.875, 0.0])
+    assert torch.allclose(log2_dequantize(codes, zero_mask, frac_bits=3), expected, rtol=1e-6, atol=0)
+    assert torch.equal(fake_log2_quantize(p, 4, frac_bits=3), log2_dequantize(codes, zero_mask, frac_bits=3))

@@ -147,3 +147,33 @@ def test_samples_sets_the_omse_sample_size_of_the_sites_it_reaches(graph):
     default = build_observer(sv.observer, granularity=sv.observer_granularity, axis=-1, **sv.observer_kwargs())
     default(torch.randn(40, 50, 3))
     assert default.samples.shape == (3, 512)
+
+
+def test_recipe_rounding_reaches_every_site(graph):
+    specs = resolve_recipe(recipe("recommended", "quant.rounding=half_even"), graph)
+    assert {s.rounding for s in specs.values()} == {"half_even"}
+
+
+def test_symmetric_implies_signed_unless_said(graph):
+    specs = resolve_recipe(recipe("naive", extra={"roles": {"scores": {"symmetric": True}}}), graph)
+    assert specs["blocks.0.attn.scores"].symmetric and specs["blocks.0.attn.scores"].signed
+
+
+def test_a_log2_softmax_must_reach_even_attention(graph):
+    # recommended's frac_bits 3 at 4 bits keeps only p >= 2^-15/8 = 0.27: every row of 65 tokens would be zeros
+    with pytest.raises(PipelineError, match=r"blocks.0.attn.softmax: log2 at 4 bits with frac_bits=3 .* above 1/17 .*: set frac_bits=1"):
+        resolve_recipe(recipe("recommended", "quant.act.bits=4"), graph)
+    specs = resolve_recipe(recipe("recommended", "quant.act.bits=4", "quant.roles.intSoft.frac_bits=1"), graph)
+    assert specs["blocks.0.attn.softmax"].bits == 4
+    with pytest.raises(PipelineError, match="log2 at 2 bits with frac_bits=0 .*: raise bits"):
+        resolve_recipe(recipe("recommended", "quant.roles.intSoft.bits=2", "quant.roles.intSoft.frac_bits=0"), graph)
+
+
+def test_a_disabled_recipe_checks_its_settings_and_says_it_ignores_them(graph, caplog):
+    with pytest.raises(PipelineError, match=r"quant.act.bits=17 is outside 2..16"):
+        resolve_recipe(recipe("none", "quant.act.bits=17"), graph)
+    with caplog.at_level("WARNING"):
+        specs = resolve_recipe(recipe("none", "quant.act.bits=6"), graph, verbose=True)
+    assert not any(spec.enabled for spec in specs.values())
+    assert "quant=none quantizes nothing: quant.act ignored" in caplog.text
+

@@ -208,3 +208,33 @@ def test_qparams_bind_on_the_sites_device():
     site = Site("blocks.0.attn.sv", "sv_attn").to("meta")  # any device other than the calibration state's CPU
     site.bind(SiteSpec(bits=8), 8, torch.ones(4), torch.zeros(4, dtype=torch.int32))
     assert site.scale.device.type == "meta" and site.zero_point.device.type == "meta"
+
+
+def test_every_site_has_its_documented_role():
+    graph = attach_sites(build("vit_every_norm"))
+    expected = {
+        "patch_embed.proj.in": "linear_in", "patch_embed.norm.in": "norm_in", "patch_embed.norm": "norm_out",
+        "norm_pre.in": "norm_in", "blocks.0.in": "norm_in", "fc_norm.in": "norm_in", "fc_norm": "norm_out",
+        "blocks.1.norm1": "norm_out", "blocks.1.norm2": "norm_out", "blocks.1.attn.norm": "norm_out", "blocks.1.mlp.norm": "norm_out",
+        "blocks.1.attn.q_norm.in": "qkv", "blocks.1.attn.k_norm.in": "qkv",
+        "blocks.1.attn.q": "qkv", "blocks.1.attn.k": "qkv", "blocks.1.attn.v": "qkv", "blocks.1.attn.scores": "scores",
+        "blocks.1.attn.softmax": "intSoft", "blocks.1.attn.sv": "sv_attn", "blocks.1.mlp.act": "mlp_act",
+        "blocks.1.res1": "residual", "blocks.1.res2": "residual",
+    }
+    assert {n: graph[n].role for n in expected} == expected
+    cls = attach_sites(build("vit_cls"))
+    assert cls["norm"].role == "norm_out" and cls["head.in"].role == "head_in" and cls["blocks.0.in"].role == "norm_in"
+
+
+def test_scores_site_sees_the_scaled_softmax_input():
+    graph = attach_sites(build("vit_cls"))
+    graph.set_mode("fp")
+    seen = {}
+    graph.set_tap(lambda site, x, y: seen.setdefault(site.name, (x, y)))
+    with torch.no_grad():
+        graph.model(torch.randn(2, 3, 32, 32))
+    attn = graph.model.blocks[0].attn
+    q, k = seen["blocks.0.attn.q"][1], seen["blocks.0.attn.k"][1]
+    scores = seen["blocks.0.attn.scores"][1]
+    torch.testing.assert_close(scores, (q * attn.scale) @ k.transpose(-2, -1))
+    torch.testing.assert_close(scores.softmax(-1), seen["blocks.0.attn.softmax"][0])

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from pipeline.profile.codes import CodePlan, code_counts, code_index, code_plan, code_source, column_values, count_axis, is_log2
 from pipeline.profile.collect import BatchRecorder, SuffixRunner, first_images, lockstep
 from pipeline.profile.dump import Capture
-from pipeline.profile.stats import ROW_SAMPLES, HistGrid, SiteStats, Workspace
+from pipeline.profile.stats import ROW_SAMPLES_PER_IMAGE, WEIGHT_HIST_SAMPLES, HistGrid, SiteStats, Workspace
 from pipeline.quant.sites import Site, SiteGraph, stored_weight
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,10 @@ def hist_grid(site: Site) -> HistGrid | None:
         return HistGrid(log2_frac_bits=site.spec.frac_bits, log2_levels=site.qmax - site.qmin + 1)
     if site.scale is None:
         return None
-    steps = site.scale.detach().float().reshape(-1)
-    return HistGrid(step=float(steps.median()), aligned=steps.numel() == 1)
+    steps = site.scale.detach().double().reshape(-1)
+    zero_points = site.zero_point.detach().double().reshape(-1)
+    lo, hi = ((site.qmin - zero_points) * steps).min(), ((site.qmax - zero_points) * steps).max()
+    return HistGrid(step=float(steps.median()), aligned=steps.numel() == 1, lo=float(lo), hi=float(hi))
 
 
 def activation_sites(graph: SiteGraph) -> list[str]:
@@ -130,7 +132,7 @@ def observe_site(stats: SiteStats, site: Site, ref: Tensor, x: Tensor, y: Tensor
         plan = observe_codes(stats, site, code_source(site, x, y), plan)
     stats.add_pair(ref, y)
     if site.role == "intSoft":
-        stats.add_rows(ref, y, limit=ROW_SAMPLES)
+        stats.add_rows(ref, y, limit=ROW_SAMPLES_PER_IMAGE * ref.shape[0])  # rows per image: the same share at any batch size
     return plan
 
 
@@ -267,7 +269,7 @@ def weight_pass(graph: SiteGraph, capture: Iterable[str] = ()) -> PassResult:
         stats = SiteStats(grid=hist_grid(site))
         codes = code_source(site, source, dequantized)  # GPTQ weights: the stored codes, not the nearest ones
         stats.add_codes(code_counts(site, codes, count_axis(site, codes)))
-        stats.add_pair(source.flatten(1), dequantized.flatten(1))  # vectors: output channels
+        stats.add_pair(source.flatten(1), dequantized.flatten(1), limit=WEIGHT_HIST_SAMPLES)  # vectors: output channels
         rows.append({**site_info(site, graph), "mode": "cumulative", **stats.result(site.bits)})
         hists[name] = stats.histograms()
         if name in store.names:

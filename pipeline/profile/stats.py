@@ -15,15 +15,21 @@ how the distribution moved (clipping, upstream error), not how the bin width bea
 the step (bins narrower than the step leave empty quantized bins between the levels, and
 their FP32 mass alone would make the KL several nats).
 
+The bins are fixed before any data: a uniform site's span its grid, [(qmin - zp) s, (qmax - zp) s]
+(the union over channels), plus one bin on each side for FP32 values beyond it (clipped); a log2
+site's are its levels. So the histograms, and the KL, do not depend on which batch came first.
+
 The quantized tensor's value histogram comes from the code histogram when the
 caller gives the value of every code column (`add_code_index(..., values)`): a
 quantized tensor takes only those values, so no pass over it is needed. The
 FP32 tensor's value histogram (for the KL) is built from an evenly strided
-sample of whole rows, at most HIST_SAMPLES values per batch (every value of
-smaller tensors; see `spread_sample`), and the softmax rows' top-k hit rates from at most ROW_SAMPLES rows
-per batch; a sampled batch weighs by its full size (values, rows), so batches of different sizes
-combine as if every value had been counted. Everything else (energies, cosines, code counts) uses
-every value.
+sample of whole rows, at most HIST_SAMPLES_PER_IMAGE values per image of the batch (every value of
+smaller tensors; see `spread_sample`), and the softmax rows' top-k hit rates from at most
+ROW_SAMPLES_PER_IMAGE rows per image; a sampled batch weighs by its full size (values, rows). The
+sample's share of each batch is then the same whatever `profile.batch_size` is, so the estimates
+do not move with the batching; the KL's sampling bias, about (occupied bins - 1) / (2 samples), is
+taken off in `result()` (`SiteStats._hist_kl`).
+Everything else (energies, cosines, code counts) uses every value.
 """
 
 from __future__ import annotations
@@ -40,10 +46,13 @@ from pipeline.quant.counts import bincount
 from pipeline.quant.observers import coprime_at_least
 
 HIST_BINS = 256
-HIST_SAMPLES = 2**16
-"""The FP32 tensor's value histogram takes at most this many values per batch (an evenly strided sample)."""
-ROW_SAMPLES = 1024
-"""Softmax rows per batch that enter the top-k hit rates (an evenly strided sample); logits use every row."""
+HIST_SAMPLES_PER_IMAGE = 2**11
+"""The FP32 tensor's value histogram takes at most this many values per image (per entry of the first
+dim: an image of a batch, a row of a weight) of each batch, an evenly strided sample."""
+WEIGHT_HIST_SAMPLES = 2**16
+"""A weight's value histogram (one batch: the weight) takes at most this many values."""
+ROW_SAMPLES_PER_IMAGE = 32
+"""Softmax rows per image of each batch that enter the top-k hit rates (an evenly strided sample); logits use every row."""
 
 
 def memory_order(x: Tensor) -> Tensor:
@@ -100,15 +109,19 @@ class HistGrid:
 
     `step`: distance between levels (value units; per-channel sites: the median channel's step).
     `aligned`: the levels are the multiples of `step` (per-tensor uniform: (q - zp) * s), so the
-    bin edges go halfway between them. `log2_frac_bits`: a log2 site, binned on -log2(x) * 2^f,
-    where the levels are the integers 0..`log2_levels` - 1; the last bin also holds what underflows
-    (x below the smallest level, flushed to 0).
+    bin edges go halfway between them. `lo`, `hi`: the lowest and highest level (value units; the
+    union over channels), which fix the bins' span before any data; None: the first batch sets it.
+    `log2_frac_bits`: a log2 site, binned on -log2(x) * 2^f, where the levels are the integers
+    0..`log2_levels` - 1; the last bin also holds what underflows (x below the smallest level,
+    flushed to 0).
     """
 
     step: float = 1.0
     aligned: bool = False
     log2_frac_bits: int | None = None
     log2_levels: int = 0
+    lo: float | None = None
+    hi: float | None = None
 
     @property
     def log2(self) -> bool:
@@ -143,18 +156,22 @@ class SiteStats:
     - `add_pair(ref, test)`: FP32 and quantized tensors of one batch (same shape); vectors along `token_dim`.
     - `add_rows(ref, test, kl=False)`: rows along the last dim: top-1 / top-5 agreement, logit KL with `kl`.
 
-    The value histograms cover a range fixed by the first batch ([min, max] of both tensors) with
-    at most `bins` bins, each holding whole cells of `grid` when one is given (see `HistGrid`;
-    without one, `bins` equal bins); values of later batches beyond the range are counted in the
-    edge bins. Counts accumulate in place (int64) on the tensors' device.
+    The value histograms have at most `bins` bins, each holding whole cells of `grid` when one is
+    given (see `HistGrid`): over the grid's levels plus one bin each side for values beyond them.
+    Without a grid span, the first batch fixes the range ([min, max] of both tensors, `bins` equal
+    bins) and later values beyond it are counted in the edge bins. `bins=None` (tensors of few
+    values, the logits) keeps every value and bins them all at the end, √n bins (at least 8, at
+    most HIST_BINS) over their whole range. Counts accumulate in place on the tensors' device.
     """
 
     def __init__(self, token_dim: int = -1, bins: int | None = HIST_BINS, workspace: Workspace | None = None, grid: HistGrid | None = None):
         self.token_dim = token_dim
-        self.bins = bins  # at most; None: sqrt(values of the first batch), for tensors of few values (logits)
+        self.bins = bins  # at most; None: keep the values, sqrt(all values) bins at the end (logits)
+        self._kept: list[tuple[Tensor, Tensor]] | None = [] if bins is None else None
         self.workspace = workspace
         self.grid = grid
         self.elements = 0
+        self._sampled = 0  # FP32 values that entered the value histogram (the rest of `elements` were not sampled)
         self.hist_range: tuple[float, float] | None = None
         self._tokens: list[Tensor] = []  # per batch (3, T) float32: |r|, |r - t|, |t|
         self._ref_counts: Tensor | None = None  # (bins,)
@@ -195,49 +212,68 @@ class SiteStats:
         if values is not None and self.elements == 0:
             self._values = values  # only from the first batch on: all of test's histogram comes from codes
 
-    def add_pair(self, ref: Tensor, test: Tensor) -> None:
-        """Accumulate the per-token norms of ref, ref - test and test and the value histograms of one batch."""
+    def add_pair(self, ref: Tensor, test: Tensor, limit: int | None = None) -> None:
+        """Accumulate the per-token norms of ref, ref - test and test and the value histograms of one batch.
+
+        `limit`: at most this many of ref's values enter its histogram (default: HIST_SAMPLES_PER_IMAGE per
+        entry of dim 0, an image of an activation batch).
+        """
         if ref.shape != test.shape:
             raise ValueError(f"ref {tuple(ref.shape)} and test {tuple(test.shape)} differ in shape")
         r, t = ref.float(), test.float()
         d = torch.sub(r, t, out=self.workspace.like(r)) if self.workspace is not None else r - t
         per_token = torch.stack([token_norms(r, self.token_dim), token_norms(d, self.token_dim), token_norms(t, self.token_dim)])
         self._tokens.append(per_token.reshape(3, -1))
+        self.elements += ref.numel()
+        if self._kept is not None:  # few values: binned all together at the end
+            self._kept.append((r.detach().reshape(-1), t.detach().reshape(-1)))
+            self._sampled += ref.numel()
+            return
         if self.hist_range is None:
             self._set_range(r, t)
-        self.elements += ref.numel()
-        self._ref_counts = self._count_sample(self._ref_counts, r)
+        limit = limit or HIST_SAMPLES_PER_IMAGE * (ref.shape[0] if ref.ndim > 1 else 1)
+        self._ref_counts, sampled = self._count_sample(self._ref_counts, r, limit)
+        self._sampled += sampled
         if self._values is None:
-            self._test_counts = self._count_sample(self._test_counts, t)
+            self._test_counts, _ = self._count_sample(self._test_counts, t, limit)
 
-    def _count_sample(self, total: Tensor | None, x: Tensor) -> Tensor:
-        """total + x's value histogram from an evenly spread sample of at most HIST_SAMPLES values.
+    def _count_sample(self, total: Tensor | None, x: Tensor, limit: int) -> tuple[Tensor, int]:
+        """(total + x's value histogram from an evenly spread sample of at most `limit` values, the sample's size).
 
         A sampled batch's counts are scaled up to its number of values, so that batches of
         different sizes weigh by their size: (bins,) float64, an estimate of x's full counts.
         """
-        sample = spread_sample(x, HIST_SAMPLES)
+        sample = spread_sample(x, limit)
         counts = self._count(None, self._bin_index(sample), self.bins)
         weight = x.numel() / sample.numel()
         if total is None:
-            return counts.double().mul_(weight)
-        return total.add_(counts, alpha=weight)
+            return counts.double().mul_(weight), sample.numel()
+        return total.add_(counts, alpha=weight), sample.numel()
+
+    def _bin_kept(self) -> None:
+        """Bin every kept value (`bins=None`) over the range of all of them."""
+        r, t = (torch.cat(parts) for parts in zip(*self._kept))
+        self.bins, self.hist_range = None, None
+        self._set_range(r, t)
+        self._ref_counts = self._count(None, self._bin_index(r), self.bins).double()
+        self._test_counts = self._count(None, self._bin_index(t), self.bins).double()
 
     def _set_range(self, r: Tensor, t: Tensor) -> None:
-        """The bins, from [min, max] over ref and test: one host sync."""
-        lo, hi = torch.aminmax(r)
-        tlo, thi = torch.aminmax(t)
-        lo, hi = torch.stack([torch.minimum(lo, tlo), torch.maximum(hi, thi)]).tolist()
-        most = self.bins or min(HIST_BINS, max(8, math.isqrt(r.numel())))
+        """The bins: over the grid's span when it is known (no data read), else [min, max] over r and t (one host sync)."""
         grid = self.grid
+        most = self.bins or min(HIST_BINS, max(8, math.isqrt(r.numel())))
         if grid is not None and grid.log2:  # one bin per level on -log2 x, then underflow
             self.bins, edge, width = grid.log2_levels + 1, -0.5, 1.0
-        elif grid is not None and grid.step > 0 and math.isfinite(hi - lo):
-            levels_per_bin = max(1, math.ceil((hi - lo) / (grid.step * most)))
+        elif grid is not None and grid.step > 0 and grid.lo is not None and math.isfinite(grid.hi - grid.lo):
+            levels_per_bin = max(1, math.ceil((grid.hi - grid.lo) / (grid.step * most)))
             width = levels_per_bin * grid.step
-            edge = (math.floor(lo / grid.step + 0.5) - 0.5) * grid.step if grid.aligned else lo
-            self.bins = math.floor((hi - edge) / width) + 1
+            edge = grid.lo - grid.step / 2 if grid.aligned else grid.lo
+            inner = math.floor((grid.hi - edge) / width) + 1
+            self.bins, edge = inner + 2, edge - width  # one bin each side for the FP32 values beyond the grid
         else:
+            lo, hi = torch.aminmax(r)
+            tlo, thi = torch.aminmax(t)
+            lo, hi = torch.stack([torch.minimum(lo, tlo), torch.maximum(hi, thi)]).tolist()
             hi = hi if hi > lo else lo + 1.0
             self.bins, edge, width = most, lo, (hi - lo) / most
         self.hist_range = (edge, edge + self.bins * width)
@@ -302,6 +338,8 @@ class SiteStats:
         """
         if self.elements == 0:
             raise ValueError("no batch was added")
+        if self._kept:
+            self._bin_kept()
         norm_r, norm_d, norm_t = torch.cat(self._tokens, dim=1).double()
         sq_r, sq_d = norm_r.square(), norm_d.square()
         # d = r - t: <r, t> = (|r|^2 + |t|^2 - |d|^2) / 2 from float32 norms: the cosine's error is about
@@ -313,7 +351,7 @@ class SiteStats:
             "mse": noise / self.elements,
             "cos_mean": cos_mean,
             "cos_min": cos_min,
-            "hist_kl": kl_from_counts(self._ref_counts, self.test_counts()),
+            "hist_kl": self._hist_kl(),
         }
         if self._codes is not None:
             out.update(self._code_metrics(bits))
@@ -323,6 +361,21 @@ class SiteStats:
             if self.kl_sum is not None:
                 out["logit_kl"] = self.kl_sum / self.rows
         return out
+
+    def _hist_kl(self) -> float:
+        """KL(FP32 || quantized) of the value histograms (nats), less its sampling bias.
+
+        The quantized histogram is exact (from the codes); the FP32 one is estimated from n of the N
+        values. A histogram estimated from n values over k occupied bins overstates the KL by about
+        (k - 1) / (2n) on average (the Miller-Madow bias of its entropy), times (1 - n/N) for a sample
+        drawn without replacement: that is subtracted (and the result floored at 0), so that the figure
+        does not grow with the number of bins a site occupies or shrink as more images are profiled.
+        """
+        kl = kl_from_counts(self._ref_counts, self.test_counts())
+        if self._sampled >= self.elements:
+            return kl
+        occupied = int((self._ref_counts > 0).sum())
+        return max(0.0, kl - (occupied - 1) / (2 * self._sampled) * (1 - self._sampled / self.elements))
 
     def _code_metrics(self, bits: int | None) -> dict[str, float | int | None]:
         counts = self._codes.view(self._code_shape).cpu()  # (K, L + 2)
@@ -352,6 +405,8 @@ class SiteStats:
 
         `axis` names the binned quantity: "value", or for a log2 site "-log2(x) * 2^f" (the level index).
         """
+        if self._kept:
+            self._bin_kept()
         if self._ref_counts is None:
             return None
         axis = "value"

@@ -35,6 +35,7 @@ STATE_FILE = "state.safetensors"
 INDEX_FILE = "index.json"
 CODES_KEY = "codes"
 BIAS_CODES_KEY = "bias_codes"
+POS_CODES_KEY = "pos_codes"
 
 
 @dataclass
@@ -50,7 +51,13 @@ class CalibState:
             raise PipelineError(f"site {site} is not in the calibration state (recalibrate with this recipe)")
         if bits not in entry["bits"]:
             raise PipelineError(missing_width(site, entry["bits"], bits))
-        return self.tensors[f"{site}/{bits}/scale"], self.tensors[f"{site}/{bits}/zero_point"]
+        try:
+            scale, zero_point = self.tensors[f"{site}/{bits}/scale"], self.tensors[f"{site}/{bits}/zero_point"]
+        except KeyError as err:
+            raise PipelineError(f"the state's index lists width {bits} for site {site} but {STATE_FILE} has no tensor {err.args[0]}: the state is damaged, rerun the stage that wrote it") from None
+        if scale.numel() != zero_point.numel() or not bool(torch.isfinite(scale).all() and (scale > 0).all()):
+            raise PipelineError(f"site {site}: the state's {bits}-bit scale is not finite and positive or does not match its zero point ({STATE_FILE} is damaged): rerun the stage that wrote it")
+        return scale, zero_point
 
     def weight_codes(self, site: str, bits: int) -> torch.Tensor | None:
         """The integer codes of weight `site` at `bits` as the quantize stage stored them (see
@@ -249,6 +256,8 @@ def quantize_weight(graph: SiteGraph, name: str, spec: SiteSpec, width: int, spe
     fold = graph.fold_scale(path)
     factor = storage_factor(weight, fold, graph.output_scale(path))  # the stored weight is W * factor
     codes = state.weight_codes(name, width) if state is not None else None
+    if codes is not None and codes.shape != weight.shape:
+        raise PipelineError(f"weight site {name}: stored codes {tuple(codes.shape)} do not fit the weight {tuple(weight.shape)} ({STATE_FILE} is damaged): rerun quantize")
     if codes is not None:
         scale, zp = state.qparams(name, width)
         stored = dequantize(codes.to(weight.device), scale.to(weight.device), zp.to(weight.device), 0 if scale.numel() > 1 else None)

@@ -404,9 +404,10 @@ class OmseObserver(Observer):
         (ties go to the wider range). Candidates are evaluated vectorised, in chunks within ~256 MB.
         At ``bits >= search_max_bits`` (default 12) rounding noise is negligible next to any clipping,
         so the search is skipped and the min/max range is returned.
-        Losses: l1 = mean |e|, l2 = mean e^2, huber = mean Huber(e) with threshold huber_delta * scale,
-        i.e. huber_delta is measured in quantization steps of the candidate (scale-free: errors below
-        delta steps, such as rounding noise, count quadratically, larger clipping errors linearly).
+        Losses: l1 = mean |e|, l2 = mean e^2, huber = mean Huber(e) with threshold huber_delta * s_full,
+        s_full the step of the channel's unclipped min/max range: huber_delta is measured in steps, the
+        same for every candidate (scale-free: errors below delta steps, such as rounding noise, count
+        quadratically, larger clipping errors linearly; delta -> 0 gives l1's choice, delta -> inf l2's).
     """
 
     def __init__(
@@ -463,8 +464,12 @@ class OmseObserver(Observer):
             all_samples = all_samples[:, keep.to(rows.device)]
         self.samples, self.sample_keys = all_samples, all_keys
 
-    def candidate_errors(self, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, rounding: str) -> Tensor:
-        """Mean loss of fake-quantizing the stored samples with each candidate: (G, C) from (G, C) qparams."""
+    def candidate_errors(self, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, rounding: str, delta: Tensor | None = None) -> Tensor:
+        """Mean loss of fake-quantizing the stored samples with each candidate: (G, C) from (G, C) qparams.
+
+        `delta` (C,): the huber loss's threshold in value units, the same for every candidate of a channel
+        (a candidate's own step would discount a narrower range's clipping errors by that step).
+        """
         # The running extremes join the sample, so the search always sees what a clipped range would cut.
         samples = torch.cat([self.samples, self.min_val.unsqueeze(1), self.max_val.unsqueeze(1)], dim=1).unsqueeze(0)  # (1, C, S+2)
         per_candidate_bytes = 4 * 4 * samples[0].numel()  # ~4 float32 temporaries of shape (C, S)
@@ -479,7 +484,7 @@ class OmseObserver(Observer):
             elif self.loss == "l2":
                 per_value = error.square_()
             else:
-                per_value = huber(error, self.huber_delta * chunk_scale)
+                per_value = huber(error, delta.view(1, -1, 1))
             errors.append(per_value.mean(dim=-1))
         return torch.cat(errors)
 
@@ -490,21 +495,23 @@ class OmseObserver(Observer):
             return super()._qparams_per_row(bits, signed, symmetric, rounding)
         qmin, qmax = qrange(bits, signed)
         device = self.min_val.device
+        full_range_step = choose_qparams(self.min_val, self.max_val, bits, signed, symmetric, rounding)[0]
+        delta = self.huber_delta * full_range_step  # (C,): huber_delta steps of the unclipped range
         coarse = torch.linspace(1.0, self.min_ratio, self.grid, device=device).unsqueeze(1).expand(-1, self.min_val.numel())
-        best = self._best_ratio(coarse, bits, signed, symmetric, rounding, qmin, qmax)  # (C,)
+        best = self._best_ratio(coarse, bits, signed, symmetric, rounding, qmin, qmax, delta)  # (C,)
         step = (1.0 - self.min_ratio) / max(1, self.grid - 1)
         offsets = torch.linspace(step, -step, self.grid, device=device).unsqueeze(1)  # (G, 1), wider first
         fine = (best.unsqueeze(0) + offsets).clamp(self.min_ratio, 1.0)  # (G, C)
-        ratio = self._best_ratio(fine, bits, signed, symmetric, rounding, qmin, qmax)
+        ratio = self._best_ratio(fine, bits, signed, symmetric, rounding, qmin, qmax, delta)
         return choose_qparams(ratio * self.min_val, ratio * self.max_val, bits, signed, symmetric, rounding)
 
-    def _best_ratio(self, ratios: Tensor, bits: int, signed: bool, symmetric: bool, rounding: str, qmin: int, qmax: int) -> Tensor:
+    def _best_ratio(self, ratios: Tensor, bits: int, signed: bool, symmetric: bool, rounding: str, qmin: int, qmax: int, delta: Tensor) -> Tensor:
         """ratios (G, C) -> per-channel ratio (C,) with the least loss (ties: the first, i.e. the wider)."""
         candidate_min = ratios * self.min_val  # (G, C)
         candidate_max = ratios * self.max_val
         scale, zero_point = choose_qparams(candidate_min.flatten(), candidate_max.flatten(), bits, signed, symmetric, rounding)
         scale, zero_point = scale.view_as(candidate_min), zero_point.view_as(candidate_min)
-        best = self.candidate_errors(scale, zero_point, qmin, qmax, rounding).argmin(dim=0, keepdim=True)  # (1, C)
+        best = self.candidate_errors(scale, zero_point, qmin, qmax, rounding, delta).argmin(dim=0, keepdim=True)  # (1, C)
         return ratios.gather(0, best).squeeze(0)
 
     def stats(self) -> dict[str, Tensor]:

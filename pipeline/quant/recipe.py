@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Iterable, Mapping
 
@@ -100,8 +101,6 @@ def resolve_recipe(quant: Mapping[str, Any], graph: SiteGraph, verbose: bool = F
     does, so the line appears once per run rather than once per stage).
     """
     quant = _plain(quant)
-    if not quant.get("enabled", False):
-        return {name: replace(ACT_DEFAULT, enabled=False) for name in graph.names()}
     rounding = quant.get("rounding", "half_up")
     _check_choice("quant.rounding", rounding, ROUNDING_MODES)
     check_widths("quant.candidate_bits", quant.get("candidate_bits") or [])
@@ -112,6 +111,12 @@ def resolve_recipe(quant: Mapping[str, Any], graph: SiteGraph, verbose: bool = F
         if role not in ROLES:
             raise PipelineError(f"quant.roles: unknown role '{role}' (roles: {', '.join(ROLES)})")
         _overlay(weight if role == "weight" else act, roles[role], f"quant.roles.{role}")  # checked even where the model has no such site
+    if not quant.get("enabled", False):
+        set_keys = [k for k in ("weight", "act") if any(v is not None for v in (quant.get(k) or {}).values())]
+        set_keys += [f"roles.{r}" for r, p in roles.items() if any(v is not None for v in (p or {}).values())]
+        if verbose and (set_keys or quant.get("sites")):
+            log.warning("quant=%s quantizes nothing: quant.%s ignored (choose a recipe, e.g. quant=recommended)", quant.get("name"), ", quant.".join(set_keys or ["sites"]))
+        return {name: replace(ACT_DEFAULT, enabled=False) for name in graph.names()}
     globs = quant.get("sites") or {}
     names = graph.names()
     for pattern in globs:
@@ -222,12 +227,33 @@ def _check_site(spec: SiteSpec, name: str, role: str, graph: SiteGraph) -> SiteS
         raise PipelineError(f"site {name}: samples={spec.samples} sets the omse range search's sample; observer '{spec.observer}' keeps none (use observer omse or drop samples)")
     if spec.enabled and spec.frac_bits and spec.quantizer != "log2":
         raise PipelineError(f"site {name}: frac_bits={spec.frac_bits} needs quantizer log2 (got '{spec.quantizer}', whose levels are 2^-k: set frac_bits=0)")
+    if spec.enabled and spec.quantizer == "log2":
+        _check_log2_reach(spec, name, graph)
     problem = _granularity_problem(spec, name, role, graph) if spec.enabled else None
     if problem:
         raise PipelineError(f"site {name} ({role}): {problem}")
     if spec.enabled and spec.ptf_frac_bits and spec.granularity != "ptf":
         raise PipelineError(f"site {name}: ptf_frac_bits={spec.ptf_frac_bits} shapes power-of-two channel factors and needs granularity ptf (got '{spec.granularity}': set ptf_frac_bits=0)")
     return spec
+
+
+def _check_log2_reach(spec: SiteSpec, name: str, graph: SiteGraph) -> None:
+    """A log2 softmax grid must reach 1/N, even attention over the model's N tokens.
+
+    Its smallest level is 2^-((2^b - 1) / 2^f) and every probability below it becomes 0: with fewer
+    octaves than log2 N, a row that spreads its attention evenly would be all zeros (4 bits with
+    frac_bits 3 keep only p >= 0.27). The error names the largest frac_bits that reaches 1/N.
+    """
+    tokens = getattr(getattr(graph.model, "patch_embed", None), "num_patches", 0) + getattr(graph.model, "num_prefix_tokens", 0)
+    octaves = (2**spec.bits - 1) / 2**spec.frac_bits
+    if tokens < 2 or octaves >= math.log2(tokens):
+        return
+    reach = (2**spec.bits - 1) / math.log2(tokens)
+    fix = f"set frac_bits={math.floor(math.log2(reach))} or raise bits" if reach >= 1 else "raise bits"
+    raise PipelineError(
+        f"site {name}: log2 at {spec.bits} bits with frac_bits={spec.frac_bits} flushes every probability below "
+        f"2^-{octaves:g} = {2.0**-octaves:.3g} to 0, above 1/{tokens} (even attention over this model's {tokens} tokens): {fix}"
+    )
 
 
 def _granularity_problem(spec: SiteSpec, name: str, role: str, graph: SiteGraph) -> str | None:

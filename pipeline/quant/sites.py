@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import re
+import types
 from typing import Callable, Iterator
 
 import torch
@@ -471,10 +472,54 @@ def attach_sites(model: nn.Module) -> SiteGraph:
             _add_layer_norm_sites(module, name)
         elif re.fullmatch(r"blocks\.\d+\.mlp\.act", name) and not isinstance(module, nn.Identity):
             _add_output_site(module, name, "mlp_act")
+    if getattr(qmodel, "pos_embed", None) is not None:
+        qmodel._pos_embed = types.MethodType(_pos_embed_on_accumulator, qmodel)  # the instance's, not timm's class
     qmodel.blocks[0].in_site = Site("blocks.0.in", "norm_in")
     qmodel.blocks[0].register_forward_pre_hook(_input_site_pre_hook)
     sites = {s.name: s for s in _forward_order(qmodel)}
     return SiteGraph(qmodel, sites, _fold_pairs(qmodel, sites))
+
+
+def position_codes(qmodel: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(codes, step): the patch tokens' position embedding as the NPU adds it, a second integer bias on
+    the patch conv's accumulator (one per position and channel) beside the conv's own (`bias_codes`).
+
+    codes = clamp(round(pos / step), -2^(n-1), 2^(n-1) - 1), n = the conv weight spec's `bias_bits`, in its
+    rounding mode; int64 (1, N_patches, C); step float64 (C,) = the conv's `accumulator_step`. The prefix
+    tokens' rows (class, distillation, register tokens) are constants, quantized once at `blocks.0.in`.
+    None where timm's add is not on that accumulator: no integer accumulator or `bias_bits: 0` (the
+    embedding stays float, like the bias), a LayerNorm between the conv and the add (`embed_norm_layer`),
+    or an embedding resampled per input size (`dynamic_img_size`).
+    """
+    from pipeline.quant.quantizers import round_to_int
+
+    conv, norm = qmodel.patch_embed.proj, getattr(qmodel.patch_embed, "norm", None)
+    step = conv.accumulator_step() if isinstance(conv, QuantConv2d) else None
+    bits = conv.weight_site.spec.bias_bits if step is not None else 0
+    if not bits or qmodel.pos_embed is None or qmodel.dynamic_img_size or not isinstance(norm, (nn.Identity, type(None))):
+        return None
+    prefix = 0 if qmodel.no_embed_class else qmodel.num_prefix_tokens
+    patches = qmodel.pos_embed.detach()[:, prefix:].double()
+    step = step.double().expand(patches.shape[-1])
+    limit = 2 ** (bits - 1)
+    codes = round_to_int(patches / step, conv.weight_site.spec.rounding).clamp_(-limit, limit - 1)
+    return codes.to(torch.int64), step
+
+
+def _pos_embed_on_accumulator(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's own `_pos_embed`, run with the patch rows of `pos_embed` on the patch conv's integer
+    accumulator (`position_codes`) while that conv runs on one; timm's float embedding otherwise."""
+    integer = position_codes(self)
+    if integer is None:
+        return type(self)._pos_embed(self, x)
+    codes, step = integer
+    original = self.pos_embed
+    prefix = original.shape[1] - codes.shape[1]
+    self._parameters["pos_embed"] = torch.cat([original[:, :prefix], (codes.double() * step).to(original.dtype)], dim=1)
+    try:
+        return type(self)._pos_embed(self, x)
+    finally:
+        self._parameters["pos_embed"] = original
 
 
 def _unsupported_parts(model: nn.Module, Attention: type, Block: type) -> list[str]:

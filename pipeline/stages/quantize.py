@@ -3,7 +3,9 @@
 Writes `quantize/state.safetensors` + `quantize/index.json` (the bound width of
 every site, in the calibration-state format, plus every weight's integer codes as the
 NPU stores them, `<weight site>/<bits>/codes`, and each layer's integer bias on its accumulator's
-step, `<weight site>/<bits>/bias_codes` (int32) and `bias_step`) and `quantize/sites.json` (per-site
+step, `<weight site>/<bits>/bias_codes` (int32) and `bias_step`, and the patch tokens' position embedding on
+the patch conv's accumulator, `patch_embed.proj.weight/<bits>/pos_codes` (int32, (N_patches, C)) and
+`pos_step`) and `quantize/sites.json` (per-site
 spec, width, qmin/qmax, fold target). `load_quantized()` rebuilds the quantized
 model from these files for the later stages: weights from their stored codes, with no
 new range search or GPTQ pass, so what later stages run is what was saved.
@@ -11,7 +13,6 @@ new range search or GPTQ pass, so what later stages run is what was saved.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,13 +22,11 @@ import torch
 from pipeline.artifacts import read_json, write_json
 from pipeline.data import check_calibrated_elsewhere
 from pipeline.errors import PipelineError
-from pipeline.quant.calibration import BIAS_CODES_KEY, CODES_KEY, INDEX_FILE, CalibState, bind, check_calibrated, check_model, describe_bound, stored_weight_codes
+from pipeline.quant.calibration import BIAS_CODES_KEY, CODES_KEY, INDEX_FILE, POS_CODES_KEY, CalibState, bind, check_calibrated, check_model, describe_bound, stored_weight_codes
 from pipeline.quant.recipe import SiteSpec, resolve_recipe
-from pipeline.quant.sites import SiteGraph, attach_sites
+from pipeline.quant.sites import SiteGraph, attach_sites, position_codes
 from pipeline.runner import StageContext
 from pipeline.stages.calibrate import check_calibration_input, find_calibration
-
-log = logging.getLogger(__name__)
 
 
 def check_inputs(ctx: StageContext, specs: Mapping[str, SiteSpec]) -> None:
@@ -54,6 +53,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
             if bias is not None:
                 selected.tensors[f"{name}/{site.bits}/{BIAS_CODES_KEY}"] = bias[0].to(torch.int32).cpu()
                 selected.tensors[f"{name}/{site.bits}/bias_step"] = bias[1].float().cpu()
+    position = position_codes(graph.model)
+    if position is not None:  # the patch conv's second integer bias, one per position and channel
+        bits = graph["patch_embed.proj.weight"].bits
+        selected.tensors[f"patch_embed.proj.weight/{bits}/{POS_CODES_KEY}"] = position[0][0].to(torch.int32).cpu()
+        selected.tensors[f"patch_embed.proj.weight/{bits}/pos_step"] = position[1].float().cpu()
     selected.save(ctx.out_dir)
     sites = describe_bound(graph, specs)
     write_json(ctx.out_dir / "sites.json", sites)
@@ -88,8 +92,8 @@ def load_quantized(ctx: StageContext) -> tuple[SiteGraph, dict[str, SiteSpec]]:
     qdir, specs, bits = find_quantized(ctx, resolve_recipe(ctx.cfg.quant, graph))
     state = CalibState.load(qdir)
     missing = [n for n, b in bits.items() if graph[n].role == "weight" and state.weight_codes(n, b) is None]
-    if missing:
-        log.warning("quantized state in %s stores no weight codes (made before they were saved): %d weights are rounded again", qdir, len(missing))
+    if missing:  # the codes are what evaluate must run: rounding the weights again could pick others (GPTQ)
+        raise PipelineError(f"quantized state in {qdir} stores no codes for weight site {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") + ": rerun quantize")
     bind(graph, specs, state, bits)
     return graph.to(ctx.device), specs
 
