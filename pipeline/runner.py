@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.artifacts import write_json, write_text
+from pipeline import PROJECT_ROOT
+from pipeline.artifacts import json_number, write_json, write_text
 from pipeline.config import Stage, unknown_keys
 from pipeline.errors import PipelineError
 from pipeline.models import LoadedModel, load_model
@@ -66,7 +67,9 @@ class StageContext:
         return stage in order and consumer in order and order.index(stage) < order.index(consumer)
 
     def write_summary(self) -> Path:
-        return write_json(self.run_dir / SUMMARY, self.summary)
+        """summary.json, strict JSON: a non-finite figure (an exact site's SQNR) as a string ('inf'), as
+        MLflow, which takes finite numbers only, does not have it."""
+        return write_json(self.run_dir / SUMMARY, {k: json_number(v) for k, v in self.summary.items()})
 
 
 def stage_function(stage: Stage) -> Callable[[StageContext], dict[str, Any]]:
@@ -146,15 +149,18 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, job_label: str = "") -> dict[st
 
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(resolved))
+    config = run_dir / "config.yaml"
+    earlier_config = config.read_text() if config.is_file() else None  # a reused folder's: put back if this run makes nothing
+    write_text(config, OmegaConf.to_yaml(resolved))
     run_name = cfg.tracking.run_name or f"{fp32.name}-{cfg.quant.name}-{'+'.join(s.value for s in stages)}" + (f" [{job_label}]" if job_label else "")
     tags = {"model": fp32.name, "timm_name": fp32.timm_name, "data": _data_tag(cfg), "quant": cfg.quant.name, "run_dir": str(run_dir), "stages": ",".join(s.value for s in stages)}
-    failed = True
+    failed, finished = True, []
     try:
         tracker.start(run_name, flatten(resolved), tags)
-        tracker.log_artifact(run_dir / "config.yaml")
+        tracker.log_artifact(config)
         for stage in stages:
             _run_stage(ctx, stage, fns[stage])
+            finished.append(stage)
         ctx.summary["wall_s"] = round(time.time() - started, 2)
         tracker.log_metrics({k: v for k, v in ctx.summary.items() if _is_number(v)})  # on the parent: runs compare side by side
         ctx.write_summary()
@@ -162,6 +168,10 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, job_label: str = "") -> dict[st
         failed = False
     finally:
         tracker.end(failed=failed)
+        if failed and not finished and earlier_config is not None:
+            write_text(config, earlier_config)
+        if source_dir == run_dir / ".from_run":  # from_run's artifacts, downloaded for this run only
+            shutil.rmtree(source_dir, ignore_errors=True)
     return ctx.summary
 
 
@@ -262,9 +272,10 @@ def cleanup_failed_run(run_dir: Path, kept: frozenset[str] = frozenset()) -> Non
     if kept or finished:
         return
     shutil.rmtree(run_dir, ignore_errors=True)
-    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", run_dir.parent.name):
+    day = run_dir.parent
+    if day.parent == PROJECT_ROOT / "mlruns" / "outputs" and re.fullmatch(r"\d{4}-\d{2}-\d{2}", day.name):
         with contextlib.suppress(OSError):  # not empty (other runs): kept
-            run_dir.parent.rmdir()
+            day.rmdir()
 
 
 def existing_entries(run_dir: Path, job_log: str, hydra_subdir: str | None = ".hydra") -> frozenset[str]:

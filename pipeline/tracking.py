@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -278,6 +279,7 @@ def resolve_run_dir(from_run: str, cfg: TrackingConfig, dest: Path) -> Path:
     if run_dir and Path(run_dir).is_dir():
         return Path(run_dir)
     # Stage artifacts live in the nested stage runs under '<stage>/': merge them into one folder.
+    shutil.rmtree(dest, ignore_errors=True)  # never merged with an earlier download (another run's state)
     dest.mkdir(parents=True, exist_ok=True)
     children = client.search_runs([run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{from_run}'")
     for child in [run, *children]:

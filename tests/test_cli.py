@@ -31,7 +31,8 @@ def test_bad_input_ends_with_one_clear_line(tmp_path, args, fragments):
     out = tmp_path / "2026-11-28" / "run"  # as Hydra's mlruns/outputs/<date>/<time>
     proc = run_cli([*args, f"hydra.run.dir={out}", f"cache_dir={tmp_path / 'cache'}", f"tracking.uri=sqlite:///{tmp_path}/x.db" if not any(a.startswith("tracking.uri") for a in args) else "device=cpu"])
     assert_one_line_error(proc, *fragments)
-    assert not (tmp_path / "2026-11-28").exists()  # neither the run folder nor an empty day folder is left
+    # no run folder is left; an empty day folder goes only under mlruns/outputs (elsewhere it may be the user's)
+    assert not out.exists() and not any(out.parent.glob("*"))
 
 
 def test_checkpoint_that_does_not_fit(tmp_path):
@@ -106,6 +107,11 @@ def test_a_failed_run_keeps_a_folder_it_did_not_make(tmp_path):
     proc = run_cli(["model=timm", "model.name=vit_tinyy", f"hydra.run.dir={empty_parent / 'run'}", "tracking.enabled=false"])
     assert_one_line_error(proc, "unknown timm model name 'vit_tinyy'")
     assert empty_parent.is_dir() and not (empty_parent / "run").exists()  # only the day folders of mlruns/outputs go
+    dated = tmp_path / "2026-01-01"  # the user's own folder, named like a day folder of mlruns/outputs
+    dated.mkdir()
+    proc = run_cli(["model=timm", "model.name=vit_tinyy", f"hydra.run.dir={dated / 'run'}", "tracking.enabled=false"])
+    assert_one_line_error(proc, "unknown timm model name 'vit_tinyy'")
+    assert dated.is_dir()
 
 
 def test_a_failing_sweep_job_does_not_stop_the_sweep(tmp_path):

@@ -58,8 +58,12 @@ def test_later_stage_runs_alone_from_run_dir_and_run_id(tmp_path, tiny_overrides
     _, runs = runs_of(mlflow_uri)
     run_id = next(r for r in runs if r.info.run_name == "first").info.run_id
     (tmp_path / "first").rename(tmp_path / "moved")  # force the artifact download path
+    stale = tmp_path / "third/.from_run/quantize"  # an earlier download into a reused folder: never read again
+    stale.mkdir(parents=True)
+    (stale / "sites.json").write_text("{}")
     by_id = run_pipeline(compose([*tiny_overrides, "quant=naive", "stages=[evaluate]", f"from_run={run_id}"]), tmp_path / "third")
     assert by_id["agreement"] == by_dir["agreement"] and by_id["logit_kl"] == by_dir["logit_kl"]
+    assert not (tmp_path / "third/.from_run").exists()  # the download served this run only
 
 
 def test_corrupt_artifacts_are_one_line_errors_and_a_corrupt_cache_entry_is_recomputed(tmp_path, tiny_overrides):
@@ -270,3 +274,29 @@ def test_a_failed_run_fails_what_an_interrupt_left_running_below_its_stages(tmp_
     assert client.get_run(trial.info.run_id).info.status == "FAILED"
     assert client.get_run(tracker.parent_id).info.status == "FAILED"
     assert client.get_run(other.parent_id).info.status == "RUNNING"
+
+
+def test_a_run_that_fails_in_a_stage_puts_back_the_config_it_overwrote(tmp_path, tiny_overrides, monkeypatch):
+    from pipeline import runner
+    from pipeline.errors import PipelineError
+
+    folder = tmp_path / "reused"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("keep\n")  # a folder an earlier run (or the user) filled
+
+    def broken(ctx):
+        raise PipelineError("calibration data produce NaN or Inf at site blocks.0.norm1")
+
+    monkeypatch.setattr(runner, "stage_function", lambda stage: broken)
+    with pytest.raises(PipelineError, match="NaN or Inf"):
+        run_pipeline(compose([*tiny_overrides, "quant=naive", "stages=[calibrate]"]), folder)
+    assert (folder / "config.yaml").read_text() == "keep\n"
+
+
+def test_summary_is_strict_json_when_a_figure_is_infinite(tmp_path):
+    from pipeline.runner import StageContext
+
+    ctx = StageContext(None, tmp_path, None, None, None, None, summary={"profile/logit_sqnr": float("inf"), "top1": 0.5})
+    text = ctx.write_summary().read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}")) == {"profile/logit_sqnr": "inf", "top1": 0.5}
+

@@ -17,9 +17,9 @@ from pipeline.errors import PipelineError
 from pipeline.profile.codes import code_counts, code_index, code_plan, code_steps, column_values, count_axis, level_counts, levels_in_use
 from pipeline.profile.dump import Capture, check_trace, resolve_dump, trace_site, write_dump
 from pipeline.profile.flags import Thresholds, flag_counts, flag_rows, site_flags
-from pipeline.profile.metrics import bit_utilization, compute_site_metrics, histogram_kl, kl_from_counts, saturation_from_values, sqnr_db, token_cosine
+from pipeline.profile.metrics import bit_utilization, compute_site_metrics, histogram_kl, kl_from_counts, saturation_from_values, sqnr_db, token_cosine, topk_hit_rates
 from pipeline.profile.profiler import hist_grid, observe_site
-from pipeline.profile.series import series_keys
+from pipeline.profile.series import SERIES, log_rows, series_keys, summary_metrics
 from pipeline.profile.stats import SiteStats, spread_sample, token_norms
 from pipeline.quant.quantizers import fake_log2_quantize, fake_quantize, log2_quantize, quantize, round_to_int
 from pipeline.quant.recipe import SiteSpec
@@ -734,3 +734,193 @@ def test_weight_rows_compare_the_stored_folded_weight_and_read_gptq_codes_back()
     nearest = round_to_int(folded / scale, site.spec.rounding).clamp(site.qmin, site.qmax)
     assert not torch.equal(codes, nearest)  # GPTQ moved some codes off the nearest ones
     assert row["levels_used"] == int(torch.unique(codes).numel())
+
+
+# ---------------------------------------------------------------- metrics.py
+
+
+def test_token_cosine_of_tiny_vectors_is_scale_free() -> None:
+    # cos = <r, t> / (|r| |t|) has no epsilon: tiny tokens (|r| = 1e-4) still give exactly 1
+    ref = torch.tensor([[1e-4, 0.0], [0.0, 3e-5]])
+    assert token_cosine(ref, ref * 2) == pytest.approx((1.0, 1.0), abs=1e-12)
+
+
+def test_histogram_kl_default_smoothing_is_1e_10() -> None:
+    # 2 bins: p = (0.5, 0.5), q = (1, 0); p_i = (c_i/n + eps) / (1 + 2 eps), eps = 1e-10
+    eps = 1e-10
+    p = [(0.5 + eps) / (1 + 2 * eps)] * 2
+    q = [(1 + eps) / (1 + 2 * eps), eps / (1 + 2 * eps)]
+    expected = sum(a * math.log(a / b) for a, b in zip(p, q))  # ~ 0.5 ln(2.5e9) = 10.83
+    assert histogram_kl(torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.0]), bins=2) == pytest.approx(expected, rel=1e-9)
+    assert kl_from_counts(torch.tensor([1, 1]), torch.tensor([2, 0])) == pytest.approx(expected, rel=1e-9)  # the streaming path's default
+
+
+def test_top5_is_left_none_for_rows_of_five_or_fewer() -> None:
+    ref = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5]])
+    m = compute_site_metrics(ref, ref.flip(-1), topk_rows=True)
+    assert m.top1_agreement == 0.0 and m.top5_hit_rate is None
+
+
+# ---------------------------------------------------------------- codes.py
+
+
+def test_log2_smallest_level_is_kept_not_flushed() -> None:
+    site = log2_site(bits=4)  # codes 0..15: 2^-15 is the smallest level, below it flushes to 0
+    steps = code_steps(site, torch.tensor([2.0**-15, 2.0**-16]))
+    assert steps.codes.tolist() == [15, 15] and steps.dequantized.tolist() == [2.0**-15, 0.0]
+
+
+def test_signed_site_codes_are_int8() -> None:
+    site = Site("blocks.0.attn.sv", "sv_attn")
+    site.bind(SiteSpec(bits=8, signed=True, symmetric=True), 8, torch.tensor(0.5), torch.tensor(0.0))
+    site.mode = "quant"
+    steps = code_steps(site, torch.tensor([-1.0, 0.5, -100.0]))
+    assert steps.codes.dtype == torch.int8 and steps.codes.tolist() == [-2, 1, -128]
+
+
+# ---------------------------------------------------------------- stats.py
+
+
+def _observe(site, x):
+    stats = SiteStats(grid=hist_grid(site))
+    observe_site(stats, site, x, x, site.fake_quant(x))
+    return stats
+
+
+def test_channel_levels_reachable_is_capped_at_two_to_the_bits() -> None:
+    # 4-bit, 2 channels, 100 values each over codes 0..15: every channel uses all 16 reachable levels -> 100 %
+    site = uniform_site([1.0, 1.0], [0.0, 0.0], bits=4)
+    x = (torch.arange(100.0) % 16).unsqueeze(1).repeat(1, 2)
+    assert _observe(site, x).result(4)["channel_level_pct"] == pytest.approx(100.0)
+
+
+def test_channel_levels_count_a_clipped_end_level() -> None:
+    # 8-bit, 3 channels of 4 values; channel 0: 0, 1, 2 and one value clipped onto 255 -> 4 of 4 levels
+    site = uniform_site([1.0, 1.0, 1.0], [0.0, 0.0, 0.0])
+    x = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0], [2.0, 2.0, 0.0], [900.0, 3.0, 1.0]])
+    r = _observe(site, x).result(8)
+    assert r["channel_level_pct"] == pytest.approx(100.0)  # channels: 4/4, 4/4, 2/4 -> median 100
+    assert r["sat_high_pct"] == pytest.approx(100 / 12)
+
+
+def test_kl_bias_correction_uses_the_finite_population_factor() -> None:
+    # (1, 2, 2048): one of the two rows is sampled (n = 2048 of N = 4096), weighted x2.
+    # FP32: row values 0 (first half) and 1 (second half) -> 2 occupied bins, P = (.5, .5).
+    # Codes from the site's input x_in = 0 everywhere -> Q = (1, 0).
+    site = uniform_site(1.0, 128.0)
+    ref = torch.cat([torch.zeros(1024), torch.ones(1024)]).repeat(1, 2, 1)
+    x_in = torch.zeros_like(ref)
+    stats = SiteStats(grid=hist_grid(site))
+    observe_site(stats, site, ref, x_in, site.fake_quant(x_in))
+    bins = stats.bins
+    p = torch.zeros(bins, dtype=torch.float64)
+    q = torch.zeros(bins, dtype=torch.float64)
+    p[0], p[1], q[0] = 2048, 2048, 4096
+    expected = kl_from_counts(p, q) - (2 - 1) / (2 * 2048) * (1 - 2048 / 4096)
+    assert stats.result(8)["hist_kl"] == pytest.approx(expected, rel=0, abs=1e-9)
+
+
+def test_bins_hold_whole_cells_and_stay_at_most_256_plus_two() -> None:
+    # 9-bit per-tensor: 512 levels over 256 bins -> 2 levels per bin, edges halfway between levels
+    site = uniform_site(0.05, 256.0, bits=9)
+    stats = _observe(site, torch.randn(2, 4, 8))
+    lo, hi = stats.hist_range
+    assert stats.bins == 258 and (hi - lo) == pytest.approx(258 * 2 * 0.05)
+    assert lo == pytest.approx((-256 - 0.5) * 0.05 - 2 * 0.05)
+
+
+def test_log2_histogram_bins_follow_frac_bits() -> None:
+    # log-sqrt2 (frac_bits 1): level c is 2^(-c/2) and sits in bin c of -log2(x) * 2
+    site = log2_site(bits=4, frac_bits=1)
+    p = torch.tensor([[1.0, 2**-0.5, 2**-1.0, 2**-1.5]])
+    stats = _observe(site, p)
+    assert stats.histograms()["ref"][:4].tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_logit_kl_is_the_mean_over_rows_across_batches() -> None:
+    # rows 0 and 2: KL(softmax(0, 0) || softmax(ln 3, 0)) = 0.5 ln(4/3); row 1: 0. Batches [0, 1] and [2].
+    stats = SiteStats()
+    ref = torch.zeros(3, 2)
+    test = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0], [math.log(3.0), 0.0]])
+    for part in (slice(0, 2), slice(2, 3)):
+        stats.add_pair(ref[part], test[part])
+        stats.add_rows(ref[part], test[part], kl=True)
+    assert stats.result()["logit_kl"] == pytest.approx(2 * 0.5 * math.log(4 / 3) / 3)
+
+
+def test_row_limit_never_takes_more_than_limit_rows() -> None:
+    # 13 rows, limit 6: stride ceil(13/6) = 3 -> rows 0, 3, 6, 9, 12 (all agree); stride 2 would also take 2, 4, 8, 10
+    ref = torch.eye(3).repeat(5, 1)[:13]
+    test = ref.clone()
+    for i in (2, 4, 8, 10):
+        test[i] = test[i].roll(1)
+    stats = SiteStats()
+    stats.add_rows(ref, test, limit=6)
+    assert stats.rows == 13 and stats.top1 / stats.rows == 1.0
+
+
+# ---------------------------------------------------------------- flags.py
+
+
+@pytest.mark.parametrize(
+    "metrics, flags",
+    [
+        ({"cos_mean": 0.99}, []),  # cosine < 0.99 (strict)
+        ({"sqnr_db": 10.0}, []),  # SQNR < 10 dB (strict)
+        ({"sat_pct": 5.0}, []),  # saturation > 5 % (strict)
+        ({"sat_pct": 0.01, "channel_level_pct": 10.0}, []),  # levels < 10 % (strict)
+        ({"sat_pct": 0.01, "channel_level_pct": 9.9}, ["wasted"]),  # no clipping: sat <= 0.01 %
+        ({"quantizer": "int_softmax", "sat_pct": 0.0, "channel_level_pct": 3.0}, []),  # wasted: uniform sites only
+        ({"sat_pct": None, "channel_level_pct": 3.0}, []),  # a missing metric does not fire
+    ],
+)
+def test_flag_boundaries_and_quantizers(metrics, flags) -> None:
+    assert site_flags(row(**metrics), Thresholds()) == flags
+
+
+# ---------------------------------------------------------------- series.py
+
+
+def test_per_role_minimum_and_series_read_the_documented_keys() -> None:
+    rows = [
+        {"site": "blocks.0.mlp.act", "role": "mlp_act", "block": 0, "sqnr_db": 20.0, "flags": [], "sat_pct": 1.0, "sat_high_pct": 0.25,
+         "level_pct": 80.0, "channel_level_pct": 50.0},
+        {"site": "blocks.1.mlp.act", "role": "mlp_act", "block": 1, "sqnr_db": math.inf, "flags": []},
+    ]
+    assert summary_metrics(rows)["sqnr_min/mlp_act"] == 20.0
+    tracker = StepTracker()
+    log_rows(tracker, rows[:1], SERIES, {"blocks.0.mlp.act": ("mlp_act", 0)})
+    assert tracker.logged[0]["channel_levels/mlp_act"] == 50.0 and tracker.logged[0]["levels/mlp_act"] == 80.0
+    assert tracker.logged[0]["sat/mlp_act"] == 1.0
+
+
+def test_top1_read_from_a_multi_k_call_uses_the_first_cut() -> None:
+    # the FP32 argmax (index 0) is only second in the quantized row: top-1 misses, even when k = 5 is asked too
+    ref = torch.tensor([[6.0, 5.0, 4.0, 3.0, 2.0, 1.0]])
+    test = torch.tensor([[5.0, 6.0, 4.0, 3.0, 2.0, 1.0]])
+    assert topk_hit_rates(ref, test, (1, 5)) == pytest.approx([0.0, 1.0])
+    stats = SiteStats()  # the profiler's intSoft rows: add_rows asks for (1, 5)
+    stats.add_pair(ref, test)
+    stats.add_rows(ref, test)
+    assert stats.result()["top1_agreement"] == 0.0
+
+
+def test_quantized_histogram_from_codes_puts_clipped_values_on_the_end_levels() -> None:
+    # scale 0.1, zp 10 (8-bit): -2 clips to code 0 (-1.0), 30 clips to 255 (24.5); the code-derived histogram
+    # must equal the histogram of the dequantized tensor itself
+    site = uniform_site(0.1, 10.0)
+    x = torch.tensor([[-2.0, 30.0, 0.0, 0.04, 0.05, 1.0]])
+    y = site.fake_quant(x)
+    from_codes = _observe(site, x)
+    direct = SiteStats(grid=hist_grid(site))
+    direct.add_pair(x, y)  # no codes: the quantized histogram is counted from y's values
+    assert torch.equal(from_codes.test_counts(), direct.test_counts())
+
+
+def test_int_softmax_codes_follow_the_log2_convention() -> None:
+    site = Site("blocks.0.attn.softmax", "intSoft")
+    site.bind(SiteSpec(quantizer="int_softmax"), 4, None, None)
+    site.mode = "quant"
+    p = torch.tensor([1.0, 0.5, 0.25, 2.0**-15, 0.0])  # int_softmax output is exactly 2^-code (0: flushed)
+    counts = code_counts(site, p)
+    assert counts.shape == (1, 18) and counts[0, [1, 2, 3, 16, 17]].tolist() == [1, 1, 1, 1, 1]

@@ -191,13 +191,16 @@ def test_no_weights_and_no_activation_hessian_leave_the_hessian_empty():
     assert all(site["scores"]["noise_kl"] for site in result["sites"].values())
 
 
-def test_stage_writes_json_csv_plots_and_metrics(tmp_path, tiny_overrides, mlflow_uri):
+def test_stage_writes_json_csv_plots_and_metrics(tmp_path, tiny_overrides, mlflow_uri, caplog):
     from mlflow.tracking import MlflowClient
 
     from pipeline.runner import run_pipeline
 
-    overrides = [*tiny_overrides, "quant=recommended", "stages=[calibrate,sensitivity]", "data.calib_size=16", "data.batch_size=8", "sensitivity.batch_size=8", "sensitivity.batches=1", "sensitivity.noise_batches=1", "sensitivity.hutchinson_iters=3", "sensitivity.hutchinson_min_iters=2", "threads=1"]
-    summary = run_pipeline(compose(overrides), tmp_path / "run")
+    # noise_batches 3 x 8 images asks for more than the 16 calibration images: said, and the 16 are used
+    overrides = [*tiny_overrides, "quant=recommended", "stages=[calibrate,sensitivity]", "data.calib_size=16", "data.batch_size=8", "sensitivity.batch_size=8", "sensitivity.batches=1", "sensitivity.noise_batches=3", "sensitivity.hutchinson_iters=3", "sensitivity.hutchinson_min_iters=2", "threads=1"]
+    with caplog.at_level("WARNING"):
+        summary = run_pipeline(compose(overrides), tmp_path / "run")
+    assert "sensitivity asks for 24 images" in caplog.text and "holds 16: it uses 16" in caplog.text
     folder = tmp_path / "run/sensitivity"
     data = json.loads((folder / "sensitivity.json").read_text())
     assert data["meta"]["recipe"] == "recommended" and len(data["sites"]) == summary["sensitivity_sites"]

@@ -228,7 +228,7 @@ def _check_site(spec: SiteSpec, name: str, role: str, graph: SiteGraph) -> SiteS
     if spec.enabled and spec.frac_bits and spec.quantizer != "log2":
         raise PipelineError(f"site {name}: frac_bits={spec.frac_bits} needs quantizer log2 (got '{spec.quantizer}', whose levels are 2^-k: set frac_bits=0)")
     if spec.enabled and spec.quantizer == "log2":
-        _check_log2_reach(spec, name, graph)
+        check_log2_reach(spec, name, graph)
     problem = _granularity_problem(spec, name, role, graph) if spec.enabled else None
     if problem:
         raise PipelineError(f"site {name} ({role}): {problem}")
@@ -237,12 +237,13 @@ def _check_site(spec: SiteSpec, name: str, role: str, graph: SiteGraph) -> SiteS
     return spec
 
 
-def _check_log2_reach(spec: SiteSpec, name: str, graph: SiteGraph) -> None:
+def check_log2_reach(spec: SiteSpec, name: str, graph: SiteGraph, where: str = "") -> None:
     """A log2 softmax grid must reach 1/N, even attention over the model's N tokens.
 
     Its smallest level is 2^-((2^b - 1) / 2^f) and every probability below it becomes 0: with fewer
     octaves than log2 N, a row that spreads its attention evenly would be all zeros (4 bits with
-    frac_bits 3 keep only p >= 0.27). The error names the largest frac_bits that reaches 1/N.
+    frac_bits 3 keep only p >= 0.27). The error names the largest frac_bits that reaches 1/N; `where`
+    prefixes it with the setting that asked for the width (e.g. search.act_bits).
     """
     tokens = getattr(getattr(graph.model, "patch_embed", None), "num_patches", 0) + getattr(graph.model, "num_prefix_tokens", 0)
     octaves = (2**spec.bits - 1) / 2**spec.frac_bits
@@ -251,7 +252,7 @@ def _check_log2_reach(spec: SiteSpec, name: str, graph: SiteGraph) -> None:
     reach = (2**spec.bits - 1) / math.log2(tokens)
     fix = f"set frac_bits={math.floor(math.log2(reach))} or raise bits" if reach >= 1 else "raise bits"
     raise PipelineError(
-        f"site {name}: log2 at {spec.bits} bits with frac_bits={spec.frac_bits} flushes every probability below "
+        f"{where}site {name}: log2 at {spec.bits} bits with frac_bits={spec.frac_bits} flushes every probability below "
         f"2^-{octaves:g} = {2.0**-octaves:.3g} to 0, above 1/{tokens} (even attention over this model's {tokens} tokens): {fix}"
     )
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 from pipeline.errors import PipelineError
@@ -198,11 +198,14 @@ def build_space(
     for tie in ties:
         if tie not in TIES:
             raise PipelineError(f"search.ties: unknown tie '{tie}' (choose from {', '.join(TIES)})")
-    from pipeline.quant.recipe import check_widths
+    from pipeline.quant.recipe import check_log2_reach, check_widths
 
     act_bits = check_widths("search.act_bits", act_bits, required=True)
     weight_bits = check_widths("search.weight_bits", weight_bits, required=True)
     names = [n for n in graph.names() if specs[n].enabled and specs[n].quantizer in ("uniform", "log2")]
+    for n in names:  # a log2 softmax at a width whose grid cannot reach even attention is no candidate
+        for bits in act_bits if specs[n].quantizer == "log2" else ():
+            check_log2_reach(replace(specs[n], bits=bits), n, graph, where=f"search.act_bits={list(act_bits)}: ")
     kinds = {n: "weight" if graph[n].role == "weight" else "act" for n in names}
     elements = activation_elements(graph, [n for n in names if kinds[n] == "act"], image)
     for n in names:

@@ -452,11 +452,17 @@ def run_greedy(study, objective: TrialObjective, space: SearchSpace, priors: Pri
         run_queue(study, objective, poll_s)
 
 
-def records_of(study, method: str, objective: str) -> list[TrialRecord]:
+def records_of(study, method: str, objective: str, trials: int | None = None) -> list[TrialRecord]:
+    """The study's complete trials as records; with `trials`, only the first `trials` of them (by trial
+    number), so that a study an earlier, longer run filled is compared on as many trials as the others."""
     from optuna.trial import TrialState
 
     out = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
+    for t in complete:
+        if trials is not None and len(out) >= trials:
+            log.info("search %s: the study holds %d complete trials; the first %d (search.trials) are reported", method, len(complete), trials)
+            break
         r = t.user_attrs.get("result")
         if not r:
             continue
@@ -501,6 +507,6 @@ def run_method(
         run_greedy(study, obj, space, priors, budget, trials, greedy_width, objective)
     else:
         run_trials(study, obj, trials)
-    run = MethodRun(method, study_name, records_of(study, method, objective), obj.evaluated, time.perf_counter() - t0)
+    run = MethodRun(method, study_name, records_of(study, method, objective, trials), obj.evaluated, time.perf_counter() - t0)
     log.info("search %s: %d complete trials (%d evaluated here) in %.1f s", method, len(run.records), obj.evaluated, run.seconds)
     return run

@@ -118,6 +118,9 @@ def compute(ctx: StageContext, out_dir: Path, graph: SiteGraph | None = None) ->
     subset = make_subset(cfg.data, ctx.fp32, "calib")
     need = max(s.batches, s.noise_batches) * s.batch_size
     batches = labelled_batches(subset.loader, need, s.batch_size)
+    got = sum(int(b[0].shape[0]) for b in batches)
+    if got < need:  # the calibration split is smaller than the batches asked for
+        log.warning("sensitivity asks for %d images (sensitivity.batch_size x max(batches, noise_batches)) but the calibration subset holds %d: it uses %d (raise data.calib_size)", need, got, got)
     weight_widths, act_widths = wanted_widths(cfg)
     meta = {"model": ctx.fp32.fingerprint, "model_name": ctx.fp32.name, "recipe": cfg.quant.name, "calib_subset": subset.key}
     result = compute_sensitivity(
