@@ -226,13 +226,14 @@ def _check_site_names(cfg: DictConfig, stages: list[Stage], fp32: LoadedModel) -
     The recipe is resolved (a bad width, observer, rounding, role or glob fails here), and with
     `evaluate` and a profile, the `profile.dump` globs and the `profile.trace` site are checked.
     """
-    from pipeline.quant.recipe import resolve_recipe
+    from pipeline.quant.recipe import check_disabled_recipe, resolve_recipe
     from pipeline.quant.sites import attach_sites
 
+    if not cfg.quant.enabled:
+        check_disabled_recipe(cfg.quant)  # no site graph needed: no deep copy of the model for an FP32 run
+        return None
     graph = attach_sites(fp32.model)
     specs = resolve_recipe(cfg.quant, graph, verbose=True)
-    if not cfg.quant.enabled:
-        return None
     if Stage.evaluate in stages and cfg.profile.enabled and (cfg.profile.dump or cfg.profile.trace):
         from pipeline.profile.profiler import check_request
 

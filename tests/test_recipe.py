@@ -170,10 +170,14 @@ def test_a_log2_softmax_must_reach_even_attention(graph):
 
 
 def test_a_disabled_recipe_checks_its_settings_and_says_it_ignores_them(graph, caplog):
-    with pytest.raises(PipelineError, match=r"quant.act.bits=17 is outside 2..16"):
-        resolve_recipe(recipe("none", "quant.act.bits=17"), graph)
-    with caplog.at_level("WARNING"):
-        specs = resolve_recipe(recipe("none", "quant.act.bits=6"), graph, verbose=True)
+    from pipeline.quant.recipe import check_disabled_recipe
+
+    for check in (lambda quant: resolve_recipe(quant, graph), check_disabled_recipe):
+        with pytest.raises(PipelineError, match=r"quant.act.bits=17 is outside 2..16"):
+            check(recipe("none", "quant.act.bits=17"))
+    specs = resolve_recipe(recipe("none", "quant.act.bits=6"), graph)
     assert not any(spec.enabled for spec in specs.values())
+    with caplog.at_level("WARNING"):
+        check_disabled_recipe(recipe("none", "quant.act.bits=6"))
     assert "quant=none quantizes nothing: quant.act ignored" in caplog.text
 

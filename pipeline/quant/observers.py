@@ -464,7 +464,7 @@ class OmseObserver(Observer):
             all_samples = all_samples[:, keep.to(rows.device)]
         self.samples, self.sample_keys = all_samples, all_keys
 
-    def candidate_errors(self, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, rounding: str, delta: Tensor | None = None) -> Tensor:
+    def candidate_errors(self, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, rounding: str, delta: Tensor) -> Tensor:
         """Mean loss of fake-quantizing the stored samples with each candidate: (G, C) from (G, C) qparams.
 
         `delta` (C,): the huber loss's threshold in value units, the same for every candidate of a channel

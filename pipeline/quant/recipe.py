@@ -94,13 +94,16 @@ _SPEC_FIELDS = {f.name for f in fields(SiteSpec)}
 log = logging.getLogger(__name__)
 
 
-def resolve_recipe(quant: Mapping[str, Any], graph: SiteGraph, verbose: bool = False) -> dict[str, SiteSpec]:
-    """One validated SiteSpec per site of `graph` for the `quant` config node.
-
-    `verbose` logs which per_channel / ptf requests stayed per_tensor (the runner's up-front check
-    does, so the line appears once per run rather than once per stage).
-    """
+def check_disabled_recipe(quant: Mapping[str, Any]) -> None:
+    """A disabled recipe (`quant=none`): its settings are checked as `resolve_recipe` checks them, and a
+    warning names those it ignores. Needs no site graph (the runner's up-front check, before any run)."""
     quant = _plain(quant)
+    _warn_ignored_settings(quant, _kind_and_role_specs(quant)[2])
+
+
+def _kind_and_role_specs(quant: dict[str, Any]) -> tuple[SiteSpec, SiteSpec, dict[str, Any]]:
+    """(weight spec, activation spec, role overrides) of a plain recipe dict, every setting checked
+    (roles even where the model has no site of theirs)."""
     rounding = quant.get("rounding", "half_up")
     _check_choice("quant.rounding", rounding, ROUNDING_MODES)
     check_widths("quant.candidate_bits", quant.get("candidate_bits") or [])
@@ -110,12 +113,27 @@ def resolve_recipe(quant: Mapping[str, Any], graph: SiteGraph, verbose: bool = F
     for role in roles:
         if role not in ROLES:
             raise PipelineError(f"quant.roles: unknown role '{role}' (roles: {', '.join(ROLES)})")
-        _overlay(weight if role == "weight" else act, roles[role], f"quant.roles.{role}")  # checked even where the model has no such site
-    if not quant.get("enabled", False):
-        set_keys = [k for k in ("weight", "act") if any(v is not None for v in (quant.get(k) or {}).values())]
-        set_keys += [f"roles.{r}" for r, p in roles.items() if any(v is not None for v in (p or {}).values())]
-        if verbose and (set_keys or quant.get("sites")):
-            log.warning("quant=%s quantizes nothing: quant.%s ignored (choose a recipe, e.g. quant=recommended)", quant.get("name"), ", quant.".join(set_keys or ["sites"]))
+        _overlay(weight if role == "weight" else act, roles[role], f"quant.roles.{role}")
+    return weight, act, roles
+
+
+def _warn_ignored_settings(quant: dict[str, Any], roles: Mapping[str, Any]) -> None:
+    """A disabled recipe quantizes nothing: say which quant.* settings given with it are ignored."""
+    set_keys = [k for k in ("weight", "act") if any(v is not None for v in (quant.get(k) or {}).values())]
+    set_keys += [f"roles.{r}" for r, p in roles.items() if any(v is not None for v in (p or {}).values())]
+    if set_keys or quant.get("sites"):
+        log.warning("quant=%s quantizes nothing: quant.%s ignored (choose a recipe, e.g. quant=recommended)", quant.get("name"), ", quant.".join(set_keys or ["sites"]))
+
+
+def resolve_recipe(quant: Mapping[str, Any], graph: SiteGraph, verbose: bool = False) -> dict[str, SiteSpec]:
+    """One validated SiteSpec per site of `graph` for the `quant` config node.
+
+    `verbose` logs which per_channel / ptf requests stayed per_tensor (the runner's up-front check
+    does, so the line appears once per run rather than once per stage).
+    """
+    quant = _plain(quant)
+    weight, act, roles = _kind_and_role_specs(quant)
+    if not quant.get("enabled", False):  # checked above; the runner says what it ignores (check_disabled_recipe)
         return {name: replace(ACT_DEFAULT, enabled=False) for name in graph.names()}
     globs = quant.get("sites") or {}
     names = graph.names()

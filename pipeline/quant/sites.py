@@ -223,19 +223,14 @@ class QuantLinear(nn.Linear, _SiteOwner):
         folded LayerScale gamma, so the stored bias is gamma · b. None when the layer has no bias, the
         spec asks for a float bias (`bias_bits: 0`) or there is no integer accumulator.
         """
-        from pipeline.quant.quantizers import round_to_int
-
         step = self.accumulator_step()
-        bits = self.weight_site.spec.bias_bits if step is not None else 0
-        if self.bias is None or not bits:
+        if self.bias is None or step is None or not self.weight_site.spec.bias_bits:
             return None
         stored = self.bias.detach().double()
         if self.layer_scale is not None:
             stored = stored * self.layer_scale.gamma.detach().double()
         step = step.double().expand_as(stored)
-        limit = 2 ** (bits - 1)
-        codes = round_to_int(stored / step, self.weight_site.spec.rounding).clamp_(-limit, limit - 1)
-        return codes.to(torch.int64), step
+        return accumulator_codes(stored, step, self.weight_site.spec), step
 
     def effective_bias(self) -> torch.Tensor | None:
         """The bias the layer adds: the integer bias (`bias_codes`) dequantized back to the output's own
@@ -251,6 +246,16 @@ class QuantLinear(nn.Linear, _SiteOwner):
         if self.in_site is not None:
             x = self.in_site(x)
         return F.linear(x, self.effective_weight(), self.effective_bias())
+
+
+def accumulator_codes(values: torch.Tensor, step: torch.Tensor, spec) -> torch.Tensor:
+    """`values` (float64) as integers on an accumulator of step `step` (broadcast to them), as the NPU
+    stores a bias: clamp(round(values / step), -2^(n-1), 2^(n-1) - 1), n = the weight spec's `bias_bits`,
+    in its rounding mode; int64."""
+    from pipeline.quant.quantizers import round_to_int
+
+    limit = 2 ** (spec.bias_bits - 1)
+    return round_to_int(values / step, spec.rounding).clamp_(-limit, limit - 1).to(torch.int64)
 
 
 class QuantConv2d(nn.Conv2d, _SiteOwner):
@@ -491,19 +496,14 @@ def position_codes(qmodel: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | Non
     embedding stays float, like the bias), a LayerNorm between the conv and the add (`embed_norm_layer`),
     or an embedding resampled per input size (`dynamic_img_size`).
     """
-    from pipeline.quant.quantizers import round_to_int
-
     conv, norm = qmodel.patch_embed.proj, getattr(qmodel.patch_embed, "norm", None)
     step = conv.accumulator_step() if isinstance(conv, QuantConv2d) else None
-    bits = conv.weight_site.spec.bias_bits if step is not None else 0
-    if not bits or qmodel.pos_embed is None or qmodel.dynamic_img_size or not isinstance(norm, (nn.Identity, type(None))):
+    if step is None or not conv.weight_site.spec.bias_bits or qmodel.pos_embed is None or qmodel.dynamic_img_size or not isinstance(norm, (nn.Identity, type(None))):
         return None
     prefix = 0 if qmodel.no_embed_class else qmodel.num_prefix_tokens
     patches = qmodel.pos_embed.detach()[:, prefix:].double()
     step = step.double().expand(patches.shape[-1])
-    limit = 2 ** (bits - 1)
-    codes = round_to_int(patches / step, conv.weight_site.spec.rounding).clamp_(-limit, limit - 1)
-    return codes.to(torch.int64), step
+    return accumulator_codes(patches, step, conv.weight_site.spec), step
 
 
 def _pos_embed_on_accumulator(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
