@@ -148,3 +148,8 @@ def test_an_error_raised_while_handling_an_interrupt_counts_as_the_interrupt():
         optuna_like()
     assert _interrupt_in_chain(caught.value)
     assert not _interrupt_in_chain(ValueError("a bug")) and not _interrupt_in_chain(None)
+
+
+def test_bad_input_exits_with_code_2(tmp_path):
+    proc = run_cli(["model=timm", "model.name=vit_tinyy", f"hydra.run.dir={tmp_path / 'run'}", "tracking.enabled=false"])
+    assert proc.returncode == 2, proc.stderr

@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from pipeline.config import DataConfig
-from pipeline.data import check_splits, make_subset, seeded_order, split_size
+from pipeline.data import build_dataset, check_splits, make_subset, seeded_order, split_size
 from pipeline.errors import PipelineError
 from pipeline.models import LoadedModel
 from tests.conftest import CIFAR, needs_assets
 
 
-def fake_model() -> LoadedModel:
+def fake_model(mean: tuple[float, ...] = (0.5,) * 3) -> LoadedModel:
     model = torch.nn.Linear(1, 1)
     model.num_classes = 10
-    cfg = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.25,) * 3}
+    cfg = {"input_size": (3, 32, 32), "mean": mean, "std": (0.25,) * 3}
     return LoadedModel(model, "fake", "fake", cfg, True, "0" * 16)
 
 
@@ -223,3 +223,63 @@ def test_search_refuses_a_calibration_whose_split_has_changed_size(tmp_path):
     image_tree(root, classes=("a",), per_class=7)  # two more images: another permutation
     with pytest.raises(PipelineError, match="held 10 images; it now holds 12"):
         calibration_front({"meta": meta}, cfg)
+
+
+def test_calibration_subset_is_the_seeded_front_of_the_calibration_split():
+    cfg = DataConfig(kind="synthetic", synthetic_size=40, calib_size=8, eval_size=8, num_workers=0, batch_size=100)
+    calib = make_subset(cfg, fake_model(), "calib")
+    assert torch.equal(calib.indices, seeded_order(40, cfg.seed, cfg.calib_split)[:8])
+    images, _ = next(iter(calib.loader))
+    train = build_dataset(cfg, fake_model(), cfg.calib_split).tensors[0]
+    test = build_dataset(cfg, fake_model(), cfg.eval_split).tensors[0]
+    assert torch.equal(images, train[calib.indices])  # calibration reads the calibration split ...
+    assert not any(torch.equal(img, t) for img in images for t in test)  # ... never an evaluation image
+
+
+def test_subset_key_follows_the_transform():
+    """The FP32 cache is keyed by the subset: another mean/std (a card's normalisation) must miss it."""
+    cfg = DataConfig(kind="synthetic", synthetic_size=16, eval_size=8, num_workers=0)
+    assert make_subset(cfg, fake_model(), "eval").key != make_subset(cfg, fake_model(mean=(0.4,) * 3), "eval").key
+
+
+def test_hub_models_use_timms_deterministic_eval_transform():
+    import timm
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from pipeline.data import build_transform
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, depth=1)
+    data_config = timm.data.resolve_data_config({}, model=model)
+    loaded = LoadedModel(model, "hub", "vit_tiny_patch16_224", data_config, False, "0" * 16)
+    transform = build_transform(loaded)
+    kinds = [type(t) for t in transform.transforms]
+    assert T.CenterCrop in kinds and T.RandomResizedCrop not in kinds and T.RandomHorizontalFlip not in kinds
+    image = Image.fromarray((torch.rand(300, 260, 3) * 255).byte().numpy())
+    a, b = transform(image), transform(image)
+    assert a.shape == (3, 224, 224) and torch.equal(a, b)
+
+
+def test_fp32_cache_misses_for_another_model_subset_or_device(tmp_path, monkeypatch):
+    from pipeline import inference
+
+    class Net(torch.nn.Module):
+        def __init__(self, k):
+            super().__init__()
+            self.k = torch.nn.Parameter(torch.tensor(float(k)))
+
+        def forward(self, x):
+            return x.flatten(1)[:, :10] * self.k
+
+    cfg = DataConfig(kind="synthetic", synthetic_size=16, eval_size=8, num_workers=0)
+    subset = make_subset(cfg, fake_model(), "eval")
+    cpu = torch.device("cpu")
+    one, _, hit = inference.fp32_logits(Net(1), "model-a", subset, cpu, tmp_path)
+    assert not hit and inference.fp32_logits(Net(1), "model-a", subset, cpu, tmp_path)[2]
+    two, _, hit = inference.fp32_logits(Net(2), "model-b", subset, cpu, tmp_path)
+    assert not hit and torch.equal(two, 2 * one)  # another model: recomputed
+    other = make_subset(DataConfig(**{**cfg.__dict__, "seed": 1}), fake_model(), "eval")  # same size, other images
+    logits, _, hit = inference.fp32_logits(Net(1), "model-a", other, cpu, tmp_path)
+    assert not hit and not torch.equal(logits, one)  # another subset
+    monkeypatch.setattr(inference, "device_kind", lambda device: "cuda-Some-GPU")
+    assert not inference.fp32_logits(Net(1), "model-a", subset, cpu, tmp_path)[2]  # another device kind

@@ -135,3 +135,28 @@ def test_reference_card_loads_float32_with_card_mean_std():
     assert loaded.data_config["mean"] == (0.4914, 0.4822, 0.4465)
     assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
     assert loaded.num_classes == 10
+
+
+def test_pth_checkpoints_under_model_or_model_ema_load(tmp_path):
+    import timm
+
+    from pipeline.config import ModelConfig
+    from pipeline.models import load_model
+    from tests.conftest import TINY_VIT
+
+    ref = timm.create_model(TINY_VIT["name"], **TINY_VIT["kwargs"])
+    for key in ("model", "model_ema"):  # DeiT's layout: the weights under "model" beside optimizer state etc.
+        torch.save({key: ref.state_dict(), "epoch": 3}, tmp_path / f"{key}.pth")
+        loaded = load_model(ModelConfig(name=TINY_VIT["name"], kwargs=dict(TINY_VIT["kwargs"]), checkpoint=str(tmp_path / f"{key}.pth")))
+        assert torch.equal(loaded.model.head.weight, ref.head.weight)
+
+
+def test_fingerprint_covers_the_timm_version(monkeypatch):
+    import timm
+
+    from pipeline.models import model_fingerprint
+
+    model = torch.nn.Linear(2, 2)
+    before = model_fingerprint(model, "x", {})
+    monkeypatch.setattr(timm, "__version__", "0.0.1")
+    assert model_fingerprint(model, "x", {}) != before

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import re
+import stat
 
 import pytest
 import torch
@@ -300,3 +302,84 @@ def test_summary_is_strict_json_when_a_figure_is_infinite(tmp_path):
     text = ctx.write_summary().read_text()
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}")) == {"profile/logit_sqnr": "inf", "top1": 0.5}
 
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    from pipeline.artifacts import atomic_path, write_text
+
+    target = write_text(tmp_path / "a.json", "old\n")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("disk full")
+    assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask  # as a plain write, not mkstemp's 0600
+
+
+def test_evaluate_summary_drop_agreement_and_kl(tmp_path, monkeypatch, tiny_overrides):
+    """top1_drop = FP32 top-1 - quantized top-1 (points: x100), agreement = argmax vs FP32's argmax (not labels),
+    logit_kl = KL(softmax(FP32) || softmax(quantized))."""
+    from types import SimpleNamespace
+
+    from pipeline.stages import evaluate, quantize
+
+    labels = torch.tensor([0, 1, 2, 3])
+    ref = torch.tensor([[3.0, 0, 0, 0], [0, 3.0, 0, 0], [0, 0, 3.0, 0], [3.0, 0, 0, 1.0]])  # FP32 right 3/4
+    quant = torch.tensor([[2.0, 1, 0, 0], [0, 3.0, 0, 0], [0, 2.0, 1.0, 0], [3.0, 0, 0, 2.0]])  # 2/4 right, 3/4 agree
+    cfg = compose([*tiny_overrides, "quant=naive", "profile.enabled=false", "evaluate.sqnr_images=0"])
+    monkeypatch.setattr(evaluate, "make_subset", lambda *a, **k: SimpleNamespace(key="k"))
+    monkeypatch.setattr(evaluate, "fp32_logits", lambda *a, **k: (ref, labels, True))
+    monkeypatch.setattr(quantize, "load_quantized", lambda ctx: (SimpleNamespace(model=None), {}))
+    monkeypatch.setattr(evaluate, "predict", lambda *a, **k: (quant, labels))
+    ctx = SimpleNamespace(cfg=cfg, fp32=SimpleNamespace(model=None, fingerprint="f"), device=torch.device("cpu"), tracker=SimpleNamespace(set_tags=lambda *a, **k: None))
+    m = evaluate.run(ctx)
+    assert (m["top1"], m["top1_fp32"]) == (0.5, 0.75)
+    assert m["top1_drop"] == pytest.approx(0.25) and m["top1_drop_pt"] == pytest.approx(25.0)
+    assert m["agreement"] == 0.75
+    p, q = torch.log_softmax(ref.double(), 1), torch.log_softmax(quant.double(), 1)
+    assert m["logit_kl"] == pytest.approx((p.exp() * (p - q)).sum(1).mean().item(), rel=1e-9)
+
+
+def test_threads_setting_is_applied():
+    from pipeline.runner import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_device_auto_picks_the_gpu_and_switches_tf32_off(monkeypatch):
+    from pipeline.runner import select_device
+
+    saved = (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    try:
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        assert select_device("auto").type == "cuda"
+        assert torch.backends.cudnn.conv.fp32_precision == "ieee" and torch.backends.cuda.matmul.fp32_precision == "ieee"
+    finally:
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved
+
+
+def test_chain_reads_its_own_calibration_reruns_into_a_folder_and_logs_on_the_parent(tmp_path, tiny_overrides, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.runner import run_pipeline
+
+    base = [*tiny_overrides, "quant=naive", "profile.enabled=false", "evaluate.sqnr_images=0"]
+    run_pipeline(compose([*base, "data.calib_size=8", "stages=[calibrate]"]), tmp_path / "first")
+    second = [*base, "data.calib_size=16", "stages=[calibrate,quantize,evaluate]", f"from_run={tmp_path / 'first'}", "tracking.run_name=own-calib"]
+    run_pipeline(compose(second), tmp_path / "second")
+    meta = json.loads((tmp_path / "second/quantize/index.json").read_text())["meta"]
+    assert meta["images"] == 16  # quantize bound this run's calibration, not from_run's
+    summary = run_pipeline(compose(second), tmp_path / "second")  # hydra.run.dir reused: finished stages are replaced
+    assert summary["calib_images"] == 16
+    client = MlflowClient(mlflow_uri)
+    parent = next(r for r in client.search_runs([client.get_experiment_by_name("vit-ptq").experiment_id]) if r.info.run_name == "own-calib")
+    assert parent.data.metrics["top1"] == pytest.approx(summary["top1"]) and parent.data.metrics["agreement"] == pytest.approx(summary["agreement"])

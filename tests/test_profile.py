@@ -6,6 +6,7 @@ import json
 import math
 import re
 import threading
+from pathlib import Path
 
 import pytest
 import torch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -21,7 +22,7 @@ from pipeline.quant.recipe import resolve_recipe
 from pipeline.quant.sites import attach_sites
 from pipeline.search.objective import Evaluator
 from pipeline.search.priors import Priors, greedy_fill, raise_probabilities, repair
-from pipeline.search.space import build_space, calibrated_act_sites, check_act_widths
+from pipeline.search.space import Group, SearchSpace, build_space, calibrated_act_sites, check_act_widths
 from tests import fake_search
 from tests.conftest import compose
 from tests.test_sensitivity import labelled, tiny_outlier_model
@@ -712,3 +713,118 @@ def test_optuna_does_not_log_an_interrupted_trial_as_a_failure_with_its_tracebac
     finally:
         log.removeHandler(handler)
     assert seen == ["Trial 3 failed: ValueError('a real failure')"]
+
+
+def test_activation_elements_are_per_image_whatever_the_batch_given():
+    model = tiny_outlier_model()
+    graph = attach_sites(model)
+    specs = resolve_recipe(compose(["quant=naive"]).quant, graph)
+    one = build_space(graph, specs, [8, 16], [8, 16], [], torch.zeros(1, 3, 32, 32))
+    four = build_space(graph, specs, [8, 16], [8, 16], [], torch.zeros(4, 3, 32, 32))  # the stage passes a whole batch
+    assert four.elements == one.elements and four.norm == one.norm
+
+
+def _line_space(n=6):
+    names = [f"s{i}" for i in range(n)]
+    return SearchSpace([Group(s, [s], {s: [8, 16]}) for s in names], {s: "act" for s in names}, {s: 100 for s in names}, 100.0 * n)
+
+
+def test_raise_probabilities_follow_the_documented_formula():
+    space = _line_space()
+    gains = [1.0, 0.25, 0.04, 0.01, 0.0, 0.0]
+    sens = {"meta": {}, "sites": {f"s{i}": {"scores": {"noise_kl": {"8": g, "16": 0.0}}} for i, g in enumerate(gains)}}
+    priors = Priors(space, sens, "noise_kl")
+    probs = raise_probabilities(space, priors, 1.0 + 0.5 * (1 / 6), temperature=0.5)
+    # P = min(0.95, lambda * (priority / max)^T): uncapped groups keep the ratio sqrt(gain_i / gain_j)
+    assert probs["s2"] / probs["s3"] == pytest.approx(math.sqrt(0.04 / 0.01), rel=1e-6)
+    assert probs["s4"] == 0.0
+    big = raise_probabilities(space, priors, 1.0 + 0.9 * 4 / 6, temperature=0.5)  # slack for nearly every gainful group
+    assert max(big.values()) == pytest.approx(0.95)
+
+
+def test_local_move_lowers_the_raise_with_the_least_gain_most_often_and_refills_in_priority_order():
+    from pipeline.search.priors import local_move
+
+    space = _line_space()
+    sens = {"meta": {}, "sites": {f"s{i}": {"scores": {"noise_kl": {"8": 1.0 / (1 + i), "16": 0.0}}} for i in range(6)}}
+    priors = Priors(space, sens, "noise_kl")
+    start = {"s0": 1, "s1": 1, "s2": 1, "s3": 1, "s4": 0, "s5": 0}
+    budget = space.cost(start)
+    rng, lowered, single = random.Random(0), {n: 0 for n in start}, 0
+    for _ in range(400):
+        moved = local_move(space, priors, start, budget, rng)
+        for n in start:
+            lowered[n] += moved[n] < start[n]
+        if sum(moved[n] < start[n] for n in start) == 1:  # one raise undone: the freed step goes to s4, the best group left
+            single += 1
+            assert moved["s4"] == 1 and moved["s5"] == 0
+    assert single > 100
+    assert lowered["s3"] > lowered["s2"] > lowered["s1"] > lowered["s0"]  # rank-weighted toward the lowest priority
+
+
+def test_greedy_keeps_the_best_measured_candidate_of_each_step():
+    from pipeline.search.study import greedy_plan
+
+    space = _line_space(4)
+    sens = {"meta": {}, "sites": {f"s{i}": {"scores": {"noise_kl": {"8": 1.0 / (1 + i), "16": 0.0}}} for i in range(4)}}
+    priors = Priors(space, sens, "noise_kl")
+    budget, low = 1.5, space.lowest()  # room for two raises
+    plan, done = greedy_plan(space, priors, budget, 4, 2, {}, "kl")
+    assert not done and [lv for _, lv in plan] == [{**low, "s0": 1}, {**low, "s1": 1}]
+    # measured: raising s1 is better (lower KL) than raising s0, against the priors' order: s1 is kept
+    results = {space.key({**low, "s0": 1}): 0.5, space.key({**low, "s1": 1}): 0.1}
+    plan, done = greedy_plan(space, priors, budget, 4, 2, results, "kl")
+    assert [lv for _, lv in plan] == [{**low, "s0": 1, "s1": 1}, {**low, "s1": 1, "s2": 1}]
+
+
+def test_search_metrics_are_kl_of_fp32_to_quantized_agreement_and_top1():
+    from pipeline.search.objective import metrics_of
+
+    ref = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    q = torch.tensor([[0.0, 2.0, 0.0], [0.0, 1.5, 0.0]])
+    labels = torch.tensor([0, 0])
+    m = metrics_of(ref, q, labels)
+    p, r = torch.softmax(ref.double(), 1), torch.softmax(q.double(), 1)
+    assert m["kl"] == pytest.approx(float((p * (p.log() - r.log())).sum(1).mean()), rel=1e-9)  # KL(FP32 || quantized)
+    assert m["agreement"] == 0.5 and m["top1"] == 0.0
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    from pipeline.search.report import pareto_front
+
+    pts = [(1.0, 0.5), (1.1, 0.5), (1.2, 0.3), (1.2, 0.4), (1.05, 0.6)]
+    assert sorted(pareto_front(pts, minimize=True)) == [0, 2]  # (1.1, 0.5) is dominated by (1.0, 0.5)
+    assert sorted(pareto_front([(c, -v) for c, v in pts], minimize=False)) == [0, 2]
+
+
+def test_the_best_trial_on_a_tie_is_the_cheaper_one():
+    from pipeline.search.study import MethodRun, TrialRecord
+    from pipeline.stages.search import _best_of
+
+    recs = [TrialRecord("prior", 0, 0.1, 1.10, {}, {}, "x"), TrialRecord("prior", 1, 0.1, 1.05, {}, {}, "x")]
+    assert MethodRun("prior", "s", recs).best("kl").number == 1
+    assert _best_of(recs, "kl").number == 1
+
+
+def test_prior_draws_raise_with_the_prior_probability_and_repair_in_sensitivity_order():
+    import optuna
+
+    from pipeline.search.priors import repair
+    from pipeline.search.sampler import BudgetSampler
+
+    space = _line_space()
+    sens = {"meta": {}, "sites": {f"s{i}": {"scores": {"noise_kl": {"8": 1.0 / (1 + i), "16": 0.0}}} for i in range(6)}}
+    priors = Priors(space, sens, "noise_kl")
+    never = BudgetSampler(space, 2.0, "prior", priors, {f"s{i}": (0.0 if i % 2 else 1.0) for i in range(6)}, 0, 10)
+    rng = random.Random(0)
+    assert all(never._draw(f"s{i}", rng) == (0 if i % 2 else 1) for i in range(6) for _ in range(20))
+    # every group raised, budget for two: the sampler's repair keeps the two most sensitive (s0, s1)
+    sampler = BudgetSampler(space, 1.0 + 2 / 6, "prior", priors, {f"s{i}": 1.0 for i in range(6)}, 0, 10)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=sampler)
+    for _ in range(3):
+        trial = study.ask()
+        levels = {g.name: trial.suggest_categorical(g.name, [0, 1]) for g in space.groups}
+        assert levels == repair(space, space.highest(), 1.0 + 2 / 6, priors)[0] == {"s0": 1, "s1": 1, "s2": 0, "s3": 0, "s4": 0, "s5": 0}
+        study.tell(trial, 0.0)
+        break

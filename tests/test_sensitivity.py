@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import timm
@@ -300,3 +301,142 @@ def test_hessian_figures_pool_batches_by_their_images(monkeypatch):
     assert entry["trace"] == pytest.approx(pooled, rel=1e-5)
     assert float(entry["diag"]) == pytest.approx(pooled, rel=1e-5)
     assert entry["stderr"] == pytest.approx(((first * 6 / 8) ** 2 + (second * 2 / 8) ** 2) ** 0.5, rel=1e-5)  # independent batches
+
+
+def test_hutchinson_stopping_rule_is_relative_and_compares_consecutive_running_means():
+    a = spd(40, seed=4)
+    runs = []
+    for scale in (1e-6, 1.0, 1e6):  # a relative tolerance stops at the same sample whatever the loss's scale
+        x = torch.zeros(40, dtype=torch.float64, requires_grad=True)
+        r = hutchinson_trace(lambda: 0.5 * scale * x @ a @ x, [x], iters=300, tol=2e-3, min_iters=2, generator=torch.Generator().manual_seed(5))
+        runs.append(r)
+    assert len({r.iters for r in runs}) == 1 and all(r.converged for r in runs)
+    h = runs[1].history
+    assert abs(h[-1] - h[-2]) <= 2e-3 * abs(h[-1])  # stopped because the last sample moved the mean less than tol
+    assert all(abs(h[k] - h[k - 1]) > 2e-3 * abs(h[k]) for k in range(1, len(h) - 1))  # and not earlier
+
+
+def _probe(recipe="recommended"):
+    from pipeline.sensitivity.compute import SensitivityProbe
+
+    model = tiny_outlier_model()
+    graph = attach_sites(model)
+    specs = resolve_recipe(compose([f"quant={recipe}"]).quant, graph)
+    state = calibrate(graph, specs, labelled(2, 8, seed=5), CPU, [8, 16])
+    return SensitivityProbe(attach_sites(model), specs, state, [4, 8], [8, 16], CPU), state
+
+
+def test_hessian_scores_are_diag_times_squared_error_and_step_squared_over_12(monkeypatch):
+    """With a stand-in estimator whose 'diagonal' is known (weights: 1 everywhere; activations: the channel
+    index + 1 along the site's channel axis), the scores are the README's formulas computed by hand."""
+    from pipeline.sensitivity import compute
+    from pipeline.sensitivity.compute import SensitivitySettings, hessian_scores, hessian_traces
+    from pipeline.sensitivity.hutchinson import HutchinsonResult
+
+    probe, state = _probe()
+    axes = {}
+
+    def known_diag(loss_fn, params, diag_reduce=None, **_):
+        diag = []
+        for p, red in zip(params, diag_reduce):
+            d = torch.ones_like(p)
+            if p.dim() == 3 and id(p) in axes:  # activation delta: weight channel c by c + 1
+                ax = axes[id(p)]
+                shape = [1] * p.dim()
+                shape[ax] = -1
+                d = d * torch.arange(1, p.shape[ax] + 1, dtype=p.dtype).reshape(shape)
+            diag.append(red(d.detach()))
+        return HutchinsonResult([0.0] * len(params), [0.0] * len(params), 1, True, diag)
+
+    real = compute._activation_perturbations
+
+    def remember_axes(probe_, images, enabled):
+        acts, deltas, reducers = real(probe_, images, enabled)
+        for n, d in zip(acts, deltas):
+            axes[id(d)] = probe_.graph[n].axis if probe_.graph[n].axis is not None else -1
+        return acts, deltas, reducers
+
+    monkeypatch.setattr(compute, "hutchinson_trace", known_diag)
+    monkeypatch.setattr(compute, "_activation_perturbations", remember_axes)
+    (x, y), = labelled(1, 4, seed=9)
+    traces = hessian_traces(probe, [x], [y], SensitivitySettings())
+    scores = hessian_scores(probe, traces)
+    # weights: sum (Q_b(W) - W)^2 with diag(H) = 1 (the effective weight the quantized model uses)
+    name = "blocks.1.mlp.fc2.weight"
+    w = probe.graph.module("blocks.1.mlp.fc2").weight.detach().double()
+    for b in (4, 8):
+        expected = float((probe.qweights[name][b].double() - w).square().sum())
+        assert scores[name][b] == pytest.approx(expected, rel=1e-5)
+    # a per-channel activation (recommended: mlp_act per channel), B x N x C: sum_c (B*N*(c+1)) * step_c(b)^2 / 12
+    act = "blocks.1.mlp.act"
+    assert probe.specs[act].channelwise
+    tokens = 4 * 17
+    for b in (8, 16):
+        step_sq = state.qparams(act, b)[0].double().square().flatten()
+        weight = torch.arange(1, step_sq.numel() + 1, dtype=torch.float64) * tokens
+        assert scores[act][b] == pytest.approx(float((weight * step_sq).sum() / 12), rel=1e-5)
+
+
+def test_log2_error_energy_and_flush_point_match_the_log2_quantizer():
+    from pipeline.quant.quantizers import fake_log2_quantize
+    from pipeline.sensitivity.compute import log2_error_sq, log2_flush_point
+
+    # e_b(x)^2 = x^2 (ln 2)^2 / 12 / 4^frac_bits where the grid keeps x
+    x = torch.tensor([0.5], dtype=torch.float64)
+    assert float(log2_error_sq(x, 8, 3)) == pytest.approx(0.25 * math.log(2) ** 2 / 12 / 64, rel=1e-12)
+    assert float(log2_error_sq(x, 8, 0)) == pytest.approx(0.25 * math.log(2) ** 2 / 12, rel=1e-12)
+    # the flush point is where the real quantizer starts to output 0
+    for bits, frac in ((4, 0), (4, 2), (3, 1), (5, 3)):
+        p = log2_flush_point(bits, frac)
+        probs = torch.tensor([p * 1.001, p * 0.999], dtype=torch.float64)
+        out = fake_log2_quantize(probs, bits, frac_bits=frac)
+        assert out[0] > 0 and out[1] == 0, (bits, frac, p)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "gaussian"])
+def test_activation_noise_has_the_rounding_noise_variance_and_no_bias(kind):
+    from pipeline.sensitivity.compute import SensitivitySettings, _site_gen, act_noise_fn
+
+    probe, state = _probe("naive")  # per-tensor minmax: one step
+    name = "blocks.0.attn.sv"
+    step = float(state.qparams(name, 8)[0].flatten()[0])
+    fn = act_noise_fn(probe, name, 8, SensitivitySettings(noise=kind), _site_gen(0, 0))
+    x = torch.zeros(64, 17, 192)
+    e = (fn(x) - x).double() / step
+    assert abs(float(e.mean())) < 0.01
+    assert float(e.var()) == pytest.approx(1 / 12, rel=0.03)
+    if kind == "uniform":
+        assert float(e.abs().max()) <= 0.5
+
+
+def test_the_sensitivity_seed_changes_the_noise():
+    from pipeline.sensitivity.compute import _site_gen
+
+    a, b = (torch.rand(8, generator=_site_gen(seed, 3)) for seed in (0, 1))
+    c = torch.rand(8, generator=_site_gen(0, 4))
+    assert not torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_weight_noise_has_the_stored_weights_unit_step_per_element():
+    """Folded weight: the noise, mapped to the stored weight's code axis, is U(-1/2, 1/2) per element."""
+    from pipeline.quant.sites import storage_factor
+    from pipeline.sensitivity.compute import SensitivityProbe, SensitivitySettings, _site_gen, weight_noise
+
+    model = tiny_outlier_model()
+    graph = attach_sites(model)
+    specs = resolve_recipe(compose(["quant=naive", "quant.roles.mlp_act.granularity=per_channel", "quant.weight.granularity=per_tensor"]).quant, graph)
+    state = calibrate(graph, specs, labelled(2, 8, seed=5), CPU, [8, 16])
+    probe = SensitivityProbe(attach_sites(model), specs, state, [8], [8, 16], CPU)
+    name = "blocks.1.mlp.fc2.weight"
+    w = probe.graph.module("blocks.1.mlp.fc2").weight.detach()
+    scale = probe.wgrids[name][8][0].reshape(-1, 1) if probe.wgrids[name][8][0].numel() > 1 else probe.wgrids[name][8][0].reshape(())
+    factor = storage_factor(w, probe.folds[name], None)
+    assert not torch.allclose(factor, torch.ones_like(factor))  # the per-channel GELU scales are folded in
+    e = ((weight_noise(probe, name, 8, SensitivitySettings(), _site_gen(0, 0)) - w) * factor / scale).double()
+    assert float(e.abs().max()) <= 0.5 + 1e-4 and float(e.var()) == pytest.approx(1 / 12, rel=0.03)
+
+
+def test_isolated_activation_scores_use_each_widths_own_qparams():
+    result = sensitivity_of(tiny_outlier_model())
+    s = result["sites"]["blocks.1.mlp.act"]["scores"]["isolated_kl"]
+    assert s["16"] < s["8"] / 100  # INT16 on its own calibrated grid: (2^8)^2 less rounding noise

@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 from timm.layers import GluMlp
+from timm.models.vision_transformer import ResPostBlock
 
 from pipeline.errors import PipelineError
 from pipeline.profile.collect import forward_segments
@@ -16,6 +17,7 @@ VARIANTS = {
     "vit_gap": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, num_classes=10, depth=2, global_pool="avg", class_token=False, fc_norm=True)),
     "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=8, num_classes=10, depth=3)),
     "vit_wide_heads": ("vit_small_patch16_224", dict(img_size=32, patch_size=16, num_classes=5, depth=1, num_heads=12)),
+    "vit_registers": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, num_classes=10, depth=2, reg_tokens=4)),  # quantized with the class token at blocks.0.in
     "deit3_layer_scale": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, num_classes=10, depth=2, init_values=0.1, no_embed_class=True)),
     # every optional LayerNorm timm's VisionTransformer has: after the patch conv, before the blocks
     # (CLIP's pre_norm), on q and k, inside attention and MLP, and fc_norm after average pooling
@@ -168,6 +170,7 @@ def test_non_vit_is_rejected():
         (dict(mlp_layer=GluMlp, act_layer="silu"), "MLP type GluMlp"),
         (dict(norm_layer="rmsnorm"), "norm type RmsNorm"),
         (dict(attn_layer="diff"), "attention type DiffAttention"),
+        (dict(block_fn=ResPostBlock), "block type ResPostBlock"),  # every block another type: still named
     ],
 )
 def test_vit_parts_the_sites_do_not_cover_are_rejected_by_name(kwargs, named):
@@ -191,6 +194,17 @@ def test_a_distilled_deit_with_fc_norm_keeps_both_head_inputs():
     with torch.no_grad():
         graph.model(torch.randn(2, 3, 32, 32))
     assert seen == {n for n in names if graph[n].role != "weight"}  # every activation site sees data
+
+
+@pytest.mark.parametrize("pool", ["token", "max"])
+def test_fc_norm_after_a_pool_that_keeps_the_grid_has_no_input_site(pool):
+    # class-token or max pooling passes the last residual add's codes through: a site there would round them twice
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10, depth=1, global_pool=pool, fc_norm=True).eval()
+    graph = attach_sites(model)
+    assert "fc_norm.in" not in graph.names() and "fc_norm" in graph.names() and "head.in" not in graph.names()
+    avg = attach_sites(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10, depth=1, global_pool="avg", fc_norm=True))
+    assert avg["fc_norm.in"].role == "norm_in"  # an average leaves the grid: quantized again
 
 
 def test_hybrid_vit_with_a_cnn_backbone_is_rejected_by_name():

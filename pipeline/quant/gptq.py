@@ -18,14 +18,13 @@ Folded weights W·diag(s) see inputs x / s, so their Hessian is diag(1/s) H diag
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.quant.observers import coprime_at_least
-from pipeline.quant.quantizers import dequantize_rounded_, rounded_quotient
+from pipeline.quant.quantizers import clamp_and_scale_, round_to_int, rounded_bounds
 
 HESSIAN_KEY = "hessian"
 """CalibState tensor `<weight site>/hessian`: (in, in) float32, Σ x xᵀ over calibration tokens."""
@@ -66,31 +65,24 @@ def gptq_fake_quantize(
     h.diagonal().add_(damp * float(torch.diagonal(h).mean()))
     # upper Cholesky factor of H^-1: row i holds how column i's error maps onto columns > i
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(torch.float32)
-    scale = scale.detach().to(w).reshape(-1, 1).expand(w.shape[0], 1)
-    zero_point = zero_point.detach().to(w).reshape(-1, 1).expand(w.shape[0], 1)
-    out = torch.empty_like(w)
-    quantize = _column_quantizer(scale, zero_point, qmin, qmax, rounding)
+    scale = scale.detach().to(w).reshape(-1).expand(w.shape[0])  # one per row of W: per column of Wᵀ below
+    low, high = rounded_bounds(zero_point.detach().to(w).reshape(-1).expand(w.shape[0]), qmin, qmax)
+    # On Wᵀ (in, out) each weight column is a contiguous row, and the rank-1 updates are in place on whole rows.
+    wt = w.T.contiguous()
+    out = torch.empty_like(wt)
     for start in range(0, cols, block):
         stop = min(start + block, cols)
-        w_block, u_block = w[:, start:stop], u[start:stop, start:stop]
+        w_block, u_block = wt[start:stop], u[start:stop, start:stop]
         errors = torch.empty_like(w_block)
         for i in range(stop - start):  # sequential by construction: each column sees the errors before it
-            q = quantize(w_block[:, i : i + 1])
-            out[:, start + i : start + i + 1] = q
-            error = (w_block[:, i : i + 1] - q) / u_block[i, i]
-            w_block[:, i + 1 :] -= error * u_block[i : i + 1, i + 1 :]
-            errors[:, i : i + 1] = error
-        w[:, stop:] -= errors @ u[start:stop, stop:]
+            column = w_block[i]
+            q = round_to_int(torch.div(column, scale, out=out[start + i]), rounding, in_place=True)
+            clamp_and_scale_(q, scale, low, high)  # in place: out's row
+            error = torch.sub(column, q, out=errors[i]).div_(u_block[i, i])
+            w_block[i + 1 :].sub_(u_block[i, i + 1 :, None] * error)
+        wt[stop:].sub_((errors.T @ u[start:stop, stop:]).T)
+    out = out.T
     return out[:, torch.argsort(order)]
-
-
-def _column_quantizer(scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, rounding: str) -> Callable[[Tensor], Tensor]:
-    """Fake quantizer of one (out, 1) column with the rows' qparams (the site's own rounding steps)."""
-
-    def quantize(column: Tensor) -> Tensor:
-        return dequantize_rounded_(rounded_quotient(column, scale, rounding), scale, zero_point, qmin, qmax)
-
-    return quantize
 
 
 def output_error(weight: Tensor, qweight: Tensor, hessian: Tensor) -> float:

@@ -478,7 +478,7 @@ class OmseObserver(Observer):
         for start in range(0, scale.shape[0], chunk):
             chunk_scale = scale[start : start + chunk].unsqueeze(-1)  # (g, C, 1)
             chunk_zero_point = zero_point[start : start + chunk].unsqueeze(-1)
-            error = fake_quantize_broadcast(samples, chunk_scale, chunk_zero_point, qmin, qmax, rounding) - samples
+            error = fake_quantize_broadcast(samples, chunk_scale, chunk_zero_point, qmin, qmax, rounding).sub_(samples)  # a fresh tensor: no second (g, C, S) temporary
             if self.loss == "l1":
                 per_value = error.abs_()
             elif self.loss == "l2":

@@ -264,8 +264,19 @@ def dequantize_rounded_(rounded: Tensor, scale: Tensor, zero_point: Tensor, qmin
     are exact in float32; beyond that both clamp), in three passes instead of four. `rounded` may
     already be clamped to any range containing [qmin - zp, qmax - zp] (the profiler's code counts do).
     """
-    zero_point = zero_point.to(rounded.dtype)
-    return rounded.clamp_min_(qmin - zero_point).clamp_max_(qmax - zero_point).mul_(scale)
+    return clamp_and_scale_(rounded, scale, *rounded_bounds(zero_point, qmin, qmax, rounded.dtype))
+
+
+def rounded_bounds(zero_point: Tensor, qmin: int, qmax: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """(qmin - zp, qmax - zp) in `dtype`: the range of round_to_int(x / scale) that maps into [qmin, qmax]."""
+    zero_point = zero_point.to(dtype)
+    return qmin - zero_point, qmax - zero_point
+
+
+def clamp_and_scale_(rounded: Tensor, scale: Tensor, low: Tensor, high: Tensor) -> Tensor:
+    """clamp(rounded, low, high) * scale in place: dequantize_rounded_ with bounds from `rounded_bounds`
+    computed once (GPTQ rounds one column at a time on the same grid)."""
+    return rounded.clamp_min_(low).clamp_max_(high).mul_(scale)
 
 
 def fake_quantize(

@@ -449,7 +449,10 @@ class SiteGraph:
 def attach_sites(model: nn.Module) -> SiteGraph:
     """Deep-copy a timm ViT and add a site at every NPU quantization point."""
     Attention, Block = _attention_classes()
-    if not hasattr(model, "blocks") or not any(type(b) is Block for b in model.blocks):
+    from timm.models.vision_transformer import VisionTransformer
+
+    # a VisionTransformer with other block types goes on, so that _unsupported_parts names them
+    if not isinstance(model, VisionTransformer) and not any(type(b) is Block for b in getattr(model, "blocks", ())):
         raise PipelineError(f"{type(model).__name__} is not a timm VisionTransformer with Block modules; quant sites need a ViT/DeiT")
     unsupported = _unsupported_parts(model, Attention, Block)
     if unsupported:
@@ -474,7 +477,7 @@ def attach_sites(model: nn.Module) -> SiteGraph:
             module.__class__ = QuantBlock
             module._init_sites(name)
         elif isinstance(module, nn.LayerNorm) and not name.endswith(("q_norm", "k_norm")) and (name != "fc_norm" or fc_norm_runs):
-            _add_layer_norm_sites(module, name)
+            _add_layer_norm_sites(module, name, input_site=name in LAYER_NORM_INPUTS and not (name == "fc_norm" and _pool_keeps_grid(qmodel)))
         elif re.fullmatch(r"blocks\.\d+\.mlp\.act", name) and not isinstance(module, nn.Identity):
             _add_output_site(module, name, "mlp_act")
     if getattr(qmodel, "pos_embed", None) is not None:
@@ -568,15 +571,22 @@ def _add_input_site(module: nn.Module, name: str, role: str) -> None:
 LAYER_NORM_INPUTS = {"patch_embed.norm": "norm_in", "norm_pre": "norm_in", "fc_norm": "norm_in"}
 """LayerNorms outside the blocks whose input is not already a site's output -> the role of their input site:
 the patch embedding's conv output (`embed_norm_layer`), the embeddings before `norm_pre` (`pre_norm`),
-the pooled tokens before `fc_norm` (global average pooling)."""
+the pooled tokens before `fc_norm` (global average pooling; with class-token or max pooling the pooled
+values are the last residual add's codes, so `fc_norm` gets no input site)."""
 
 
-def _add_layer_norm_sites(module: nn.LayerNorm, name: str) -> None:
-    """A LayerNorm's sites: its output (norm_out), and its input where no other site quantizes it.
+def _pool_keeps_grid(model: nn.Module) -> bool:
+    """True when the pooling before `fc_norm` passes values of the last residual add through unchanged
+    (class token, per-channel max, or none), so they are already on that site's grid; an average leaves it."""
+    return getattr(model, "global_pool", "avg") in ("token", "max", "")
+
+
+def _add_layer_norm_sites(module: nn.LayerNorm, name: str, input_site: bool) -> None:
+    """A LayerNorm's sites: its output (norm_out), and its input (`input_site`) where no other site quantizes it.
 
     `norm_pre` has no output site: its output is block 0's input, the site `blocks.0.in`.
     """
-    if name in LAYER_NORM_INPUTS:
+    if input_site:
         _add_input_site(module, f"{name}.in", LAYER_NORM_INPUTS[name])
     if name != "norm_pre":
         _add_output_site(module, name, "norm_out")
