@@ -34,7 +34,7 @@ _signalled: list[str] = []  # SIGTERM received (a library may turn the KeyboardI
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from pipeline.runner import cleanup_failed_run, existing_entries, run_pipeline
+    from pipeline.runner import cleanup_failed_run, existing_entries, finished_stages, run_pipeline
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -47,18 +47,18 @@ def main(cfg: DictConfig) -> None:
         summary = run_pipeline(cfg, run_dir, job_label)
     except PipelineError as e:
         if not multirun:
-            _fail(run_dir, kept, str(e), 2)
-        _fail_job(run_dir, kept, f"job #{hydra_cfg.job.num}: {_one_line(str(e))}")
+            _fail(run_dir, kept, finished_stages(e), str(e), 2)
+        _fail_job(run_dir, kept, finished_stages(e), f"job #{hydra_cfg.job.num}: {_one_line(str(e))}")
         return
-    except KeyboardInterrupt:
-        _fail(run_dir, kept, INTERRUPTED, 130)
-    except Exception:  # a bug, not bad input: clean up, then Hydra prints the traceback
-        if _signalled or _interrupt_in_chain(sys.exc_info()[1]):
-            _fail(run_dir, kept, INTERRUPTED, 130)
+    except KeyboardInterrupt as e:
+        _fail(run_dir, kept, finished_stages(e), INTERRUPTED, 130)
+    except Exception as e:  # a bug, not bad input: clean up, then Hydra prints the traceback
+        if _signalled or _interrupt_in_chain(e):
+            _fail(run_dir, kept, finished_stages(e), INTERRUPTED, 130)
         if multirun:
-            _fail_job(run_dir, kept, None)
+            _fail_job(run_dir, kept, finished_stages(e), None)
         else:
-            cleanup_failed_run(run_dir, kept)
+            cleanup_failed_run(run_dir, kept, finished_stages(e))
         raise
     log.info("summary: %s", {k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
     log.info("run folder: %s", run_dir)
@@ -81,20 +81,20 @@ def _interrupt_in_chain(error: BaseException | None) -> bool:
     return False
 
 
-def _fail(run_dir: Path, kept: frozenset[str], message: str, code: int) -> None:
+def _fail(run_dir: Path, kept: frozenset[str], finished: tuple[str, ...], message: str, code: int) -> None:
     from pipeline.runner import cleanup_failed_run
 
-    cleanup_failed_run(run_dir, kept)
+    cleanup_failed_run(run_dir, kept, finished)
     logging.shutdown()
     print(f"error: {_one_line(message)}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
-def _fail_job(run_dir: Path, kept: frozenset[str], message: str | None) -> None:
+def _fail_job(run_dir: Path, kept: frozenset[str], finished: tuple[str, ...], message: str | None) -> None:
     """A failed multirun job: cleaned up and recorded; the sweep goes on."""
     from pipeline.runner import cleanup_failed_run
 
-    cleanup_failed_run(run_dir, kept)
+    cleanup_failed_run(run_dir, kept, finished)
     _sweep["failed"].append(run_dir)
     if message:
         print(f"error: {message}", file=sys.stderr, flush=True)

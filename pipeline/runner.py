@@ -166,6 +166,9 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, job_label: str = "") -> dict[st
         ctx.write_summary()
         tracker.log_artifact(run_dir / SUMMARY)
         failed = False
+    except BaseException as error:
+        error.finished_stages = tuple(s.value for s in finished)  # type: ignore[attr-defined]  # for cleanup_failed_run
+        raise
     finally:
         tracker.end(failed=failed)
         if failed and not finished and earlier_config is not None:
@@ -249,12 +252,18 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def cleanup_failed_run(run_dir: Path, kept: frozenset[str] = frozenset()) -> None:
+def finished_stages(error: BaseException) -> tuple[str, ...]:
+    """The stages `run_pipeline` finished before `error` ended it (none when it failed before the first)."""
+    return getattr(error, "finished_stages", ())
+
+
+def cleanup_failed_run(run_dir: Path, kept: frozenset[str] = frozenset(), finished_here: tuple[str, ...] = ()) -> None:
     """After a failed invocation: remove what it left half-made, and everything it made when it
     finished no stage.
 
     `kept`: what the folder held before this invocation (`hydra.run.dir` pointing at an existing
-    folder, see `existing_entries`); none of it is touched. Half-made: the temp stage
+    folder, see `existing_entries`); none of it is touched. `finished_here`: the stages this
+    invocation finished (`finished_stages`), which may have replaced a kept stage folder. Half-made: the temp stage
     folders and the downloaded `from_run`. When a stage finished, it stays, with config.yaml, `.hydra/`
     and the log. When none did, the run's own files go too, and a folder made by this invocation goes
     whole, then its parent too when that is an empty day folder of the default layout
@@ -263,7 +272,7 @@ def cleanup_failed_run(run_dir: Path, kept: frozenset[str] = frozenset()) -> Non
     if not run_dir.is_dir():
         return
     made_here = [p for p in run_dir.iterdir() if p.name not in kept]
-    finished = any(p.is_dir() and p.name in {s.value for s in Stage} for p in made_here)
+    finished = bool(finished_here) or any(p.is_dir() and p.name in {s.value for s in Stage} for p in made_here)
     for path in made_here:
         if not finished or path.name == ".from_run" or (path.name.startswith(".") and path.name.endswith(".tmp")):
             if path.is_dir():

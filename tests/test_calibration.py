@@ -468,3 +468,19 @@ def test_a_damaged_state_is_one_line_naming_the_site():
     with pytest.raises(PipelineError, match=r"weight site blocks.0.mlp.fc1.weight: stored codes \(3, 3\) do not fit the weight \(768, 192\)"):
         bind(graph, specs, damaged)
 
+
+def test_a_damaged_state_with_an_infinite_scale_or_a_zero_point_of_another_size_is_one_line():
+    """README: a scale that is not finite (inf as well as NaN) or does not match its zero point is a damaged state."""
+    from pipeline.errors import PipelineError
+    from pipeline.quant.calibration import CalibState, bind
+    from tests.test_calibration import calibrated
+
+    _, graph, specs, state = calibrated("naive")
+    damaged = CalibState(dict(state.tensors), state.index)
+    damaged.tensors["blocks.0.attn.sv/8/scale"] = torch.tensor([float("inf")])
+    with pytest.raises(PipelineError, match="site blocks.0.attn.sv: the state's 8-bit scale is not finite and positive"):
+        bind(graph, specs, damaged)
+    damaged = CalibState(dict(state.tensors), state.index)
+    damaged.tensors["blocks.0.attn.sv/8/zero_point"] = torch.zeros(3)  # per-tensor scale, three zero points
+    with pytest.raises(PipelineError, match="site blocks.0.attn.sv: .* does not match its zero point"):
+        bind(graph, specs, damaged)

@@ -153,3 +153,45 @@ def test_an_error_raised_while_handling_an_interrupt_counts_as_the_interrupt():
 def test_bad_input_exits_with_code_2(tmp_path):
     proc = run_cli(["model=timm", "model.name=vit_tinyy", f"hydra.run.dir={tmp_path / 'run'}", "tracking.enabled=false"])
     assert proc.returncode == 2, proc.stderr
+
+
+def test_cleanup_after_a_finished_stage_keeps_it_and_removes_only_the_half_made(tmp_path):
+    """README: a failed run removes what it left half-made (temp stage folders, the from_run download);
+    finished stages stay, with config.yaml, .hydra/ and the log; a folder's earlier files are never touched."""
+    from pipeline.runner import cleanup_failed_run
+
+    run = tmp_path / "run"
+    for folder in ("calibrate", ".quantize.tmp", ".from_run/quantize", ".hydra"):
+        (run / folder).mkdir(parents=True)
+    for name in ("calibrate/state.safetensors", ".quantize.tmp/half.json", ".from_run/quantize/sites.json", "config.yaml", "__main__.log", "mine.csv"):
+        (run / name).write_text("x\n")
+    cleanup_failed_run(run, frozenset({"mine.csv"}))
+    assert sorted(p.name for p in run.iterdir()) == [".hydra", "__main__.log", "calibrate", "config.yaml", "mine.csv"]
+    assert (run / "calibrate" / "state.safetensors").is_file()
+    # a reused folder that already held calibrate/: this run finished it again, then failed in quantize
+    (run / ".quantize.tmp").mkdir()
+    cleanup_failed_run(run, frozenset({"mine.csv", "calibrate", "config.yaml"}), finished_here=("calibrate",))
+    assert sorted(p.name for p in run.iterdir()) == [".hydra", "__main__.log", "calibrate", "config.yaml", "mine.csv"]
+
+
+def test_a_bug_in_a_stage_cleans_up_before_the_traceback(tmp_path):
+    """__main__: an exception that is not bad input (a bug) still removes what the run made, then Hydra
+    prints the traceback (exit 1)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT_ROOT, TINY_VIT
+
+    run = tmp_path / "run"
+    args = ["model=timm", f"model.name={TINY_VIT['name']}", *[f"+model.kwargs.{k}={v}" for k, v in TINY_VIT["kwargs"].items()]]
+    args += ["data=synthetic", "quant=none", "stages=[evaluate]", f"cache_dir={tmp_path / 'cache'}", "tracking.enabled=false", f"hydra.run.dir={run}"]
+    code = (
+        "import sys, runpy, pipeline.runner as r\n"
+        "def broken(stage):\n    def fn(ctx):\n        (ctx.out_dir / 'half.json').write_text('{')\n        raise RuntimeError('a bug')\n    return fn\n"
+        "r.stage_function = broken\n"
+        f"sys.argv = ['pipeline', *{args!r}]\n"
+        "runpy.run_module('pipeline', run_name='__main__', alter_sys=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "RuntimeError: a bug" in proc.stderr, proc.stderr[-2000:]
+    assert not run.exists()  # no stage finished: nothing left behind

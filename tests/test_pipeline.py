@@ -383,3 +383,98 @@ def test_chain_reads_its_own_calibration_reruns_into_a_folder_and_logs_on_the_pa
     client = MlflowClient(mlflow_uri)
     parent = next(r for r in client.search_runs([client.get_experiment_by_name("vit-ptq").experiment_id]) if r.info.run_name == "own-calib")
     assert parent.data.metrics["top1"] == pytest.approx(summary["top1"]) and parent.data.metrics["agreement"] == pytest.approx(summary["agreement"])
+
+
+def test_a_stage_failing_after_a_finished_one_leaves_no_temp_and_ends_its_runs_failed(tmp_path, tiny_overrides, mlflow_uri, monkeypatch):
+    """README: a failed stage leaves nothing half-written, its MLflow run (and the parent) end FAILED, finished
+    stages stay, and a reused folder's config.yaml is put back only when no stage finished. The parent is
+    tagged with the model, data and recipe, and every flattened config key is a param."""
+    import yaml
+
+    from pipeline import runner
+    from pipeline.errors import PipelineError
+    from pipeline.tracking import flatten, param_key
+
+    folder = tmp_path / "reused"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("keep\n")
+
+    def calibrate(ctx):
+        (ctx.out_dir / "state.txt").write_text("done\n")
+        return {"calib_images": 1}
+
+    def quantize(ctx):
+        (ctx.out_dir / "half.txt").write_text("half\n")
+        raise PipelineError("site blocks.0.attn.sv: the state's 8-bit scale is not finite")
+
+    monkeypatch.setattr(runner, "stage_function", lambda stage: {"calibrate": calibrate, "quantize": quantize}[stage.value])
+    with pytest.raises(PipelineError, match="not finite") as failure:
+        run_pipeline(compose([*tiny_overrides, "quant=naive", "stages=[calibrate,quantize]", "tracking.run_name=half-failed"]), folder)
+    assert runner.finished_stages(failure.value) == ("calibrate",)  # what the CLI's cleanup is told
+    assert (folder / "calibrate" / "state.txt").is_file()  # the finished stage stays
+    assert not (folder / "quantize").exists() and not list(folder.glob(".*.tmp"))  # nothing half-written
+    config = yaml.safe_load((folder / "config.yaml").read_text())  # a stage finished: this run's config stays
+    assert isinstance(config, dict) and config["quant"]["name"] == "naive"
+
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("vit-ptq")
+    parent = next(r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "half-failed")
+    stages = {r.info.run_name: r.info.status for r in client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    assert parent.info.status == "FAILED" and stages == {"calibrate": "FINISHED", "quantize": "FAILED"}
+    tags = parent.data.tags
+    assert tags["quant"] == "naive" and tags["data"] == "synthetic" and tags["model"] and tags["git_commit"] and tags["stages"] == "calibrate,quantize"
+    assert set(parent.data.params) == {param_key(k) for k in flatten(config)}  # no key lost (more than one batch of 100)
+
+
+def test_a_chain_that_calibrates_does_not_need_a_calibration_in_from_run(tmp_path, tiny_overrides):
+    """quantize reads this run's calibration when calibrate runs before it: from_run (here a run of
+    evaluate only) need not hold one."""
+    fp32_run = tmp_path / "fp32"
+    fp32_run.mkdir()  # e.g. an FP32 evaluation's folder, with no calibrate/
+    summary = run_pipeline(compose([*tiny_overrides, "quant=naive", "profile.enabled=false", "evaluate.sqnr_images=0", "stages=[calibrate,quantize]", f"from_run={fp32_run}"]), tmp_path / "run")
+    assert summary["quant_sites"] > 0 and (tmp_path / "run" / "quantize" / "sites.json").is_file()
+
+
+def test_a_stale_from_run_download_is_never_read(tmp_path, tiny_overrides, mlflow_uri):
+    """A download left by a killed run (`.from_run/`) is removed before a run id is downloaded again:
+    here it holds a quantize folder that the run id's run (calibrate only) does not have."""
+    from pipeline.errors import PipelineError
+
+    run_pipeline(compose([*tiny_overrides, "quant=naive", "stages=[calibrate]", "tracking.run_name=calib-only"]), tmp_path / "first")
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("vit-ptq")
+    run_id = next(r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "calib-only").info.run_id
+    (tmp_path / "first").rename(tmp_path / "moved")  # force the download
+    stale = tmp_path / "second/.from_run/quantize"
+    stale.mkdir(parents=True)
+    (stale / "sites.json").write_text("{}")
+    with pytest.raises(PipelineError, match=r"no quantize/sites.json in .*run stage 'quantize' first"):
+        run_pipeline(compose([*tiny_overrides, "quant=naive", "stages=[evaluate]", f"from_run={run_id}"]), tmp_path / "second")
+
+
+def test_an_unreadable_index_and_a_state_without_weight_codes_are_one_line_errors(tmp_path, tiny_overrides):
+    """read_json turns an OS error (here: index.json is a folder) into one line naming the file; a quantized
+    state that lost a weight's codes is refused (evaluate must run the stored codes, not a new rounding)."""
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.errors import PipelineError
+
+    first = tmp_path / "first"
+    run_pipeline(compose([*tiny_overrides, "quant=naive", "stages=[calibrate,quantize]", "tracking.enabled=false"]), first)
+    folder = tmp_path / "dir_index"
+    shutil.copytree(first, folder)
+    (folder / "calibrate" / "index.json").unlink()
+    (folder / "calibrate" / "index.json").mkdir()
+    with pytest.raises(PipelineError, match=r"cannot read .*calibrate/index.json"):
+        run_pipeline(compose([*tiny_overrides, "quant=naive", "stages=[quantize]", "tracking.enabled=false", f"from_run={folder}"]), tmp_path / "run1")
+    no_codes = tmp_path / "no_codes"
+    shutil.copytree(first, no_codes)
+    path = no_codes / "quantize" / "state.safetensors"
+    tensors = load_file(str(path))
+    del tensors["blocks.0.mlp.fc1.weight/8/codes"]
+    save_file(tensors, str(path))
+    with pytest.raises(PipelineError, match="stores no codes for weight site blocks.0.mlp.fc1.weight"):
+        run_pipeline(compose([*tiny_overrides, "quant=naive", "stages=[evaluate]", "profile.enabled=false", "tracking.enabled=false", f"from_run={no_codes}"]), tmp_path / "run2")
+    path.unlink()  # the quantized index without its tensors: read when evaluate loads the state
+    with pytest.raises(PipelineError, match=r"cannot read .*quantize/state.safetensors"):
+        run_pipeline(compose([*tiny_overrides, "quant=naive", "stages=[evaluate]", "profile.enabled=false", "tracking.enabled=false", f"from_run={no_codes}"]), tmp_path / "run3")

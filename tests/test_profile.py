@@ -925,3 +925,66 @@ def test_int_softmax_codes_follow_the_log2_convention() -> None:
     p = torch.tensor([1.0, 0.5, 0.25, 2.0**-15, 0.0])  # int_softmax output is exactly 2^-code (0: flushed)
     counts = code_counts(site, p)
     assert counts.shape == (1, 18) and counts[0, [1, 2, 3, 16, 17]].tolist() == [1, 1, 1, 1, 1]
+
+
+def test_a_log2_dump_keeps_the_smallest_level_out_of_the_zero_mask(tmp_path):
+    """zero_mask marks only values flushed to 0 (rounded code > qmax); a value on the smallest level 2^(-qmax/2^f) is kept."""
+    from pipeline.artifacts import read_tensors
+    from pipeline.profile.dump import Capture, write_dump
+    from pipeline.quant.quantizers import fake_log2_quantize
+    from tests.test_profile import log2_site
+
+    site = log2_site(bits=4, frac_bits=1)  # qmax 15: smallest level 2^-7.5
+    p = torch.tensor([[2.0**-7.5, 2.0**-7.74, 2.0**-7.76]])  # code 15 exactly, rounds to 15, rounds to 16 (flushed)
+    y = fake_log2_quantize(p, 4, frac_bits=1)
+    t = read_tensors(write_dump(tmp_path, site, Capture(None, p, y)))
+    assert t["zero_mask"].tolist() == [[False, False, True]]
+    assert t["codes"].tolist() == [[15, 15, 15]] and torch.equal(t["dequantized"][0, :2], torch.full((2,), 2.0**-7.5)) and float(t["dequantized"][0, 2]) == 0.0
+
+
+def test_dumped_codes_keep_an_integer_dtype(tmp_path):
+    """dump.py: 'codes keep the NPU's integer dtype' (torch.equal alone does not see a float copy)."""
+    from pipeline.artifacts import read_tensors
+    from pipeline.profile.dump import Capture, write_dump
+    from pipeline.quant.quantizers import fake_log2_quantize, fake_quantize
+    from tests.test_profile import log2_site, uniform_site
+
+    site = uniform_site([0.1, 0.2, 0.5], [0.0, 5.0, 10.0])
+    x = torch.randn(2, 5, 3)
+    t = read_tensors(write_dump(tmp_path / "u", site, Capture(None, x, fake_quantize(x, site.scale, site.zero_point, 0, 255, axis=-1))))
+    p = torch.tensor([[0.9, 0.3, 0.05]])
+    t2 = read_tensors(write_dump(tmp_path / "l", log2_site(bits=4), Capture(None, p, fake_log2_quantize(p, 4))))
+    for codes in (t["codes"], t2["codes"]):
+        assert codes.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32), codes.dtype
+
+
+def test_compare_draws_each_metric_from_its_own_column():
+    """Each row of panels plots its metric's column (not the SQNR everywhere), labelled with its unit."""
+    from pipeline.profile.compare import METRICS, compare_figure
+
+    rows = [{"site": f"blocks.{b}.attn.sv", "role": "sv_attn", "block": b, "sqnr_db": 30.0 + b, "sat_pct": 0.5 * b, "channel_level_pct": 90.0 - b} for b in range(3)]
+    fig = compare_figure({"a": rows}, ["sv_attn"], list(METRICS))
+    for ax, metric in zip(fig.axes, METRICS):
+        assert list(ax.lines[0].get_ydata()) == [row[metric] for row in rows], metric
+        assert ax.get_ylabel() == METRICS[metric]
+    assert set(METRICS) == {"sqnr_db", "sat_pct", "channel_level_pct"}  # the column names the profile tables carry
+
+
+def test_report_ranks_missing_last_and_isolated_tables_keep_their_logit_columns(tmp_path):
+    """report.ranked: worst first, missing / NaN last; isolated.csv carries the logit columns it is ranked by."""
+    import csv
+    import json
+    import math
+
+    from pipeline.profile.flags import Thresholds
+    from pipeline.profile.report import ISOLATED_COLUMNS, ranked, write_report
+
+    rows = [{"site": "a", "sqnr_db": math.nan}, {"site": "b", "sqnr_db": 12.0}, {"site": "c", "sqnr_db": None}, {"site": "d", "sqnr_db": 3.0}]
+    assert [r["site"] for r in ranked(rows)][:2] == ["d", "b"] and [r["rank"] for r in ranked(rows)] == [1, 2, 3, 4]
+    site_rows = [{"site": "head", "role": "linear_in", "block": None, "sqnr_db": 20.0, "logit_sqnr_db": 30.0}, {"site": "blocks.0.attn.sv", "role": "sv_attn", "block": 0, "sqnr_db": 10.0, "logit_sqnr_db": 35.0}]
+    write_report(tmp_path, site_rows, {"sqnr_db": math.inf, "logit_kl": 0.0}, {}, Thresholds(), isolated=site_rows, worst_k=0)
+    strict = json.loads((tmp_path / "cumulative.json").read_text(), parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert strict["output"]["sqnr_db"] == "inf"  # an exact model output: the string, as in summary.json
+    with open(tmp_path / "isolated.csv") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == list(ISOLATED_COLUMNS) and [r["site"] for r in table] == ["head", "blocks.0.attn.sv"] and table[0]["logit_sqnr_db"] == "30"  # ranked by logit SQNR, not site SQNR

@@ -828,3 +828,191 @@ def test_prior_draws_raise_with_the_prior_probability_and_repair_in_sensitivity_
         assert levels == repair(space, space.highest(), 1.0 + 2 / 6, priors)[0] == {"s0": 1, "s1": 1, "s2": 0, "s3": 0, "s4": 0, "s5": 0}
         study.tell(trial, 0.0)
         break
+
+
+# -- mutation-found gaps, round 2 (search) --------------------------------------------------------
+# Needs nothing beyond this file's imports (fake_search, Priors, greedy_fill, repair, Group,
+# SearchSpace, PipelineError, compose, attach_sites, tiny_outlier_model, labelled, torch, pytest).
+
+
+def test_a_budget_at_exactly_the_minimum_cost_is_accepted(tiny):
+    """Only a budget *below* the cheapest assignment is an error: 1.0 (all-INT8) with widths {8, 16},
+    or the min cost of a 4-bit-weight space, must run (repaired to all-lowest)."""
+    space = space_of(tiny)
+    space.check_budget(1.0)
+    space.check_budget(space.min_cost())
+    w4 = space_of(tiny, weight=(4, 8))
+    w4.check_budget(w4.min_cost())
+    levels, _ = repair(w4, w4.highest(), w4.min_cost())
+    assert levels == w4.lowest()
+    with pytest.raises(PipelineError, match="below the minimum possible cost"):
+        space.check_budget(0.999)
+
+
+def test_greedy_fill_takes_a_step_that_lands_exactly_on_the_budget():
+    space = _line_space()  # 6 sites x 100 elements, norm 600: each 8 -> 16 raise costs exactly 1/6
+    sens = {"meta": {}, "sites": {f"s{i}": {"scores": {"noise_kl": {"8": 1.0 / (1 + i), "16": 0.0}}} for i in range(6)}}
+    priors = Priors(space, sens, "noise_kl")
+    for k in (1, 2, 3):
+        budget = space.cost({f"s{i}": int(i < k) for i in range(6)})  # room for exactly k raises
+        assert greedy_fill(space, priors, budget) == {f"s{i}": int(i < k) for i in range(6)}
+        assert greedy_fill(space, priors, 1.0 + k / 6) == {f"s{i}": int(i < k) for i in range(6)}
+
+
+def test_guided_proposals_start_once_n_startup_trials_are_complete(tmp_path):
+    """fake_search runs prior with seeds=2, n_startup=3: trials 0-1 are two distinct greedy seeds (the
+    hessian ratio fill repeats noise_kl's, so the second is noise_kl by gain), trial 2 the one prior draw
+    (seeds count among the n_startup complete trials), and from trial 3 on local moves / TPE."""
+    run = fake_search.run(f"sqlite:///{tmp_path}/o.db", "startup", "prior", 6)
+    sources = [r.source for r in sorted(run.records, key=lambda r: r.number)]
+    assert sources[:3] == ["greedy-noise_kl-ratio", "greedy-noise_kl-gain", "prior-draw"]
+    assert all(s in ("local", "tpe") for s in sources[3:])
+
+
+def test_an_exact_repeat_reuses_the_stored_result_and_another_assignment_does_not(tmp_path):
+    from pipeline.search.study import TrialObjective, make_sampler, open_storage, open_study
+
+    space = fake_search.fake_space()
+    sampler = make_sampler(space, fake_search.BUDGET, "random", None, None, 0, 0)
+    study, _ = open_study(open_storage(f"sqlite:///{tmp_path}/s.db"), "dup", "minimize", sampler, "fp")
+    a = {g.name: int(i == 1) for i, g in enumerate(space.groups)}
+    b = {g.name: int(i == 2) for i, g in enumerate(space.groups)}
+    calls, seen = [], []
+    objective = TrialObjective(space, lambda w: calls.append(dict(w)) or fake_search.fake_metrics(w), fake_search.BUDGET, "kl", "random", None, 10, sampler, on_trial=lambda r, s, n: seen.append(r))
+    for levels in (a, b, a):
+        study.enqueue_trial(levels)
+        study.optimize(objective, n_trials=1)
+    assert calls == [space.widths(a), space.widths(b)] and objective.evaluated == 2  # the repeat is not re-evaluated
+    assert [r.duplicate_of for r in seen] == [None, None, 0] and seen[2].metrics == seen[0].metrics
+    assert seen[1].value == fake_search.fake_metrics(space.widths(b))["kl"] != seen[0].value
+
+
+def test_failed_and_pruned_trials_do_not_count_toward_search_trials(tmp_path):
+    import optuna
+
+    url = f"sqlite:///{tmp_path}/o.db"
+    with pytest.raises(KeyboardInterrupt):
+        fake_search.run(url, "failed", "random", 4, interrupt_at=2)  # trial 0 complete, trial 1 failed
+    optuna.load_study(study_name="failed", storage=url).add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED))
+    again = fake_search.run(url, "failed", "random", 4)
+    states = [t.state for t in optuna.load_study(study_name="failed", storage=url).get_trials(deepcopy=False)]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 4
+    assert len(again.records) == 4 and again.evaluated_here == 3
+
+
+def test_a_study_name_reused_with_another_setup_is_an_error(tmp_path):
+    from pipeline.search.study import make_sampler, open_storage, open_study
+
+    storage = open_storage(f"sqlite:///{tmp_path}/s.db")
+    sampler = make_sampler(fake_search.fake_space(), fake_search.BUDGET, "random", None, None, 0, 0)
+    assert open_study(storage, "named", "minimize", sampler, "setup-a")[1]
+    assert not open_study(storage, "named", "minimize", sampler, "setup-a")[1]  # the same set-up resumes
+    with pytest.raises(PipelineError, match="study 'named' in the storage was made for another search"):
+        open_study(storage, "named", "minimize", sampler, "setup-b")
+
+
+def test_a_study_is_keyed_on_budget_objective_subset_seed_and_space():
+    """search.study_name reuses one name: only the fingerprint keeps another budget, objective, search
+    subset, seed or space from resuming the study (README: Storage)."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from pipeline.quant.calibration import CalibState
+    from pipeline.stages.search import fingerprint
+
+    base = {"seed": 0, "prior": "noise_kl", "seeds": 2, "n_startup": 3, "prior_temperature": 0.5, "greedy_width": 2, "objective": "kl", "budget": 1.3}
+    state = CalibState({"s3/8/scale": torch.tensor([0.5])}, {"meta": {}})
+
+    def key(method="random", search_key="k", space=None, **search):
+        cfg = OmegaConf.create({"search": {**base, **search}})
+        setup = SimpleNamespace(specs={}, state=state, space=space or fake_search.fake_space(), search_key=search_key, sensitivity=None)
+        return fingerprint(cfg, SimpleNamespace(fingerprint="fake"), setup, method)
+
+    same = key()
+    assert key() == same
+    for other in (key(budget=1.2), key(objective="agreement"), key(search_key="other-subset"), key(seed=1), key(space=fake_search.fake_space(11))):
+        assert other != same
+
+
+def test_the_exported_recipe_adds_one_sites_entry_per_changed_site_only(tmp_path):
+    """README: recipe.yaml = the base recipe plus one `sites` entry per changed site (an entry for an
+    unchanged site would pin its width against a later quant.act.bits / roles override)."""
+    from omegaconf import OmegaConf
+
+    from pipeline.search.report import export_recipe
+
+    graph = attach_sites(tiny_outlier_model())
+    base = {"name": "base", "enabled": True, "sites": {"head.*": {"bits": 16}}}
+    base_bits = {n: sp.bits for n, sp in resolve_recipe(base, graph).items()}
+    assert base_bits["head.weight"] == 16 and base_bits["blocks.0.attn.sv"] == 8
+    widths = {**base_bits, "blocks.0.attn.sv": 16}  # every site, one changed
+    path = export_recipe(tmp_path / "r.yaml", base, base_bits, widths, "exported")
+    assert OmegaConf.to_container(OmegaConf.load(path))["sites"] == {"head.*": {"bits": 16}, "blocks.0.attn.sv": {"bits": 16}}
+
+
+def test_the_search_subset_counts_the_images_the_calibration_used(tmp_path, tiny_overrides):
+    """A from_run calibrated on 48 of the 64 synthetic train images, searched with data.calib_size=8 and
+    search_size=0 (all that is left): the subset is the 16 images behind the 48, not 56."""
+    from pipeline.data import make_subset
+    from pipeline.models import load_model
+    from pipeline.runner import run_pipeline
+    from pipeline.stages.search import prepare
+
+    run_pipeline(compose(search_overrides(tiny_overrides, tmp_path, "stages=[calibrate]", "data.calib_size=48")), tmp_path / "calib")
+    cfg = compose(search_overrides(tiny_overrides, tmp_path, "stages=[search]", f"from_run={tmp_path / 'calib'}", "data.calib_size=8", "data.search_size=0"))
+    fp32 = load_model(cfg.model)
+    setup = prepare(cfg, fp32, CPU, tmp_path / "calib" / "calibrate", None)
+    assert setup.evaluator.fp_logits.shape[0] == 64 - 48
+    calib48 = make_subset(compose(search_overrides(tiny_overrides, tmp_path, "data.calib_size=48")).data, fp32, "calib")
+    first = torch.cat([x for x, _ in calib48.loader])
+    searched = torch.cat(setup.evaluator.batches)
+    assert not any(torch.equal(s, c) for s in searched for c in first)  # no calibration image is searched
+
+
+def test_block_and_role_ties_give_one_group_per_block_and_per_role_and_combine_transitively(tiny):
+    """README search.ties: `block` = every site of a block, `role` = every site of a role; several rules
+    join whatever any of them joins (q, k of block 1 reach block 0 through their role, norm1 through the block)."""
+    _, graph, _, _ = tiny
+    names = list(space_of(tiny).kinds)
+    by_block = space_of(tiny, ties=["block"])
+    expected = {frozenset(n for n in names if graph[n].block == b) for b in (0, 1)} | {frozenset([n]) for n in names if graph[n].block is None}
+    assert {frozenset(g.members) for g in by_block.groups} == expected
+    by_role = space_of(tiny, ties=["role"])
+    assert {frozenset(g.members) for g in by_role.groups} == {frozenset(n for n in names if graph[n].role == r) for r in {graph[n].role for n in names}}
+    both = space_of(tiny, ties=["role", "block"])
+    group = next(g for g in both.groups if "blocks.0.attn.q" in g.members)
+    assert {"blocks.1.attn.k", "blocks.1.norm1", "blocks.0.norm1", "head.weight"} <= set(group.members)
+
+
+def test_search_seeds_enqueues_that_many_greedy_seeds(tmp_path):
+    from pipeline.search.study import open_storage, run_method
+
+    space = fake_search.fake_space()
+    storage = open_storage(f"sqlite:///{tmp_path}/o.db", 1)
+    for seeds in (0, 1, 2):
+        run = run_method("prior", storage, f"seeds{seeds}", "fp", space, fake_search.fake_metrics, fake_search.BUDGET, "kl", 4, fake_search.fake_sensitivity(space), "noise_kl", seeds, 3, 0.5, 2, 0)
+        sources = [r.source for r in sorted(run.records, key=lambda r: r.number)]
+        assert sum(s.startswith("greedy-") for s in sources) == seeds and all(s.startswith("greedy-") for s in sources[:seeds]), (seeds, sources)
+
+
+def test_greedy_fill_reaches_a_budget_that_float_sums_in_another_order_land_on():
+    """The fill adds step costs in priority order (s1, s2, then s0); the budget, the cost of raising s0-s2,
+    sums them in group order: the last step lands on it within float residue and must still be taken."""
+    names = [f"s{i}" for i in range(6)]
+    elements = dict(zip(names, [100, 7, 30, 300, 100, 100]))
+    space = SearchSpace([Group(n, [n], {n: [8, 16]}) for n in names], {n: "act" for n in names}, elements, float(sum(elements.values())))
+    sens = {"meta": {}, "sites": {n: {"scores": {"noise_kl": {"8": 1.0 / (1 + i), "16": 0.0}}} for i, n in enumerate(names)}}
+    target = {"s0": 1, "s1": 1, "s2": 1, "s3": 0, "s4": 0, "s5": 0}
+    assert greedy_fill(space, Priors(space, sens, "noise_kl"), space.cost(target)) == target
+
+
+def test_the_assignment_key_tells_every_level_apart():
+    """space.key identifies an assignment for duplicate reuse: with three widths, level 1 and level 2 of
+    a group are different assignments and must not share a stored result."""
+    import itertools
+
+    names = ["a", "b", "c"]
+    space = SearchSpace([Group(n, [n], {n: [4, 8, 16]}) for n in names], {n: "act" for n in names}, {n: 100 for n in names}, 300.0)
+    keys = {space.key(dict(zip(names, lv))) for lv in itertools.product(range(3), repeat=3)}
+    assert len(keys) == 27
