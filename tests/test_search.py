@@ -1016,3 +1016,21 @@ def test_the_assignment_key_tells_every_level_apart():
     space = SearchSpace([Group(n, [n], {n: [4, 8, 16]}) for n in names], {n: "act" for n in names}, {n: 100 for n in names}, 300.0)
     keys = {space.key(dict(zip(names, lv))) for lv in itertools.product(range(3), repeat=3)}
     assert len(keys) == 27
+
+
+def test_a_proposal_that_repeats_a_measured_assignment_is_drawn_again():
+    """README: a repeated proposal is drawn again (up to 8 times). Three groups give 8 assignments: six
+    uniform draws without redraws repeat one with probability 92%; with them every trial is new here."""
+    import optuna
+
+    from pipeline.search.sampler import BudgetSampler
+
+    space = _line_space(3)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=BudgetSampler(space, 2.0, "random", None, None, 0, 0))
+    seen = []
+    for _ in range(6):
+        trial = study.ask()
+        seen.append(tuple(trial.suggest_categorical(g.name, [0, 1]) for g in space.groups))
+        study.tell(trial, float(len(seen)))
+    assert len(set(seen)) == 6, seen
