@@ -58,11 +58,15 @@ def device_kind(device: torch.device | str) -> str:
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """top1, top5 (shares in 0..1) and mean cross-entropy loss (nats) of logits (N, K)."""
+    """top1, top5 (shares in 0..1) and mean cross-entropy loss (nats) of logits (N, K).
+
+    top1 reads the argmax as deployed (on a tie the first maximal class, like `argmax_agreement`);
+    topk's order among tied logits is unspecified, so it serves top5 only.
+    """
     k = min(5, logits.shape[1])
     top5 = logits.topk(k, dim=1).indices
     return {
-        "top1": (top5[:, 0] == labels).double().mean().item(),
+        "top1": (logits.argmax(dim=1) == labels).double().mean().item(),
         "top5": (top5 == labels[:, None]).any(dim=1).double().mean().item(),
         "loss": torch.nn.functional.cross_entropy(logits.double(), labels).item(),
         "images": int(labels.numel()),

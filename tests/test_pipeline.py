@@ -478,3 +478,15 @@ def test_an_unreadable_index_and_a_state_without_weight_codes_are_one_line_error
     path.unlink()  # the quantized index without its tensors: read when evaluate loads the state
     with pytest.raises(PipelineError, match=r"cannot read .*quantize/state.safetensors"):
         run_pipeline(compose([*tiny_overrides, "quant=naive", "stages=[evaluate]", "profile.enabled=false", "tracking.enabled=false", f"from_run={no_codes}"]), tmp_path / "run3")
+
+
+def test_top1_reads_the_first_maximal_class_on_a_tie_like_agreement_and_the_search():
+    from pipeline.inference import classification_metrics
+    from pipeline.search.objective import metrics_of
+
+    logits = torch.zeros(1, 10)
+    logits[0, 3] = logits[0, 7] = 1.0  # tied: the deployed argmax reads class 3
+    for label, expected in ((3, 1.0), (7, 0.0)):
+        labels = torch.tensor([label])
+        assert classification_metrics(logits, labels)["top1"] == expected
+        assert metrics_of(logits, logits, labels)["top1"] == expected

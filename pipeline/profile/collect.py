@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from pipeline.profile.metrics import sqnr_from_energy
 from pipeline.quant.sites import Site, SiteGraph
 
 STEM_PREFIXES = ("patch_embed", "cls_token", "pos_embed", "norm_pre")
@@ -137,11 +138,7 @@ class _ErrorEnergy:
 
 
 def _db(signal: torch.Tensor, noise: torch.Tensor) -> float:
-    if float(noise) == 0.0:
-        return float("inf")
-    if float(signal) == 0.0:
-        return float("-inf")
-    return float(10 * torch.log10(signal / noise))
+    return sqnr_from_energy(float(signal), float(noise))
 
 
 class _OwnErrorTap(_ErrorEnergy):

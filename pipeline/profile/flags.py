@@ -5,7 +5,7 @@
 | `cosine`    | cos_mean < cos_min (0.99)                                             | token vectors lose their direction: the logic starts to collapse |
 | `clipping`  | sat_pct > saturation_max_pct (5 %)                                    | the range clips too hard         |
 | `wasted`    | uniform site, sat_pct <= saturation_zero_pct (0.01 %) and typical_level_pct < wasted_levels_pct (10 %) | the range is too wide: resolution wasted |
-| `low_sqnr`  | sqnr_db < sqnr_min_db (10 dB)                                         | the error is as large as a tenth of the signal |
+| `low_sqnr`  | sqnr_db < sqnr_min_db (10 dB)                                         | the error's energy is at least a tenth of the signal's (amplitude ratio ≥ 0.32) |
 
 `typical_level_pct` is the % of the levels used by the median channel
 (`channel_level_pct`: out of the levels it could reach, min(2^bits, values counted in

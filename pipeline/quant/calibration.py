@@ -208,6 +208,15 @@ def weight_observer(spec: SiteSpec, weight: torch.Tensor):
 
 
 @torch.no_grad()
+def bind_activation(site, spec: SiteSpec, bits: int, state: CalibState) -> None:
+    """Put one activation site in quant mode at `bits`: a uniform grid from `state`, a log2 one (fixed scale) as is."""
+    if spec.quantizer == "uniform":
+        site.bind(spec, bits, *state.qparams(site.name, bits))
+    else:
+        site.bind(spec, bits, None, None)
+    site.mode = "quant"
+
+
 def bind(graph: SiteGraph, specs: Mapping[str, SiteSpec], state: CalibState, bits: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
     """Put `graph` in quant mode for `specs` with qparams from `state`.
 
@@ -226,21 +235,17 @@ def bind(graph: SiteGraph, specs: Mapping[str, SiteSpec], state: CalibState, bit
         width = bits.get(name, spec.bits)
         if site.role == "weight":
             continue
+        bind_activation(site, spec, width, state)
         if spec.quantizer == "uniform":
-            scale, zp = state.qparams(name, width)
-            site.bind(spec, width, scale, zp)
             bound[f"{name}/scale"], bound[f"{name}/zero_point"] = site.scale, site.zero_point
-        else:
-            site.bind(spec, width, None, None)
-        site.mode = "quant"
     for name, spec in specs.items():
         if graph[name].role == "weight" and spec.enabled:
-            scale, zp = quantize_weight(graph, name, spec, bits.get(name, spec.bits), specs, state)
+            scale, zp = quantize_weight(graph, name, spec, bits.get(name, spec.bits), state)
             bound[f"{name}/scale"], bound[f"{name}/zero_point"] = scale, zp
     return bound
 
 
-def quantize_weight(graph: SiteGraph, name: str, spec: SiteSpec, width: int, specs: Mapping[str, SiteSpec], state: CalibState | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(graph: SiteGraph, name: str, spec: SiteSpec, width: int, state: CalibState | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize one weight, as stored (`sites.stored_weight`: the producer's per-channel scales and a
     following LayerScale folded in), into its module's `qweight` (back in W's own space).
 

@@ -11,7 +11,8 @@ observer as before; only the choice between the two neighbouring codes changes, 
 result is an ordinary integer weight on the grid.
 
 The calibrate stage accumulates H for every Linear (and Conv2d) whose weight spec asks
-`gptq: true` (`HessianHooks`); `calibration.quantize_weight` calls `gptq_fake_quantize` when binding.
+`gptq: true` (`HessianHooks`); binding (`calibration.quantize_weight`, through `_round_weight`) calls
+`gptq_fake_quantize`.
 Folded weights W·diag(s) see inputs x / s, so their Hessian is diag(1/s) H diag(1/s).
 """
 

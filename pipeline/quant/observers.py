@@ -526,7 +526,8 @@ class KlObserver(Observer):
     """Histogram of |x| per channel and TensorRT-style entropy (KL divergence) calibration.
 
     Histogram: ``bins`` equal bins of |x| over [0, hist_max) per channel, where hist_max is the smallest
-    power of two strictly above every |x| seen (so bin widths are powers of two and bin indices are exact).
+    power of two strictly above every |x| seen (so with `bins` a power of two, as by default, bin widths are
+    powers of two and bin indices are exact).
     When a batch exceeds hist_max, it doubles k times and every 2^k neighbouring bins merge into one; this
     re-binning is exact (old bin edges are edges of the new bins), and costs at most a factor 2 of resolution
     compared with a histogram over the final range. All channels are filled at once: per-channel bin

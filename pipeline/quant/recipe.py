@@ -15,12 +15,12 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Iterable, Mapping
 
 from pipeline.errors import PipelineError
+from pipeline.quant.observers import OMSE_LOSSES
 from pipeline.quant.quantizers import MAX_BITS, MIN_BITS, ROUNDING_MODES
 from pipeline.quant.sites import ROLES, SiteGraph
 
 QUANTIZERS = ("uniform", "log2", "int_softmax")
 GRANULARITIES = ("per_tensor", "per_channel", "ptf")
-LOSSES = ("l1", "l2", "huber")
 MAX_FRAC_BITS = 4
 MAX_PTF_SHIFT = 8
 MIN_BIAS_BITS, MAX_BIAS_BITS = 8, 32
@@ -217,7 +217,7 @@ def _check_values(spec: SiteSpec, where: str) -> None:
         ("observer", spec.observer, tuple(OBSERVERS)),
         ("granularity", spec.granularity, GRANULARITIES),
         ("rounding", spec.rounding, ROUNDING_MODES),
-        ("loss", spec.loss, LOSSES),
+        ("loss", spec.loss, OMSE_LOSSES),
     )
     for key, value, allowed in checks:
         _check_choice(f"{where}.{key}", value, allowed)

@@ -14,11 +14,11 @@ import time
 from typing import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.errors import PipelineError
+from pipeline.inference import classification_metrics
 from pipeline.profile.metrics import argmax_agreement, logit_kl
-from pipeline.quant.calibration import CalibState, quantize_weight
+from pipeline.quant.calibration import CalibState, bind_activation, quantize_weight
 from pipeline.quant.recipe import SiteSpec
 from pipeline.quant.sites import SiteGraph
 
@@ -48,11 +48,7 @@ class Assembler:
             if bits is None:
                 continue
             if site.mode != "quant" or site.bits != bits:
-                if spec.quantizer == "uniform":
-                    site.bind(spec, bits, *self.state.qparams(name, bits))
-                else:
-                    site.bind(spec, bits, None, None)
-                site.mode = "quant"
+                bind_activation(site, spec, bits, self.state)
         for name in self.weights:
             site, spec = graph[name], specs[name]
             bits = self._width(name, widths)
@@ -63,7 +59,7 @@ class Assembler:
             key = (name, bits, graph[graph.consumers[path]].bits if folded else None)
             module = graph.module(path)
             if key not in self._weights:
-                scale, zp = quantize_weight(graph, name, spec, bits, specs, self.state)
+                scale, zp = quantize_weight(graph, name, spec, bits, self.state)
                 self._weights[key] = (module.qweight, scale, zp)
             qweight, scale, zp = self._weights[key]
             module.qweight = qweight
@@ -97,9 +93,6 @@ class Evaluator:
 
 
 def metrics_of(ref: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    return {
-        "kl": logit_kl(ref, logits),
-        "agreement": argmax_agreement(ref, logits),
-        "top1": (logits.argmax(dim=1) == labels).double().mean().item(),
-        "loss": F.cross_entropy(logits.double(), labels).item(),
-    }
+    """A trial's figures: kl = KL(FP32 || quantized) (nats), agreement and top1 (shares in 0..1), loss (nats)."""
+    measured = classification_metrics(logits, labels)
+    return {"kl": logit_kl(ref, logits), "agreement": argmax_agreement(ref, logits), "top1": measured["top1"], "loss": measured["loss"]}

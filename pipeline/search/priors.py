@@ -112,7 +112,7 @@ def repair(space: SearchSpace, levels: Mapping[str, int], budget: float, priors:
 def mean_raise_cost(space: SearchSpace, group: str) -> float:
     """Extra cost of a raised draw of `group`: a level drawn uniformly from 1..L-1 (the sampler's `_draw`), over level 0."""
     g = space.by_name[group]
-    return sum(g.step_cost[lvl] - g.step_cost[0] for lvl in range(1, g.levels)) / (g.levels - 1)
+    return sum(g.level_cost[lvl] - g.level_cost[0] for lvl in range(1, g.levels)) / (g.levels - 1)
 
 
 def raise_probabilities(space: SearchSpace, priors: Priors, budget: float, temperature: float = 0.5, cap: float = 0.95) -> dict[str, float]:

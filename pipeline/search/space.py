@@ -43,7 +43,7 @@ class Group:
     name: str
     members: list[str]
     widths: dict[str, list[int]]  # member -> ascending candidate widths (same length for all members)
-    step_cost: list[float] = field(default_factory=list)  # cost at each level (normalised)
+    level_cost: list[float] = field(default_factory=list)  # cost at each level (normalised)
 
     @property
     def levels(self) -> int:
@@ -65,7 +65,7 @@ class SearchSpace:
     def __post_init__(self) -> None:
         self.by_name = {g.name: g for g in self.groups}
         for g in self.groups:
-            g.step_cost = [sum(self.site_cost(m, g.width(m, lvl)) for m in g.members) for lvl in range(g.levels)]
+            g.level_cost = [sum(self.site_cost(m, g.width(m, lvl)) for m in g.members) for lvl in range(g.levels)]
 
     # -- cost ---------------------------------------------------------------------------
     def site_cost(self, site: str, bits: int) -> float:
@@ -73,13 +73,13 @@ class SearchSpace:
         return w * self.elements[site] * bits / 8 / self.norm
 
     def cost(self, levels: Mapping[str, int]) -> float:
-        return sum(g.step_cost[levels.get(g.name, 0)] for g in self.groups)
+        return sum(g.level_cost[levels.get(g.name, 0)] for g in self.groups)
 
     def min_cost(self) -> float:
-        return sum(g.step_cost[0] for g in self.groups)
+        return sum(g.level_cost[0] for g in self.groups)
 
     def max_cost(self) -> float:
-        return sum(g.step_cost[-1] for g in self.groups)
+        return sum(g.level_cost[-1] for g in self.groups)
 
     def check_budget(self, budget: float) -> None:
         """One clear error when `budget` is below the cheapest assignment (every site at its lowest width)."""
@@ -89,7 +89,7 @@ class SearchSpace:
     def raise_cost(self, group: str, level: int) -> float:
         """Extra cost of moving `group` from `level` to `level + 1`."""
         g = self.by_name[group]
-        return g.step_cost[level + 1] - g.step_cost[level]
+        return g.level_cost[level + 1] - g.level_cost[level]
 
     # -- assignments --------------------------------------------------------------------------
     def lowest(self) -> Levels:

@@ -452,7 +452,7 @@ def run_greedy(study, objective: TrialObjective, space: SearchSpace, priors: Pri
         run_queue(study, objective, poll_s)
 
 
-def records_of(study, method: str, objective: str, trials: int | None = None) -> list[TrialRecord]:
+def records_of(study, method: str, trials: int | None = None) -> list[TrialRecord]:
     """The study's complete trials as records; with `trials`, only the first `trials` of them (by trial
     number), so that a study an earlier, longer run filled is compared on as many trials as the others."""
     from optuna.trial import TrialState
@@ -507,6 +507,6 @@ def run_method(
         run_greedy(study, obj, space, priors, budget, trials, greedy_width, objective)
     else:
         run_trials(study, obj, trials)
-    run = MethodRun(method, study_name, records_of(study, method, objective, trials), obj.evaluated, time.perf_counter() - t0)
+    run = MethodRun(method, study_name, records_of(study, method, trials), obj.evaluated, time.perf_counter() - t0)
     log.info("search %s: %d complete trials (%d evaluated here) in %.1f s", method, len(run.records), obj.evaluated, run.seconds)
     return run

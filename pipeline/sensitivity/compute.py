@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from pipeline.profile.collect import SuffixRunner
 from pipeline.profile.metrics import argmax_agreement, logit_kl
-from pipeline.quant.calibration import CalibState, bind, quantize_weight
+from pipeline.quant.calibration import CalibState, bind, bind_activation, quantize_weight
 from pipeline.quant.recipe import SiteSpec
 from pipeline.quant.sites import Site, SiteGraph, divide_by_storage_factor, storage_factor
 from pipeline.sensitivity.hutchinson import hutchinson_trace
@@ -124,7 +124,7 @@ class SensitivityProbe:
             self.folds[name] = None if fold is None else fold.detach().clone()
             self.qweights[name], self.wgrids[name] = {}, {}
             for b in sorted(set(weight_widths) | {specs[name].bits}):
-                scale, zero_point = quantize_weight(graph, name, specs[name], b, specs, state)
+                scale, zero_point = quantize_weight(graph, name, specs[name], b, state)
                 self.qweights[name][b] = module.qweight.detach().clone()
                 self.wgrids[name][b] = (scale.detach().clone(), zero_point.detach().clone())
         self.act_bits = {n: act_widths(state, n, specs[n], act_wanted) for n in self.acts}
@@ -287,11 +287,7 @@ def isolated_quantization(probe: SensitivityProbe, runner: SuffixRunner, fp_logi
             continue
         if bits not in probe.act_bits[name]:
             continue
-        if spec.quantizer == "uniform":
-            site.bind(spec, bits, *probe.state.qparams(name, bits))
-        else:
-            site.bind(spec, bits, None, None)
-        site.mode = "quant"
+        bind_activation(site, spec, bits, probe.state)
         try:
             out[name] = output_change(runner, start, fp_logits, labels, fp_loss)
         finally:

@@ -81,7 +81,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     fp = classification_metrics(ref_logits, labels)
     metrics.update(
         top1_fp32=fp["top1"],
-        top1_drop=fp["top1"] - metrics["top1"],
+        top1_drop=fp["top1"] - metrics["top1"],  # a share (0..1); top1_drop_pt is the same in points
         top1_drop_pt=round(100 * (fp["top1"] - metrics["top1"]), 4),
         agreement=argmax_agreement(ref_logits, logits),
         logit_kl=logit_kl(ref_logits, logits),

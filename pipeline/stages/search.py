@@ -350,7 +350,7 @@ def run(ctx) -> dict[str, Any]:
     setup = prepare(cfg, ctx.fp32, ctx.device, calib_dir, sensitivity)
     space = setup.space
     storage_url = s.storage or default_storage()
-    write_json(ctx.out_dir / "space.json", {**space.describe(), "budget": float(s.budget), "groups": [{"name": g.name, "members": g.members, "widths": g.widths, "cost": g.step_cost} for g in space.groups]})
+    write_json(ctx.out_dir / "space.json", {**space.describe(), "budget": float(s.budget), "groups": [{"name": g.name, "members": g.members, "widths": g.widths, "cost": g.level_cost} for g in space.groups]})
     runs, search_s = _run_studies(ctx, setup, calib_dir, sens_path, storage_url)
 
     objective = s.objective
