@@ -56,7 +56,7 @@ def _row_problem(row: Any) -> str | None:
     return None
 
 
-def compare_png(profiles: Mapping[str, Sequence[Mapping[str, Any]]], roles: Sequence[str] = ("sv_attn", "mlp_act"), metrics: Sequence[str] = tuple(METRICS), title: str = "") -> bytes:
+def compare_png(profiles: Mapping[str, Sequence[Mapping[str, Any]]], roles: Sequence[str] = ("norm_out", "sv_attn", "mlp_act"), metrics: Sequence[str] = tuple(METRICS), title: str = "") -> bytes:
     """PNG of `compare_figure`."""
     return _png(compare_figure(profiles, roles, metrics, title))
 
@@ -93,7 +93,7 @@ def compare_figure(profiles: Mapping[str, Sequence[Mapping[str, Any]]], roles: S
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("profiles", nargs="+", help="label=path/to/cumulative.json")
-    parser.add_argument("--roles", default="sv_attn,mlp_act")
+    parser.add_argument("--roles", default="norm_out,sv_attn,mlp_act")
     parser.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated, from {', '.join(METRICS)}")
     parser.add_argument("--title", default="")
     parser.add_argument("--out", required=True)

@@ -154,8 +154,9 @@ def trace_site(site: Site, capture: Capture, elements: int = 8) -> str:
     """A step-by-step numeric trace of `elements` elements of one site (text, one element per line)."""
     steps = code_steps(site, code_source(site, capture.x, capture.y))
     x = capture.x.float()
-    granularity = f"{site.granularity} (axis {site.axis})" if site.per_channel else site.granularity
-    lines = [f"trace {site.name}: role={site.role} quantizer={site.spec.quantizer} bits={site.bits} {granularity} qmin={site.qmin} qmax={site.qmax} rounding={site.spec.rounding}"]
+    granularity = f"{site.granularity} (channel axis {site.axis % x.ndim})" if site.per_channel else site.granularity
+    # index = an element's position in this shape: batch first for activations, (out, in, ...) for weights
+    lines = [f"trace {site.name}: role={site.role} quantizer={site.spec.quantizer} bits={site.bits} {granularity} qmin={site.qmin} qmax={site.qmax} rounding={site.spec.rounding} shape={tuple(x.shape)}"]
     if is_log2(site):
         f = site.spec.frac_bits
         level = f"2^(-code / 2^{f})" if f else "2^-code"

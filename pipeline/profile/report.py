@@ -151,8 +151,8 @@ def block_figure(rows: Sequence[Mapping[str, Any]], key: str, title: str, ylabel
         ax.yaxis.set_major_locator(MaxNLocator(nbins=4))
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        if len(leaves) > 1:
-            ax.legend(fontsize=6)
+        if len(leaves) > 1:  # beside the panel, not on its points
+            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0), borderaxespad=0.2)
     # fixed margins: tight_layout would cost an extra draw of every panel
     fig.subplots_adjust(left=0.25 / ncols, right=0.98, bottom=0.45 / (2.6 * nrows), top=1 - 0.7 / (2.6 * nrows), wspace=0.25, hspace=0.5)
     return fig
