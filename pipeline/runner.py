@@ -156,25 +156,26 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, job_label: str = "") -> dict[st
     tags = {"model": fp32.name, "timm_name": fp32.timm_name, "data": _data_tag(cfg), "quant": cfg.quant.name, "run_dir": str(run_dir), "stages": ",".join(s.value for s in stages)}
     failed, finished = True, []
     try:
-        tracker.start(run_name, flatten(resolved), tags)
-        tracker.log_artifact(config)
-        for stage in stages:
-            _run_stage(ctx, stage, fns[stage])
-            finished.append(stage)
-        ctx.summary["wall_s"] = round(time.time() - started, 2)
-        tracker.log_metrics({k: v for k, v in ctx.summary.items() if _is_number(v)})  # on the parent: runs compare side by side
-        ctx.write_summary()
-        tracker.log_artifact(run_dir / SUMMARY)
-        failed = False
-    except BaseException as error:
+        try:
+            tracker.start(run_name, flatten(resolved), tags)
+            tracker.log_artifact(config)
+            for stage in stages:
+                _run_stage(ctx, stage, fns[stage])
+                finished.append(stage)
+            ctx.summary["wall_s"] = round(time.time() - started, 2)
+            tracker.log_metrics({k: v for k, v in ctx.summary.items() if _is_number(v)})  # on the parent: runs compare side by side
+            ctx.write_summary()
+            tracker.log_artifact(run_dir / SUMMARY)
+            failed = False
+        finally:
+            tracker.end(failed=failed)
+            if failed and not finished and earlier_config is not None:
+                write_text(config, earlier_config)
+            if source_dir == run_dir / ".from_run":  # from_run's artifacts, downloaded for this run only
+                shutil.rmtree(source_dir, ignore_errors=True)
+    except BaseException as error:  # also one raised while ending the runs (an unreachable server, a second Ctrl-C)
         error.finished_stages = tuple(s.value for s in finished)  # type: ignore[attr-defined]  # for cleanup_failed_run
         raise
-    finally:
-        tracker.end(failed=failed)
-        if failed and not finished and earlier_config is not None:
-            write_text(config, earlier_config)
-        if source_dir == run_dir / ".from_run":  # from_run's artifacts, downloaded for this run only
-            shutil.rmtree(source_dir, ignore_errors=True)
     return ctx.summary
 
 

@@ -490,3 +490,31 @@ def test_top1_reads_the_first_maximal_class_on_a_tie_like_agreement_and_the_sear
         labels = torch.tensor([label])
         assert classification_metrics(logits, labels)["top1"] == expected
         assert metrics_of(logits, logits, labels)["top1"] == expected
+
+
+def test_finished_stages_survive_an_error_raised_while_the_runs_end(tmp_path, tiny_overrides, monkeypatch):
+    """A second Ctrl-C (or an unreachable server) while tracker.end marks the runs FAILED replaces the
+    stage's error: the new one must still tell the CLI's cleanup which stages finished."""
+    from pipeline import runner
+    from pipeline.errors import PipelineError
+    from pipeline.tracking import Tracker
+
+    def calibrate(ctx):
+        (ctx.out_dir / "state.txt").write_text("done\n")
+        return {}
+
+    def quantize(ctx):
+        raise PipelineError("quantize failed")
+
+    real_end = Tracker.end
+
+    def end(self, failed=False):
+        real_end(self, failed)
+        if failed:
+            raise KeyboardInterrupt("SIGTERM")
+
+    monkeypatch.setattr(runner, "stage_function", lambda stage: {"calibrate": calibrate, "quantize": quantize}[stage.value])
+    monkeypatch.setattr(Tracker, "end", end)
+    with pytest.raises(KeyboardInterrupt) as failure:
+        run_pipeline(compose([*tiny_overrides, "quant=naive", "stages=[calibrate,quantize]"]), tmp_path / "run")
+    assert runner.finished_stages(failure.value) == ("calibrate",)

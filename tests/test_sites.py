@@ -161,6 +161,8 @@ def test_sites_see_the_tensors_they_name():
 def test_non_vit_is_rejected():
     with pytest.raises(PipelineError, match="not a timm VisionTransformer"):
         attach_sites(timm.create_model("resnet10t", num_classes=10))
+    with pytest.raises(PipelineError, match="not a timm VisionTransformer"):  # no blocks: nothing to quantize in them
+        attach_sites(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10, depth=0))
 
 
 @pytest.mark.parametrize(

@@ -207,7 +207,6 @@ def weight_observer(spec: SiteSpec, weight: torch.Tensor):
     return build_observer(spec.observer, granularity=spec.observer_granularity, axis=0, **kwargs)
 
 
-@torch.no_grad()
 def bind_activation(site, spec: SiteSpec, bits: int, state: CalibState) -> None:
     """Put one activation site in quant mode at `bits`: a uniform grid from `state`, a log2 one (fixed scale) as is."""
     if spec.quantizer == "uniform":
@@ -217,6 +216,7 @@ def bind_activation(site, spec: SiteSpec, bits: int, state: CalibState) -> None:
     site.mode = "quant"
 
 
+@torch.no_grad()
 def bind(graph: SiteGraph, specs: Mapping[str, SiteSpec], state: CalibState, bits: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
     """Put `graph` in quant mode for `specs` with qparams from `state`.
 

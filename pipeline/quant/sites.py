@@ -452,7 +452,8 @@ def attach_sites(model: nn.Module) -> SiteGraph:
     from timm.models.vision_transformer import VisionTransformer
 
     # a VisionTransformer with other block types goes on, so that _unsupported_parts names them
-    if not isinstance(model, VisionTransformer) and not any(type(b) is Block for b in getattr(model, "blocks", ())):
+    blocks = getattr(model, "blocks", ())
+    if not len(blocks) or (not isinstance(model, VisionTransformer) and not any(type(b) is Block for b in blocks)):
         raise PipelineError(f"{type(model).__name__} is not a timm VisionTransformer with Block modules; quant sites need a ViT/DeiT")
     unsupported = _unsupported_parts(model, Attention, Block)
     if unsupported:
